@@ -1,0 +1,85 @@
+"""Exception types for user mistakes and distributed failures.
+
+User mistakes (bad specs, shapes, meshes, trees, arguments) raise subclasses of
+:class:`ValueError` or :class:`TypeError`, before any communication starts, so
+that ``except ValueError`` keeps working for code written against plain PyTorch.
+Messages collect every failure found, one bullet each, and say how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "ColofnError",
+    "CollectiveTimeoutError",
+    "DeadlockError",
+    "MeshError",
+    "ShapeError",
+    "ShardingError",
+    "SpecError",
+    "TreeError",
+    "TreeTypeError",
+    "WorldError",
+    "format_failures",
+]
+
+
+class ColofnError(Exception):
+    """Base class of every error colofn raises on purpose."""
+
+
+class SpecError(ColofnError, ValueError):
+    """A ``PartitionSpec`` that does not fit its mesh or its tensor."""
+
+
+class MeshError(ColofnError, ValueError):
+    """A ``Mesh`` whose shape or axis names do not fit the world."""
+
+
+class ShapeError(ColofnError, ValueError):
+    """A tensor shape that a spec or an operation cannot take."""
+
+
+class ShardingError(ColofnError, ValueError):
+    """A sharding that cannot be applied (non-divisible dims, wrong mesh, ...)."""
+
+
+class TreeError(ColofnError, ValueError):
+    """Two pytrees that should match (or prefix one another) do not."""
+
+
+class TreeTypeError(ColofnError, TypeError):
+    """A pytree leaf of the wrong type (for instance a list where a tensor belongs)."""
+
+
+class WorldError(ColofnError, ValueError):
+    """A world that cannot be started as asked (bad ``world_size``, backend, ...)."""
+
+
+class DeadlockError(ColofnError, RuntimeError):
+    """Ranks wait on each other in a way that can never complete.
+
+    Raised in every rank of a simulated world as soon as the world can prove it
+    (every live rank is blocked), and after the timeout on real backends.
+    """
+
+
+class CollectiveTimeoutError(ColofnError, TimeoutError):
+    """A collective or point-to-point operation did not complete in time."""
+
+
+def format_failures(header: str, failures: Iterable[str], fix: str | None = None) -> str:
+    """Return ``header`` followed by one bullet per failure and an optional fix line.
+
+    >>> print(format_failures("Bad specs:", ["a", "b"], fix="use P()"))
+    Bad specs:
+      * a
+      * b
+    Fix: use P()
+    """
+    lines = [header]
+    lines += [f"  * {f}" for f in failures]
+    if fix:
+        lines.append(f"Fix: {fix}")
+    return "\n".join(lines)
