@@ -1,5 +1,32 @@
-"""colofn: JAX-style functional parallelism on PyTorch."""
+"""colofn: JAX-style functional parallelism on PyTorch.
+
+Write a model once as a pure function over a parameter pytree, say with
+``PartitionSpec``s on a named ``Mesh`` where every tensor lives, and run it on
+simulated devices (threads) or on a real ``torch.distributed`` job.
+"""
 
 from colofn import errors, random, tree
+from colofn.mesh import Mesh, current_mesh
+from colofn.partition_spec import P, PartitionSpec
+from colofn.sharding import NamedSharding, device_put, gather, sharding_of
+from colofn.world import initialize, launch, process_count, process_index
 
-__all__ = ["errors", "random", "tree"]
+__version__ = "0.1.0"
+
+__all__ = [
+    "Mesh",
+    "NamedSharding",
+    "P",
+    "PartitionSpec",
+    "current_mesh",
+    "device_put",
+    "errors",
+    "gather",
+    "initialize",
+    "launch",
+    "process_count",
+    "process_index",
+    "random",
+    "sharding_of",
+    "tree",
+]

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "ColofnError",
+    "CollectiveMismatchError",
     "CollectiveTimeoutError",
     "DeadlockError",
     "MeshError",
@@ -65,6 +66,10 @@ class DeadlockError(ColofnError, RuntimeError):
     """
 
 
+class CollectiveMismatchError(ColofnError, RuntimeError):
+    """Ranks of one group called different collectives at the same point of the program."""
+
+
 class CollectiveTimeoutError(ColofnError, TimeoutError):
     """A collective or point-to-point operation did not complete in time."""
 
@@ -83,3 +88,28 @@ def format_failures(header: str, failures: Iterable[str], fix: str | None = None
     if fix:
         lines.append(f"Fix: {fix}")
     return "\n".join(lines)
+
+
+class OptimizerError(ColofnError, ValueError):
+    """An optimizer hyperparameter out of range (negative ``lr``, ``b1`` outside [0, 1), ...)."""
+
+
+class OptimizerTypeError(ColofnError, TypeError):
+    """An optimizer given the wrong kind of object (another optimizer's state, a bad ``lr``)."""
+
+
+__all__ += ["OptimizerError", "OptimizerTypeError"]
+
+
+class ConfigError(ColofnError, ValueError):
+    """A model configuration that cannot be built (``n_heads`` not dividing ``d_model``, ...)."""
+
+
+__all__ += ["ConfigError"]
+
+
+class DTypeError(ColofnError, TypeError):
+    """A tensor of the wrong dtype (float token ids, integer parameters, ...)."""
+
+
+__all__ += ["DTypeError"]

@@ -1,0 +1,1 @@
+"""Worlds: the simulated (threads) and real (torch.distributed processes) execution backends."""

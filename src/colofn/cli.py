@@ -1,0 +1,65 @@
+"""The ``colofn`` command line: ``run``, ``demo`` and the subcommands of other modules."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from collections.abc import Sequence
+
+
+def _run_script(path: str, argv: list[str]) -> None:
+    sys.argv = [path, *argv]
+    runpy.run_path(path, run_name="__main__")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a script on N devices: simulated (threads) or real gloo processes."""
+    import colofn
+
+    if args.devices < 1:
+        print(f"colofn run: --devices must be >= 1, got {args.devices}", file=sys.stderr)
+        return 2
+    colofn.launch(_run_script, args.script, list(args.args), world_size=args.devices, backend=args.backend, timeout=args.timeout)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from colofn import demo
+
+    return demo.main(devices=args.devices, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colofn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a script on N simulated devices (or real gloo processes)")
+    p.add_argument("--devices", "-n", type=int, required=True, help="number of ranks")
+    p.add_argument("--backend", choices=("sim", "gloo"), default="sim", help="sim: threads (default); gloo: processes")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a rank may wait in one collective")
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="a small model trained with data x tensor parallelism on simulated devices")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("colofn.pipeline.cli", "colofn.train_cli"):
+        try:
+            mod = __import__(module, fromlist=["add_subparser"])
+        except ImportError:
+            continue
+        mod.add_subparser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
