@@ -3,9 +3,11 @@
 Conventions (the same as JAX's):
 
 * Leaves are tensors (or any object that is not a registered node).
-* Nodes: ``dict`` (children ordered by **sorted key**, like JAX and optree; the
-  dict handed back by :func:`unflatten` keeps the original insertion order),
-  ``list``, ``tuple``, ``NamedTuple``, ``OrderedDict``, ``defaultdict``,
+* Nodes: ``dict`` and ``defaultdict`` (children ordered by **sorted key**, like
+  JAX and optree; the dict handed back by :func:`unflatten` or :func:`map` keeps
+  the insertion order of the dict that was flattened, and two dicts with the same
+  keys in another order have equal structures), ``OrderedDict`` (children in
+  insertion order), ``list``, ``tuple``, ``NamedTuple``,
   dataclasses registered with :func:`register_dataclass`, and ``None``, which is
   a node with no children (not a leaf), so an optional entry set to ``None``
   contributes no leaves.
@@ -14,7 +16,7 @@ Conventions (the same as JAX's):
 
 Dataclasses registered here are also registered with ``torch.utils._pytree``,
 so ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call``) see their
-fields as children.
+fields as children (a field set to ``None`` is no child in either registry).
 
 >>> import torch
 >>> tree = {"b": [torch.ones(1), None], "a": torch.zeros(2)}
@@ -76,7 +78,9 @@ def _one_level(node: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[list[A
     """Children of ``node`` and their path texts, or None when ``node`` is a leaf."""
     if is_leaf is not None and is_leaf(node):
         return None
-    if node is not None and optree.treespec_is_leaf(optree.tree_structure(node, namespace=NAMESPACE)):
+    if node is None:  # a node with no children (flattening it with none_is_leaf would recurse)
+        return [], []
+    if optree.treespec_is_leaf(optree.tree_structure(node, namespace=NAMESPACE)):
         return None
     accessors, children, _ = optree.tree_flatten_with_accessor(
         node, is_leaf=lambda x: x is not node, none_is_leaf=True, namespace=NAMESPACE
@@ -252,9 +256,26 @@ def register_dataclass(
     def do(c: type[T]) -> type[T]:
         if not dataclasses.is_dataclass(c):
             raise TypeError(f"register_dataclass expects a dataclass, got {c!r}")
-        names = [f.name for f in dataclasses.fields(c)]
+        names = [f.name for f in dataclasses.fields(c) if f.init]  # what __init__ takes back
         data = list(data_fields) if data_fields is not None else [n for n in names if n not in meta_fields]
         meta = list(meta_fields)
+        unknown = [n for n in data + meta if n not in names]
+        both = [n for n in data if n in meta]
+        missing = [n for n in names if n not in data and n not in meta]
+        if unknown or both or missing:
+            raise TypeError(
+                f"register_dataclass({c.__qualname__}): "
+                + "; ".join(
+                    text
+                    for text in (
+                        f"unknown fields {unknown}" if unknown else "",
+                        f"fields {both} are both data and meta" if both else "",
+                        f"fields {missing} are neither data nor meta" if missing else "",
+                    )
+                    if text
+                )
+                + f". Every field of {names} must be in exactly one of data_fields and meta_fields."
+            )
 
         def flatten_fn(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
             return tuple(getattr(obj, n) for n in data), tuple(getattr(obj, n) for n in meta), tuple(data)
@@ -267,14 +288,24 @@ def register_dataclass(
         optree.register_pytree_node(
             c, flatten_fn, unflatten_fn, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
         )
+
+        # torch's pytree treats None as a leaf (and torch.func.grad rejects non-tensor
+        # leaves); keep None fields in the context so both registries see the same children.
+        def torch_flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+            values = [getattr(obj, n) for n in data]
+            nones = tuple(n for n, v in zip(data, values, strict=True) if v is None)
+            return [v for v in values if v is not None], (tuple(getattr(obj, n) for n in meta), nones)
+
+        def torch_unflatten(children: Iterable[Any], context: tuple[Any, ...]) -> T:
+            metadata, nones = context
+            it = iter(children)
+            return unflatten_fn(metadata, [None if n in nones else next(it) for n in data])
+
         try:
             import torch.utils._pytree as tpytree
 
             tpytree.register_pytree_node(
-                c,
-                lambda obj: ([getattr(obj, n) for n in data], tuple(getattr(obj, n) for n in meta)),
-                lambda children, metadata: unflatten_fn(metadata, children),
-                serialized_type_name=f"{c.__module__}.{c.__qualname__}",
+                c, torch_flatten, torch_unflatten, serialized_type_name=f"{c.__module__}.{c.__qualname__}"
             )
         except ValueError:  # already registered with torch (re-registration of a class)
             pass
