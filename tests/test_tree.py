@@ -111,14 +111,21 @@ def test_none_is_an_empty_node() -> None:
     assert jt.unflatten(treedef, leaves)["bias"] is None
     assert jt.map(lambda x: x * 2, tree)["bias"] is None
     # ...and a leaf when is_leaf says so
-    assert paths(tree, is_leaf=lambda x: x is None) == ["['bias']", "['opt'][0]", "['opt'][1]", "['w']"]
+    assert paths(tree, is_leaf=lambda x: x is None) == [
+        "['bias']",
+        "['opt'][0]",
+        "['opt'][1]",
+        "['w']",
+    ]
     # None and an empty tuple are different structures
     assert jt.structure({"a": None}) != jt.structure({"a": ()})
 
 
 def test_map_with_path_passes_paths_and_rest() -> None:
     tree = {"a": [1, 2], "b": 3}
-    out = jt.map_with_path(lambda p, x, y: f"{jt.keystr(p)}={x + y}", tree, {"a": [10, 20], "b": 30})
+    out = jt.map_with_path(
+        lambda p, x, y: f"{jt.keystr(p)}={x + y}", tree, {"a": [10, 20], "b": 30}
+    )
     assert out == {"a": ["['a'][0]=11", "['a'][1]=22"], "b": "['b']=33"}
 
 
@@ -158,7 +165,9 @@ def test_broadcast_prefix_success() -> None:
     assert jt.broadcast_prefix(7, {"a": [1, 2], "b": None, "c": 3}) == [7, 7, 7]
     assert jt.broadcast_prefix([1, (2, 3)], [[9, 9], (9, [9, 9])]) == [1, 1, 2, 3, 3]
     # is_leaf makes None a prefix leaf that stands for a whole subtree
-    assert jt.broadcast_prefix({"a": None, "b": 1}, {"a": [1, 2], "b": 3}, is_leaf=lambda x: x is None) == [
+    assert jt.broadcast_prefix(
+        {"a": None, "b": 1}, {"a": [1, 2], "b": 3}, is_leaf=lambda x: x is None
+    ) == [
         None,
         None,
         1,
@@ -234,7 +243,9 @@ def test_register_dataclass_round_trip_and_meta_fields() -> None:
 
 
 def test_register_dataclass_errors() -> None:
-    with pytest.raises(TypeError, match="register_dataclass expects a dataclass, got <class 'int'>"):
+    with pytest.raises(
+        TypeError, match="register_dataclass expects a dataclass, got <class 'int'>"
+    ):
         jt.register_dataclass(int)
 
     @dataclasses.dataclass
@@ -254,7 +265,9 @@ def test_register_dataclass_errors() -> None:
 
 
 def test_torch_func_grad_over_registered_dataclass() -> None:
-    params = Block(Linear(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.5, -0.5])), None, "blk")
+    params = Block(
+        Linear(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.5, -0.5])), None, "blk"
+    )
     x = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
 
     def loss(p: Block, x: torch.Tensor) -> torch.Tensor:

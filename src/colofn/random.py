@@ -82,6 +82,7 @@ def normal(
     k: Key, shape: Shape, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Standard normal samples. Drawn in float32 (or float64) then cast, so every dtype is reproducible."""
+    _check_float(dtype, "normal")
     draw = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.randn(tuple(shape), generator=_generator(k, device), dtype=draw, device=device).to(dtype)
 
@@ -95,12 +96,27 @@ def uniform(
     minval: float = 0.0,
     maxval: float = 1.0,
 ) -> torch.Tensor:
-    """Uniform samples in ``[minval, maxval)``."""
+    """Uniform samples in ``[minval, maxval)`` (also after rounding to a low-precision ``dtype``)."""
+    _check_float(dtype, "uniform")
     if not maxval > minval:
         raise ValueError(f"uniform needs minval < maxval, got minval={minval}, maxval={maxval}")
     draw = torch.float64 if dtype == torch.float64 else torch.float32
     u = torch.rand(tuple(shape), generator=_generator(k, device), dtype=draw, device=device)
-    return (u * (maxval - minval) + minval).to(dtype)
+    out = (u * (maxval - minval) + minval).to(dtype)
+    # Rounding (to bfloat16 say, or of the affine map) can land on maxval itself:
+    # clamp to the largest value of dtype below maxval, as JAX does.
+    hi = torch.tensor(maxval, dtype=dtype, device=out.device)
+    if float(hi) >= maxval:
+        hi = torch.nextafter(hi, torch.tensor(-float("inf"), dtype=dtype, device=out.device))
+    lo = torch.tensor(minval, dtype=dtype, device=out.device)
+    if float(lo) < minval:
+        lo = torch.nextafter(lo, torch.tensor(float("inf"), dtype=dtype, device=out.device))
+    return out.clamp(lo, hi) if float(lo) <= float(hi) else out
+
+
+def _check_float(dtype: torch.dtype, what: str) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what} draws floats; dtype must be a floating dtype, got {dtype}")
 
 
 def randint(
@@ -114,6 +130,12 @@ def randint(
     """Integers in ``[low, high)``."""
     if not high > low:
         raise ValueError(f"randint needs low < high, got low={low}, high={high}")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point and dtype != torch.bool:
+        info = torch.iinfo(dtype)
+        if low < info.min or high - 1 > info.max:
+            raise ValueError(
+                f"randint range [{low}, {high}) does not fit {dtype} ([{info.min}, {info.max}])"
+            )
     return torch.randint(low, high, tuple(shape), generator=_generator(k, device), dtype=dtype, device=device)
 
 
@@ -122,7 +144,7 @@ def bernoulli(
 ) -> torch.Tensor:
     """Booleans that are True with probability ``p``."""
     p_t = torch.as_tensor(p, dtype=torch.float32, device=device)
-    if bool(((p_t < 0) | (p_t > 1)).any()):
+    if not bool(((p_t >= 0) & (p_t <= 1)).all()):  # NaN fails too
         raise ValueError(f"bernoulli needs 0 <= p <= 1, got {p}")
     shp = tuple(shape) if shape is not None else tuple(p_t.shape)
     return uniform(k, shp, device=device) < p_t
