@@ -1,0 +1,209 @@
+"""Adam and AdamW, as ``torch.optim.Adam`` and ``torch.optim.AdamW`` compute them."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from colofn import tree as ctree
+from colofn.optim import _checks
+from colofn.optim._foreach import Tensors, run_grouped
+from colofn.optim.base import GradientTransformation, OptState, Params, ScalarOrSchedule, Updates
+
+__all__ = ["AdamState", "adam", "adamw"]
+
+
+class AdamState(NamedTuple):
+    """The state of :func:`adam` and :func:`adamw` (the two share it).
+
+    Attributes:
+        count: a 0-d ``int32`` tensor on the CPU, the number of updates taken
+            (``torch.optim``'s ``step``).
+        mu: the first moments (``exp_avg``), a pytree of tensors shaped like the params.
+        nu: the second moments (``exp_avg_sq``), a pytree of tensors shaped like the params.
+    """
+
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    mu: Params
+    nu: Params
+
+
+def adam(
+    lr: ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """``torch.optim.Adam(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)``.
+
+    The weight decay is an L2 penalty added to the gradient (``g + weight_decay * p``)
+    before the moments are updated; see :func:`adamw` for decoupled decay.
+
+    Args:
+        lr: the learning rate, a float >= 0 or a schedule (step -> lr).
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
+        eps: added to the denominator, > 0.
+        weight_decay: L2 penalty, >= 0 (needs the params in ``update``).
+
+    Returns:
+        A :class:`~colofn.optim.GradientTransformation` whose state is an
+        :class:`AdamState`.
+
+    Raises:
+        OptimizerError: a hyperparameter out of range (each one is named).
+
+    >>> import torch
+    >>> from colofn import optim
+    >>> opt = optim.adam(0.1)
+    >>> params = [torch.tensor([1.0, -2.0])]
+    >>> updates, state = opt.update([torch.tensor([3.0, -0.5])], opt.init(params), params)
+    >>> updates  # the first Adam step is -lr * sign(g)
+    [tensor([-0.1000,  0.1000])]
+    """
+    return _make("adam", lr, b1, b2, eps, weight_decay, decoupled=False)
+
+
+def adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> GradientTransformation:
+    """``torch.optim.AdamW(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)``.
+
+    The weight decay is decoupled: the update is Adam's plus ``-lr * weight_decay * p``
+    (torch multiplies the param by ``1 - lr * weight_decay`` before the Adam step).
+
+    Args:
+        lr: the learning rate, a float >= 0 or a schedule (step -> lr).
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
+        eps: added to the denominator, > 0.
+        weight_decay: decoupled decay rate, >= 0 (needs the params in ``update``).
+
+    Returns:
+        A :class:`~colofn.optim.GradientTransformation` whose state is an
+        :class:`AdamState`.
+
+    Raises:
+        OptimizerError: a hyperparameter out of range (each one is named).
+
+    >>> import torch
+    >>> from colofn import optim
+    >>> opt = optim.adamw(0.1, weight_decay=0.5)
+    >>> params = [torch.tensor([1.0, -2.0])]
+    >>> updates, state = opt.update([torch.tensor([3.0, -0.5])], opt.init(params), params)
+    >>> updates  # -lr * sign(g) - lr * weight_decay * p
+    [tensor([-0.1500,  0.2000])]
+    """
+    return _make("adamw", lr, b1, b2, eps, weight_decay, decoupled=True)
+
+
+def _make(
+    name: str,
+    lr: ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    *,
+    decoupled: bool,
+) -> GradientTransformation:
+    _checks.check_lr(name, lr)
+    _checks.check_hparams(
+        name,
+        [
+            ("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("eps", eps, lambda v: v > 0, "finite and > 0"),
+            ("weight_decay", weight_decay, lambda v: v >= 0, "finite and >= 0"),
+        ],
+    )
+    where = f"{name} update"
+
+    def init(params: Params) -> AdamState:
+        _checks.check_tensors(f"{name} init", params, "params")
+        with torch.no_grad():
+            mu = ctree.map(
+                lambda p: torch.zeros_like(p, memory_format=torch.preserve_format), params
+            )
+            nu = ctree.map(
+                lambda p: torch.zeros_like(p, memory_format=torch.preserve_format), params
+            )
+        return AdamState(count=torch.zeros((), dtype=torch.int32), mu=mu, nu=nu)
+
+    @torch.no_grad()
+    def update(
+        grads: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, AdamState]:
+        _checks.check_state(where, state, AdamState)
+        step = _checks.step_of(where, state.count)
+        _checks.check_same_tree(where, state.nu, "state.nu", state.mu, "state.mu")
+        treedef, g, p = _checks.leaves_for_update(
+            where,
+            grads,
+            params,
+            state.mu,
+            f"weight_decay={weight_decay!r}" if weight_decay else None,
+        )
+        math = functools.partial(
+            _adam_math,
+            lr=_checks.lr_at(where, lr, step),
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            step=step + 1,
+        )
+        lists = [g, ctree.leaves(state.mu), ctree.leaves(state.nu), p if p is not None else g]
+        updates, mu, nu = run_grouped(math, lists, 3)
+        new_state = AdamState(
+            state.count + 1, ctree.unflatten(treedef, mu), ctree.unflatten(treedef, nu)
+        )
+        return ctree.unflatten(treedef, updates), new_state
+
+    return GradientTransformation(init, update)
+
+
+def _adam_math(
+    g: Tensors,
+    mu: Tensors,
+    nu: Tensors,
+    p: Tensors,
+    *,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: int,
+) -> tuple[Tensors, Tensors, Tensors]:
+    """``_multi_tensor_adam``'s formulas (capturable=False) for one device/dtype group.
+
+    ``step`` counts this update (1 at the first). Returns ``(updates, mu, nu)``;
+    no input is modified. ``p`` is used only for the weight decay.
+    """
+    if weight_decay and not decoupled:
+        g = torch._foreach_add(g, p, alpha=weight_decay)
+    mu = torch._foreach_lerp(mu, g, 1 - b1)
+    nu = torch._foreach_mul(nu, b2)
+    torch._foreach_addcmul_(nu, g, g, 1 - b2)
+    bias_correction1 = 1 - b1**step
+    bias_correction2 = 1 - b2**step
+    step_size = (lr / bias_correction1) * -1
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, bias_correction2**0.5)
+    torch._foreach_add_(denom, eps)
+    # torch: p.addcdiv_(mu, denom, value=step_size), i.e. p + step_size * mu / denom.
+    updates = torch._foreach_mul(mu, step_size)
+    torch._foreach_div_(updates, denom)
+    if weight_decay and decoupled:
+        torch._foreach_add_(updates, p, alpha=-lr * weight_decay)
+    return updates, mu, nu

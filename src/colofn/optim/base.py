@@ -1,0 +1,122 @@
+"""The optimizer interface: ``GradientTransformation(init, update)`` and ``apply_updates``.
+
+An optimizer is a pair of pure functions over pytrees of tensors (optax's
+design):
+
+* ``init(params) -> state``: the optimizer state, a ``NamedTuple`` whose leaves
+  are tensors (a 0-d ``count`` and buffers shaped like the params);
+* ``update(grads, state, params=None) -> (updates, new_state)``: the updates to
+  add to the params, and the next state. Neither argument is modified.
+
+>>> import torch
+>>> from colofn import optim
+>>> params = {"w": torch.ones(2)}
+>>> opt = optim.sgd(0.5)
+>>> state = opt.init(params)
+>>> updates, state = opt.update({"w": torch.ones(2)}, state, params)
+>>> optim.apply_updates(params, updates)
+{'w': tensor([0.5000, 0.5000])}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from colofn import tree as ctree
+from colofn.optim import _checks
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "OptState",
+    "Params",
+    "Schedule",
+    "ScalarOrSchedule",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "Updates",
+    "apply_updates",
+]
+
+Params = Any
+"""A pytree of tensors."""
+Updates = Any
+"""A pytree of tensors with the structure of the params (gradients or updates)."""
+OptState = Any
+"""An optimizer state: a pytree (a ``NamedTuple`` or a tuple of them) whose leaves are tensors."""
+Schedule = Callable[[int], float]
+"""A learning-rate schedule: the number of steps taken so far -> the value for this step."""
+ScalarOrSchedule = float | Schedule
+
+
+class TransformInitFn(Protocol):
+    """``init(params) -> state``."""
+
+    def __call__(self, params: Params, /) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    """``update(grads, state, params=None) -> (updates, new_state)``."""
+
+    def __call__(
+        self, grads: Updates, state: OptState, params: Params | None = None, /
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A gradient transformation: ``init(params) -> state`` and
+    ``update(grads, state, params=None) -> (updates, new_state)``, both pure.
+
+    Build them with :func:`~colofn.optim.sgd`, :func:`~colofn.optim.adamw`, ...,
+    and combine them with :func:`~colofn.optim.chain`.
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none (``clip_by_global_norm``)."""
+
+
+@torch.no_grad()
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return ``params + updates``, leaf by leaf, as new tensors.
+
+    Each result keeps its param's dtype (the sum is taken in the promoted dtype,
+    then cast back, so fp32 updates apply to bf16 params), its device (updates on
+    another device, such as CPU-offloaded ones, are moved first) and its
+    ``requires_grad`` flag, so the result can be differentiated again. Runs
+    under ``torch.no_grad``; nothing is modified in place.
+
+    Args:
+        params: a pytree of tensors.
+        updates: a pytree of tensors with the same structure and shapes.
+
+    Raises:
+        TreeError: the trees differ (each differing path is named).
+        TreeTypeError: a leaf is not a tensor.
+        ShapeError: an update's shape differs from its param's.
+
+    >>> import torch
+    >>> p = {"w": torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)}
+    >>> out = apply_updates(p, {"w": torch.tensor([0.5, -1.0])})
+    >>> out["w"], out["w"].requires_grad
+    (tensor([ 0.5000, -1.0000], dtype=torch.bfloat16, requires_grad=True), True)
+    """
+    _checks.check_tensors("apply_updates", updates, "updates")
+    _checks.check_tensors("apply_updates", params, "params")
+    _checks.check_same_tree("apply_updates", updates, "updates", params, "params")
+
+    def add(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if u.device != p.device and not _checks.is_dtensor(u) and not _checks.is_dtensor(p):
+            u = u.to(p.device, non_blocking=True)
+        out = p + u
+        if out.dtype != p.dtype:
+            out = out.to(p.dtype)
+        return out.requires_grad_(p.requires_grad) if out.is_floating_point() else out
+
+    return ctree.map(add, params, updates)
