@@ -6,14 +6,43 @@ simulated devices (threads) or on a real ``torch.distributed`` job.
 """
 
 from colofn import errors, random, tree
+from colofn.collectives import (
+    all_gather,
+    all_to_all,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    ppermute,
+    psum,
+    psum_scatter,
+    pvary,
+)
 from colofn.mesh import Mesh, current_mesh
 from colofn.partition_spec import P, PartitionSpec
+from colofn.shard_map import shard_map
 from colofn.sharding import NamedSharding, device_put, gather, sharding_of
+from colofn.tracing import CommRecord, comm_trace
 from colofn.world import initialize, launch, process_count, process_index
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "all_gather",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
+    "CommRecord",
+    "comm_trace",
+    "pmax",
+    "pmean",
+    "pmin",
+    "ppermute",
+    "psum",
+    "psum_scatter",
+    "pvary",
+    "shard_map",
     "Mesh",
     "NamedSharding",
     "P",

@@ -1,0 +1,150 @@
+"""Varying/invariant tracking inside ``shard_map`` (JAX's "VMA").
+
+Every local tensor inside a ``shard_map`` body is *varying* along some mesh axes
+(its value may differ between the ranks of that axis) and *invariant* along the
+rest. The set of varying axes (the tensor's *vma*) is kept on the tensor as an
+attribute tagged with the current ``shard_map`` call, so values left over from
+another call (or captured from outside) count as invariant.
+
+A :class:`torch.overrides.TorchFunctionMode` propagates vma through every torch
+op: the result varies along the union of its operands' axes, and an operand
+that requires grad and is invariant along some of those axes is first passed
+through ``pvary`` (identity forward, ``psum`` backward), JAX's
+``auto_insert_reshard``. That is what makes the gradient of a replicated
+parameter used with per-shard data summed over the data axis exactly once,
+with no hand-written all-reduce.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ATTR = "_colofn_vma"
+Vma = frozenset[str]
+EMPTY: Vma = frozenset()
+
+
+class Context:
+    """The state of one ``shard_map`` call on this rank (or one device of the reference)."""
+
+    _next_epoch = 0
+    _epoch_lock = threading.Lock()
+
+    def __init__(self, mesh_shape: dict[str, int], coords: dict[str, int], comm: Any, check_vma: bool) -> None:
+        self.mesh_shape = mesh_shape
+        self.coords = coords
+        self.comm = comm  # the communication backend: real (torch.distributed) or the serial reference
+        self.check_vma = check_vma
+        with Context._epoch_lock:
+            Context._next_epoch += 1
+            self.epoch = Context._next_epoch
+
+    def vma(self, t: torch.Tensor) -> Vma:
+        tag = getattr(t, _ATTR, None)
+        return tag[1] if tag is not None and tag[0] == self.epoch else EMPTY
+
+    def set_vma(self, t: torch.Tensor, vma: Iterable[str]) -> torch.Tensor:
+        try:
+            setattr(t, _ATTR, (self.epoch, frozenset(vma)))
+        except (AttributeError, RuntimeError):  # functorch wrappers and the like
+            pass
+        return t
+
+
+_local = threading.local()
+
+
+def current() -> Context | None:
+    s = getattr(_local, "stack", None)
+    return s[-1] if s else None
+
+
+@contextmanager
+def active(ctx: Context) -> Any:
+    s = getattr(_local, "stack", None)
+    if s is None:
+        s = _local.stack = []
+    s.append(ctx)
+    mode = _VmaMode(ctx) if ctx.check_vma else None
+    try:
+        if mode is None:
+            yield ctx
+        else:
+            with mode:
+                yield ctx
+    finally:
+        s.pop()
+
+
+@contextmanager
+def suspended() -> Any:
+    """Run torch ops without vma propagation (inside collectives)."""
+    prev = getattr(_local, "suspended", False)
+    _local.suspended = True
+    try:
+        yield
+    finally:
+        _local.suspended = prev
+
+
+def _tensors(args: Any) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, list | tuple):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
+
+
+class _VmaMode(TorchFunctionMode):
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(_local, "suspended", False):
+            return func(*args, **kwargs)
+        ctx = self.ctx
+        operands = _tensors(args) + _tensors(kwargs.values())
+        vmas = [ctx.vma(t) for t in operands]
+        union = frozenset().union(*vmas) if vmas else EMPTY
+        if not union:
+            return func(*args, **kwargs)
+        if torch.is_grad_enabled() and any(v != union and t.requires_grad for t, v in zip(operands, vmas, strict=True)):
+            args, kwargs = _pvary_operands(ctx, union, args, kwargs)
+        out = func(*args, **kwargs)
+        _tag(ctx, out, union)
+        return out
+
+
+def _tag(ctx: Context, out: Any, vma: Vma) -> None:
+    if isinstance(out, torch.Tensor):
+        ctx.set_vma(out, vma)
+    elif isinstance(out, list | tuple):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                ctx.set_vma(o, vma)
+
+
+def _pvary_operands(ctx: Context, union: Vma, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from colofn.collectives import _pvary_one
+
+    def fix(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            missing = union - ctx.vma(a)
+            if missing:
+                return _pvary_one(a, tuple(a_ for a_ in ctx.mesh_shape if a_ in missing))
+            return a
+        if isinstance(a, list | tuple) and any(isinstance(x, torch.Tensor) for x in a):
+            return type(a)(fix(x) for x in a) if not hasattr(a, "_fields") else a
+        return a
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
