@@ -119,10 +119,22 @@ class _VmaMode(TorchFunctionMode):
         if not union:
             return func(*args, **kwargs)
         if torch.is_grad_enabled() and any(v != union and t.requires_grad for t, v in zip(operands, vmas, strict=True)):
-            args, kwargs = _pvary_operands(ctx, union, args, kwargs)
+            if _in_place(func) and args:  # the target can't be swapped for a pvary'd view
+                rest, kwargs = _pvary_operands(ctx, union, args[1:], kwargs)
+                args = (args[0], *rest)
+            else:
+                args, kwargs = _pvary_operands(ctx, union, args, kwargs)
         out = func(*args, **kwargs)
         _tag(ctx, out, union)
         return out
+
+
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__iand__", "__ior__"})
+
+
+def _in_place(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
 
 
 def _tag(ctx: Context, out: Any, vma: Vma) -> None:
