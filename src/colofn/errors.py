@@ -113,3 +113,29 @@ class DTypeError(ColofnError, TypeError):
 
 
 __all__ += ["DTypeError"]
+
+
+class JitError(ColofnError, ValueError):
+    """``colofn.jit`` cannot run an op on the shardings its inputs have.
+
+    Raised where DTensor has no sharding rule for an op (or its rule fails) on
+    the input placements; the message names the op, each input's sharding, the
+    line of the user's function, and the fix (a ``with_sharding_constraint``
+    before the op, or ``shard_map`` for that part). ``original`` holds
+    DTensor's own exception.
+    """
+
+    def __init__(self, message: str, original: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.original = original
+
+
+class CheckpointError(ColofnError, ValueError):
+    """A checkpoint that cannot be loaded as asked: incomplete, corrupt, or not matching ``like``."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint directory at the path given."""
+
+
+__all__ += ["CheckpointError", "CheckpointNotFoundError", "JitError"]
