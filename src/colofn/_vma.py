@@ -41,21 +41,38 @@ class Context:
         self.coords = coords
         self.comm = comm  # the communication backend: real (torch.distributed) or the serial reference
         self.check_vma = check_vma
+        # implicit pvary outputs by (id(operand), axes), the operand kept alive: a value used many
+        # times with varying data is pvary'd once, so its gradient is psum'd once, not once per use
+        self.pvary_cache: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         with Context._epoch_lock:
             Context._next_epoch += 1
             self.epoch = Context._next_epoch
 
     def vma(self, t: torch.Tensor) -> Vma:
-        tag = getattr(t, _ATTR, None)
-        return tag[1] if tag is not None and tag[0] == self.epoch else EMPTY
+        while True:
+            tag = getattr(t, _ATTR, None)
+            if tag is not None and tag[0] == self.epoch:
+                return tag[1]
+            # torch.func wraps its inputs afresh: the wrapper has the value, so the vma, of what it wraps
+            if not _is_functorch_wrapper(t):
+                return EMPTY
+            t = _unwrapped(t)
 
     def set_vma(self, t: torch.Tensor, vma: Iterable[str]) -> torch.Tensor:
-        try:
-            setattr(t, _ATTR, (self.epoch, frozenset(vma)))
-        except (AttributeError, RuntimeError):  # functorch wrappers and the like
-            pass
-        return t
+        tag = (self.epoch, frozenset(vma))
+        u = t
+        while True:  # tag what a torch.func wrapper wraps too: that is what the transform returns
+            try:
+                setattr(u, _ATTR, tag)
+            except (AttributeError, RuntimeError):
+                pass
+            if not _is_functorch_wrapper(u):
+                return t
+            u = _unwrapped(u)
 
+
+_is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
+_unwrapped = torch._C._functorch.get_unwrapped
 
 _local = threading.local()
 
@@ -113,6 +130,8 @@ class _VmaMode(TorchFunctionMode):
         if getattr(_local, "suspended", False):
             return func(*args, **kwargs)
         ctx = self.ctx
+        if func is torch.autograd.grad:
+            return _grad(ctx, func, args, kwargs)
         operands = _tensors(args) + _tensors(kwargs.values())
         vmas = [ctx.vma(t) for t in operands]
         union = frozenset().union(*vmas) if vmas else EMPTY
@@ -137,6 +156,23 @@ def _in_place(func: Callable[..., Any]) -> bool:
     return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
 
 
+def _grad(ctx: Context, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``torch.autograd.grad`` (also what ``torch.func.grad``/``vjp`` call): a cotangent has the vma of its primal.
+
+    The autograd engine computes gradients without passing through this mode, so
+    they would come back untagged (invariant). With implicit pvary inserted on
+    every invariant operand that meets varying data, the gradient of an invariant
+    input is psum'd (invariant) and that of a varying input varies, as in JAX.
+    """
+    inputs = args[1] if len(args) > 1 else kwargs["inputs"]
+    with suspended():
+        grads = func(*args, **kwargs)
+    for x, g in zip((inputs,) if isinstance(inputs, torch.Tensor) else inputs, grads, strict=True):
+        if isinstance(g, torch.Tensor):
+            ctx.set_vma(g, ctx.vma(x))
+    return grads
+
+
 def _tag(ctx: Context, out: Any, vma: Vma) -> None:
     if isinstance(out, torch.Tensor):
         ctx.set_vma(out, vma)
@@ -152,9 +188,13 @@ def _pvary_operands(ctx: Context, union: Vma, args: tuple[Any, ...], kwargs: dic
     def fix(a: Any) -> Any:
         if isinstance(a, torch.Tensor) and a.requires_grad:
             missing = union - ctx.vma(a)
-            if missing:
-                return _pvary_one(a, tuple(a_ for a_ in ctx.mesh_shape if a_ in missing))
-            return a
+            if not missing:
+                return a
+            axes = tuple(a_ for a_ in ctx.mesh_shape if a_ in missing)
+            hit = ctx.pvary_cache.get((id(a), axes))
+            if hit is None:
+                hit = ctx.pvary_cache[(id(a), axes)] = (a, _pvary_one(a, axes))
+            return hit[1]
         if isinstance(a, list | tuple) and any(isinstance(x, torch.Tensor) for x in a):
             return type(a)(fix(x) for x in a) if not hasattr(a, "_fields") else a
         return a
