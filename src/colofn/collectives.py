@@ -48,9 +48,9 @@ AxisName = str | Sequence[str]
 def _ctx(op: str) -> _vma.Context:
     ctx = _vma.current()
     if ctx is None:
-        raise RuntimeError(
-            f"colofn.{op} must be called inside a function run by colofn.shard_map "
-            "(named axes only exist there)"
+        raise SpecError(
+            f"colofn.{op} was called outside shard_map: named mesh axes are bound only inside a "
+            "function run by colofn.shard_map; call it from there"
         )
     return ctx
 

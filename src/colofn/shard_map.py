@@ -88,6 +88,13 @@ def shard_map(
 
     @functools.wraps(f)
     def mapped(*args: Any, **kwargs: Any) -> Any:
+        if torch._C._are_functorch_transforms_active():
+            raise TypeError(
+                f"shard_map'd function {_name(f)!r} was called under a torch.func transform (grad, vjp, "
+                "vmap, ...); its results are DTensors, which torch.func cannot carry. Apply the transform "
+                "inside instead, as in JAX: shard_map(torch.func.grad(local_loss), ...) with pmean/psum "
+                "in local_loss, or use torch.autograd.grad/backward on the shard_map'd function"
+            )
         if kwargs:
             raise TypeError(
                 f"shard_map'd function {_name(f)!r} was called with keyword arguments {sorted(kwargs)}; "
@@ -130,38 +137,51 @@ def _global_shape(x: torch.Tensor) -> tuple[int, ...]:
 
 def _check_inputs(f: Callable[..., Any], mesh: Mesh, in_specs: Any, args: tuple[Any, ...]) -> tuple[list[Any], list[PartitionSpec], Any]:
     specs = jt.broadcast_prefix(in_specs, args, is_leaf=_is_spec, prefix_name="in_specs", full_name="the argument tuple")
+    spec_paths = jt.broadcast_prefix(
+        jt.map_with_path(lambda p, _: "in_specs" + (jt.keystr(p) if len(p) else ""), in_specs, is_leaf=_is_spec),
+        args,
+        is_leaf=lambda s: isinstance(s, str),
+    )
     pairs, treedef = jt.flatten_with_path(args)
     names = _param_names(f, len(args))
     failures: list[str] = []
-    for (path, x), spec in zip(pairs, specs, strict=True):
+    fixes: dict[str, None] = {}  # ordered set
+    for (path, x), spec, spec_path in zip(pairs, specs, spec_paths, strict=True):
         arg_path = "args" + jt.keystr(path)
-        spec_path = "in_specs" + (jt.keystr(path[:1]) if not _is_spec(in_specs) else "")
         bound = ""
-        if len(path) and isinstance(path[0].entry if hasattr(path[0], "entry") else None, int):
-            nm = names[path[0].entry]
-            bound = f", where {arg_path.split(']')[0]}] is bound to {_name(f)}'s parameter {nm!r}," if nm else ""
-        where = f"{arg_path}{bound}"
+        nm = names[path[0].entry] if len(path) and isinstance(getattr(path[0], "entry", None), int) else None
+        if nm:
+            bound = f", where args[{path[0].entry}] is bound to {_name(f)}'s parameter {nm!r},"
         if not _is_spec(spec):
-            failures.append(f"{spec_path} for {where} is {spec!r}, not a P(...)")
+            failures.append(f"{spec_path} for {arg_path}{bound} is {spec!r}, not a P(...)")
+            fixes["give a P(...) for every argument (P() replicates it)"] = None
             continue
         if not isinstance(x, torch.Tensor):
-            failures.append(f"{where} is a {type(x).__name__} ({x!r:.40}), not a tensor")
+            article = "an" if type(x).__name__[:1].lower() in "aeiou" else "a"
+            failures.append(f"{arg_path}{bound} is {article} {type(x).__name__} ({x!r:.40}), not a tensor")
+            fixes["shard_map maps tensors only: close over other values or bind them with functools.partial"] = None
             continue
         shape = _global_shape(x)
-        for msg in spec_mesh_failures(spec, mesh) + spec_shape_failures(spec, mesh, shape):
-            failures.append(f"{where} of shape {shape} has spec {spec}: {msg}")
+        where = f"{arg_path} of shape {shape}{bound} corresponds to {spec_path} of value {spec}"
+        bad = spec_mesh_failures(spec, mesh) + spec_shape_failures(spec, mesh, shape)
+        failures += [f"{where}: {msg}" for msg in bad]
+        if bad:
+            fixes[
+                "name only mesh axes, each once per spec, in at most as many entries as the argument has "
+                "dims, and make each split dim divisible by the product of its axes' sizes"
+            ] = None
         if isinstance(x, DTensor) and x.device_mesh != mesh.device_mesh:
-            failures.append(f"{where} is a DTensor on another mesh ({x.device_mesh}) than {mesh}")
+            failures.append(f"{arg_path}{bound} is a DTensor on another mesh ({x.device_mesh}) than {mesh}")
+            fixes["move DTensor arguments to the shard_map's mesh (or pass global tensors)"] = None
     if failures:
         raise SpecError(
             format_failures(
                 f"shard_map applied to {_name(f)!r} got arguments that do not fit in_specs on {mesh} "
                 f"(axis sizes {dict(mesh.shape)}):",
                 failures,
-                fix="name only mesh axes, each once per spec, in at most as many entries as the "
-                "argument has dims, and make each split dim divisible by the product of its axes' sizes",
+                fix="; ".join(fixes),
             )
-        )
+        ) from None
     return [x for _, x in pairs], specs, treedef
 
 
@@ -192,11 +212,14 @@ def _enter(x: torch.Tensor, spec: PartitionSpec, mesh: Mesh, comm: DistComm, che
 
 
 def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check_vma: bool, args: tuple[Any, ...]) -> Any:
+    if _vma.current() is not None:
+        raise NotImplementedError(
+            f"shard_map of {_name(f)!r} was called inside another shard_map's body; nested shard_map "
+            "is not supported: use one shard_map over all the mesh axes"
+        )
     leaves, specs, treedef = _check_inputs(f, mesh, in_specs, args)
     comm = DistComm(mesh, check_vma)
     ctx = _vma.Context(dict(mesh.shape), {a: mesh.axis_index(a) for a in mesh.axis_names}, comm, check_vma)
-    if _vma.current() is not None:
-        raise RuntimeError("shard_map cannot be nested inside another shard_map body")
     local = [ctx.set_vma(_enter(x, s, mesh, comm, check_vma), s.axes) for x, s in zip(leaves, specs, strict=True)]
     with _vma.active(ctx):
         out = f(*jt.unflatten(treedef, local))
