@@ -115,6 +115,23 @@ class DTypeError(ColofnError, TypeError):
 __all__ += ["DTypeError"]
 
 
+class ScheduleError(ColofnError, ValueError):
+    """A pipeline schedule (or its cost model) that is malformed or breaks a rule.
+
+    Raised by ``colofn.pipeline``: a bad action text, a schedule built for sizes
+    it cannot take, or one that :func:`colofn.pipeline.validate` proves incomplete,
+    misordered or deadlocking. ``violations`` holds the structured failures
+    (``colofn.pipeline.Violation``) when there are any.
+    """
+
+    def __init__(self, message: str, violations: tuple = ()) -> None:
+        super().__init__(message)
+        self.violations = tuple(violations)
+
+
+__all__.append("ScheduleError")
+
+
 class JitError(ColofnError, ValueError):
     """``colofn.jit`` cannot run an op on the shardings its inputs have.
 
