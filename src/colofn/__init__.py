@@ -5,7 +5,7 @@ Write a model once as a pure function over a parameter pytree, say with
 simulated devices (threads) or on a real ``torch.distributed`` job.
 """
 
-from colofn import errors, random, tree
+from colofn import checkpoint, errors, random, tree
 from colofn.collectives import (
     all_gather,
     all_to_all,
@@ -19,6 +19,7 @@ from colofn.collectives import (
     psum_scatter,
     pvary,
 )
+from colofn.jit import Jitted, jit, with_sharding_constraint
 from colofn.mesh import Mesh, current_mesh
 from colofn.partition_spec import P, PartitionSpec
 from colofn.shard_map import shard_map
@@ -29,6 +30,10 @@ from colofn.world import initialize, launch, process_count, process_index
 __version__ = "0.1.0"
 
 __all__ = [
+    "Jitted",
+    "checkpoint",
+    "jit",
+    "with_sharding_constraint",
     "all_gather",
     "all_to_all",
     "axis_index",

@@ -1,0 +1,730 @@
+"""``jit``: run a function written on global values over sharded DTensors (pjit-style).
+
+``f`` is written as if for one device. ``jit`` lays its arguments out as
+DTensors by ``in_shardings``, runs ``f`` on them so that every op propagates
+shardings by DTensor's rules (inserting the collectives those rules need),
+redistributes in the middle wherever ``f`` calls :func:`with_sharding_constraint`,
+and lays the results out by ``out_shardings``. ``compile=True`` runs ``f``
+through ``torch.compile``, one compiled variant per input layout.
+
+Decisions (docs/jit.md explains them):
+
+* A plain tensor argument is a *global* value (the same on every rank); it is
+  placed with no communication, and its gradient is the full global gradient.
+  A DTensor argument keeps its layout unless ``in_shardings`` names another.
+* Plain tensors created inside ``f`` (``torch.zeros``, ``torch.arange``, ...) are
+  treated as replicated (DTensor's implicit replication), so they must be the
+  same on every rank: draw random values from ``colofn.random`` keys, never
+  from the global RNG.
+* A result left as a pending reduction (``Partial``) by propagation is reduced
+  to ``Replicate`` when its ``out_shardings`` entry is None: results are always
+  ordinary global values.
+* Where DTensor has no sharding rule for an op on its inputs' placements,
+  :class:`~colofn.errors.JitError` names the op, the inputs' shardings and the
+  line of ``f``, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import traceback
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+
+from colofn import tree as jt
+from colofn.errors import JitError, MeshError, ShardingError, format_failures
+from colofn.mesh import Mesh, current_mesh
+from colofn.partition_spec import PartitionSpec, dim_axes
+from colofn.sharding import NamedSharding, check_spec, local_block
+
+__all__ = ["Jitted", "jit", "with_sharding_constraint"]
+
+log = logging.getLogger("colofn.jit")
+F = TypeVar("F", bound=Callable[..., Any])
+_CACHE_LIMIT = 64  # compiled variants kept per jitted function (least recently used dropped)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@overload
+def jit(
+    f: F,
+    /,
+    *,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    compile: bool = False,
+    static_argnums: int | Sequence[int] = (),
+    donate_argnums: int | Sequence[int] = (),
+) -> Jitted: ...
+@overload
+def jit(
+    f: None = None,
+    /,
+    *,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    compile: bool = False,
+    static_argnums: int | Sequence[int] = (),
+    donate_argnums: int | Sequence[int] = (),
+) -> Callable[[F], Jitted]: ...
+
+
+def jit(
+    f: Callable[..., Any] | None = None,
+    /,
+    *,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    compile: bool = False,  # noqa: A002 - JAX-style option name
+    static_argnums: int | Sequence[int] = (),
+    donate_argnums: int | Sequence[int] = (),
+) -> Any:
+    """Run ``f``, written on global values, with its arguments and results sharded.
+
+    Args:
+      f: a function of global values. Ops inside run on DTensors with PyTorch's
+        sharding propagation; :func:`with_sharding_constraint` redistributes.
+      in_shardings: a pytree prefix of the tuple of non-static positional
+        arguments; leaves are ``NamedSharding``, ``P`` (on the ambient mesh,
+        ``with mesh:``) or None (keep a DTensor's layout; replicate a plain
+        tensor). Keyword arguments are treated as None.
+      out_shardings: a pytree prefix of the result, with the same kinds of
+        leaves; None keeps what propagation gave (a pending reduction is reduced).
+      compile: run ``f`` through ``torch.compile``; one compiled variant per
+        input layout (mesh, placements, shapes, dtypes) and static arguments.
+      static_argnums: positions of arguments that are not tensors (ints,
+        strings, configs): passed through unchanged, part of the compile cache
+        key, and must be hashable.
+      donate_argnums: positions of arguments the caller will not use again. A
+        hint only: it is validated and has no effect (CPU tensors have no
+        separate device buffers to reuse).
+
+    Returns:
+      A :class:`Jitted` callable (usable as a decorator: ``@jit(in_shardings=...)``).
+      Gradients flow back to every argument: a plain tensor gets its full global
+      gradient, a DTensor a DTensor with its own layout.
+
+    >>> import colofn, torch
+    >>> from colofn import P
+    >>> def program():
+    ...     with colofn.Mesh((2,), ("tp",)):
+    ...         @colofn.jit(in_shardings=(P(), P(None, "tp")), out_shardings=P())
+    ...         def mlp(x, w):
+    ...             return torch.relu(x @ w).sum(-1)
+    ...         y = mlp(torch.ones(2, 3), torch.arange(12.0).reshape(3, 4) - 5)
+    ...         return y.placements, y.to_local().tolist()
+    >>> colofn.launch(program, world_size=2)[0]
+    ((Replicate(),), [9.0, 9.0])
+    """
+    static = _argnums(static_argnums, "static_argnums")
+    donate = _argnums(donate_argnums, "donate_argnums")
+    both = sorted(set(static) & set(donate))
+    if both:
+        raise TypeError(f"jit: arguments {both} are both static and donated; a static argument is not a buffer")
+    if not isinstance(compile, bool):
+        raise TypeError(f"jit: compile must be a bool, got {type(compile).__name__} {compile!r}")
+    _check_sharding_prefix(in_shardings, "in_shardings")
+    _check_sharding_prefix(out_shardings, "out_shardings")
+    if f is None:
+        return lambda g: Jitted(g, in_shardings, out_shardings, compile, static, donate)
+    return Jitted(f, in_shardings, out_shardings, compile, static, donate)
+
+
+class Jitted:
+    """A function wrapped by :func:`jit`: call it like the original."""
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        in_shardings: Any,
+        out_shardings: Any,
+        compile: bool,  # noqa: A002
+        static_argnums: tuple[int, ...],
+        donate_argnums: tuple[int, ...],
+    ) -> None:
+        if not callable(f):
+            raise TypeError(f"jit needs a callable, got {type(f).__name__}")
+        self.fun = f
+        self.in_shardings = tuple(in_shardings) if isinstance(in_shardings, list) else in_shardings
+        self.out_shardings = out_shardings
+        self.compile = compile
+        self.static_argnums = static_argnums
+        self.donate_argnums = donate_argnums
+        self._cache: OrderedDict[tuple[Any, ...], Callable[..., Any]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._last = threading.local()  # per rank thread: the last compile key, to explain recompiles
+        self._serial = 0
+        functools.update_wrapper(self, f)
+
+    def __repr__(self) -> str:
+        return f"jit({_name(self.fun)}, compile={self.compile})"
+
+    @property
+    def cache_size(self) -> int:
+        """How many compiled variants are cached (0 when ``compile=False``)."""
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        name = _name(self.fun)
+        static = _normalize_argnums(self.static_argnums, len(args), name, "static_argnums")
+        _normalize_argnums(self.donate_argnums, len(args), name, "donate_argnums")
+        for i in static:
+            try:
+                hash(args[i])
+            except TypeError:
+                raise TypeError(
+                    f"jit of {name!r}: static argument {i} ({type(args[i]).__name__}) is not hashable; "
+                    "static arguments key the compile cache: pass a tuple or a frozen dataclass"
+                ) from None
+        dyn = tuple(a for i, a in enumerate(args) if i not in static)
+        mesh = _find_mesh(self.in_shardings, self.out_shardings, (dyn, kwargs))
+        where = f"jit of {name!r}"
+        placed = _place_tree(dyn, self.in_shardings, mesh, where, "in_shardings", "args")
+        kw = _place_tree(kwargs, None, mesh, where, "in_shardings", "kwargs") if kwargs else {}
+        it = iter(placed)
+        full = tuple(args[i] if i in static else next(it) for i in range(len(args)))
+        body = self._compiled(full, kw, static, mesh) if self.compile and not _compiling() else self.fun
+        with _inside(mesh):
+            try:
+                out = body(*full, **kw)
+            except Exception as e:
+                err = _translate(e, self.fun)
+                if err is None:
+                    raise
+                raise err from None
+        return _layout_outputs(out, self.out_shardings, mesh, where)
+
+    # ------------------------------------------------------------------ compile cache
+    def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any], static: list[int], mesh: Mesh | None) -> Callable[..., Any]:
+        key = _cache_key(args, kwargs, static)
+        with self._cache_lock:
+            fn = self._cache.get(key)
+            if fn is not None:
+                self._cache.move_to_end(key)
+                self._last.key = key
+                return fn
+            self._serial += 1
+            serial = self._serial
+        prev = getattr(self._last, "key", None)
+        name = _name(self.fun)
+        if prev is None:
+            log.debug("jit(%s): compiling for %s", name, _describe_key(key))
+        else:
+            log.debug("jit(%s): recompiling (variant %d): %s", name, serial, _key_diff(prev, key))
+        fn = torch.compile(_fresh_entry(self.fun, f"{name}_{serial}"), dynamic=False)
+        with self._cache_lock:
+            self._cache[key] = fn
+            while len(self._cache) > _CACHE_LIMIT:
+                self._cache.popitem(last=False)
+        self._last.key = key
+        return fn
+
+
+def with_sharding_constraint(x: Any, shardings: Any) -> Any:
+    """Lay ``x`` (a pytree) out by ``shardings`` (a pytree prefix of ``x``).
+
+    Inside :func:`jit` this is where a global program says how an intermediate
+    value is sharded: DTensors are redistributed (the gradient is redistributed
+    back). A ``P`` spec applies to a DTensor's own mesh; on a plain tensor it
+    means the ambient mesh. Outside ``jit`` it places plain tensors, like
+    :func:`colofn.device_put` but differentiable (their gradient is the full
+    global gradient).
+
+    >>> import colofn, torch
+    >>> from colofn import P
+    >>> def program():
+    ...     with colofn.Mesh((2,), ("dp",)):
+    ...         x = colofn.with_sharding_constraint(torch.arange(4.0), P("dp"))
+    ...         return x.placements, x.to_local().tolist()
+    >>> colofn.launch(program, world_size=2)[1]
+    ((Shard(dim=0),), [2.0, 3.0])
+    """
+    if isinstance(x, torch.Tensor) and _is_sharding_leaf(shardings) and shardings is not None:
+        return _constrain(x, shardings, "x", "with_sharding_constraint")  # no pytree machinery: dynamo-friendly
+    sh = jt.broadcast_prefix(shardings, x, is_leaf=_is_sharding_leaf, prefix_name="shardings", full_name="x")
+    pairs, treedef = jt.flatten_with_path(x)
+    failures: list[str] = []
+    for (path, leaf), s in zip(pairs, sh, strict=True):
+        if s is not None:
+            failures += _constraint_failures(leaf, s, "x" + jt.keystr(path).replace("<root>", ""))
+    if failures:
+        raise ShardingError(format_failures("with_sharding_constraint cannot lay out:", failures, fix=_FIX_SPEC))
+    out = [leaf if s is None else _constrain(leaf, s, "", "", checked=True) for (_, leaf), s in zip(pairs, sh, strict=True)]
+    return jt.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+_FIX_SPEC = (
+    "name only mesh axes, each once, in at most as many entries as the tensor has dims, and make "
+    "every sharded dim divisible by the product of its axes' sizes"
+)
+
+
+def _name(f: Any) -> str:
+    return getattr(f, "__name__", type(f).__name__)
+
+
+def _is_sharding_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, NamedSharding | PartitionSpec)
+
+
+def _check_sharding_prefix(tree: Any, what: str) -> None:
+    bad = [
+        f"{what}{jt.keystr(p).replace('<root>', '')}: {type(s).__name__} {s!r:.60}"
+        for p, s in jt.leaves_with_path(tree, is_leaf=_is_sharding_leaf)
+        if not _is_sharding_leaf(s)
+    ]
+    if bad:
+        raise TypeError(
+            format_failures(
+                f"jit: every leaf of {what} must be a NamedSharding, a P(...) or None:",
+                bad,
+                fix="write P('dp', None) for a dim split over 'dp', P() for replicated",
+            )
+        )
+
+
+def _argnums(nums: int | Sequence[int], what: str) -> tuple[int, ...]:
+    t = (nums,) if isinstance(nums, int) else tuple(nums)
+    for n in t:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"jit: {what} must be ints, got {type(n).__name__} {n!r}")
+    return t
+
+
+def _normalize_argnums(nums: tuple[int, ...], n: int, name: str, what: str) -> list[int]:
+    out = []
+    for i in nums:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise TypeError(f"jit of {name!r}: {what} has {i} but the call passed {n} positional arguments")
+        out.append(j)
+    return out
+
+
+def _find_mesh(in_shardings: Any, out_shardings: Any, args: Any) -> Mesh | None:
+    """The ambient mesh, else the mesh of a NamedSharding, else of a DTensor argument."""
+    m = current_mesh()
+    if m is not None:
+        return m
+    for tree in (in_shardings, out_shardings):
+        for s in jt.leaves(tree, is_leaf=_is_sharding_leaf):
+            if isinstance(s, NamedSharding):
+                return s.mesh
+    for x in jt.leaves(args):
+        if isinstance(x, DTensor):
+            try:
+                return Mesh.from_device_mesh(x.device_mesh)
+            except MeshError:
+                return None
+    return None
+
+
+def _resolve(s: NamedSharding | PartitionSpec, mesh: Mesh | None, where: str) -> NamedSharding:
+    if isinstance(s, NamedSharding):
+        return s
+    if mesh is None:
+        raise MeshError(f"{where}: the spec {s} needs a mesh: call inside `with mesh:` or pass a NamedSharding")
+    return NamedSharding(mesh, s)
+
+
+def _place_tree(tree: Any, shardings: Any, mesh: Mesh | None, where: str, sname: str, tname: str) -> Any:
+    """Lay a pytree of arguments out; every failure is collected before any communication."""
+    sh = jt.broadcast_prefix(shardings, tree, is_leaf=_is_sharding_leaf, prefix_name=sname, full_name=f"the {tname} tuple")
+    pairs, treedef = jt.flatten_with_path(tree)
+    failures: list[str] = []
+    targets: list[NamedSharding | None] = []
+    for (path, x), s in zip(pairs, sh, strict=True):
+        p = tname + jt.keystr(path).replace("<root>", "")
+        if s is None:
+            targets.append(NamedSharding(mesh, PartitionSpec()) if mesh is not None and _plain(x) else None)
+            continue
+        try:
+            ns = _resolve(s, mesh, f"{where}, {p}")
+        except (MeshError, ValueError) as e:
+            failures.append(str(e))
+            targets.append(None)
+            continue
+        targets.append(ns)
+        failures += _fit_failures(x, ns, p)
+    if failures:
+        raise ShardingError(format_failures(f"{where}: {len(failures)} argument(s) do not fit {sname}:", failures, fix=_FIX_SPEC))
+    out = [x if t is None else _put(x, t) for (_, x), t in zip(pairs, targets, strict=True)]
+    return jt.unflatten(treedef, out)
+
+
+def _plain(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+
+
+def _fit_failures(x: Any, s: NamedSharding, path: str) -> list[str]:
+    if not isinstance(x, torch.Tensor):
+        return [f"{path}: a {type(x).__name__} ({x!r:.40}) cannot be sharded; make it static or give it None"]
+    if isinstance(x, DTensor) and x.device_mesh != s.mesh.device_mesh:
+        return [f"{path}: a DTensor on another mesh ({x.device_mesh}) than {s.mesh}"]
+    return check_spec(path, s.spec, s.mesh, tuple(x.shape))
+
+
+class _Place(torch.autograd.Function):
+    """A global plain tensor -> a DTensor holding this rank's block; backward: the full gradient."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, s: NamedSharding) -> DTensor:  # type: ignore[override]
+        return _from_global(x, s)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return (g.full_tensor() if isinstance(g, DTensor) else g), None
+
+
+def _from_global(x: torch.Tensor, s: NamedSharding) -> DTensor:
+    x = x.detach().to(s.mesh.device)
+    local = local_block(x, s.spec, s.mesh).contiguous()
+    placements = s.to_placements(x.ndim)
+    return DTensor.from_local(local, s.mesh.device_mesh, placements, run_check=False, shape=x.shape, stride=x.contiguous().stride())
+
+
+def _put(x: Any, s: NamedSharding) -> Any:
+    if isinstance(x, DTensor):
+        placements = s.to_placements(x.ndim)
+        return x if tuple(x.placements) == placements else x.redistribute(s.mesh.device_mesh, placements)
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Place.apply(x, s)
+    return _from_global(x, s)
+
+
+# ----------------------------------------------------------------------------- with_sharding_constraint
+
+
+def _target_placements(x: DTensor, s: NamedSharding | PartitionSpec) -> tuple[Any, tuple[Placement, ...]]:
+    """(device mesh, placements) that ``s`` means for DTensor ``x`` (a P means ``x``'s own mesh)."""
+    if isinstance(s, NamedSharding):
+        return s.mesh.device_mesh, s.to_placements(x.ndim)
+    names = x.device_mesh.mesh_dim_names or ()
+    placements: list[Placement] = [Replicate() for _ in names]
+    for d, entry in enumerate(s):
+        for a in dim_axes(entry):
+            placements[names.index(a)] = Shard(d)
+    return x.device_mesh, tuple(placements)
+
+
+def _constraint_failures(x: Any, s: NamedSharding | PartitionSpec, path: str) -> list[str]:
+    if not isinstance(x, torch.Tensor):
+        return [f"{path}: a {type(x).__name__} ({x!r:.40}) cannot be sharded"]
+    if isinstance(s, NamedSharding):
+        return _fit_failures(x, s, path)
+    if isinstance(x, DTensor):
+        try:
+            m = Mesh.from_device_mesh(x.device_mesh)
+        except MeshError as e:
+            return [f"{path}: {e}"]
+        return check_spec(path, s, m, tuple(x.shape))
+    cur = current_mesh()
+    if cur is None:
+        raise MeshError(
+            f"with_sharding_constraint: the spec {s} for the plain tensor {path} needs a mesh: "
+            "call it inside `with mesh:` (jit enters its mesh) or pass a NamedSharding"
+        )
+    return check_spec(path, s, cur, tuple(x.shape))
+
+
+def _constrain(x: torch.Tensor, s: NamedSharding | PartitionSpec, path: str, what: str, checked: bool = False) -> Any:
+    if not checked and not _compiling():
+        failures = _constraint_failures(x, s, path)
+        if failures:
+            raise ShardingError(format_failures(f"{what} cannot lay out:", failures, fix=_FIX_SPEC))
+    if isinstance(x, DTensor):
+        dm, placements = _target_placements(x, s)
+        if tuple(x.placements) == placements and x.device_mesh == dm:
+            return x
+        return x.redistribute(dm, placements)
+    ns = _resolve(s, current_mesh(), "with_sharding_constraint")
+    return _put(x, ns)
+
+
+# ----------------------------------------------------------------------------- running the body
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+@contextmanager
+def _inside(mesh: Mesh | None) -> Iterator[None]:
+    """Implicit replication of plain tensors (saved and restored, per thread) and the ambient mesh."""
+    get = getattr(torch._C, "_get_dtensor_allow_implicit_replication", None)
+    set_ = getattr(torch._C, "_set_dtensor_allow_implicit_replication", None)
+    prev = get() if get is not None else False
+    if set_ is not None:
+        set_(True)
+    try:
+        if mesh is not None and current_mesh() is not mesh:
+            with mesh:
+                yield
+        else:
+            yield
+    finally:
+        if set_ is not None:
+            set_(prev)
+
+
+def _layout_outputs(out: Any, out_shardings: Any, mesh: Mesh | None, where: str) -> Any:
+    sh = jt.broadcast_prefix(out_shardings, out, is_leaf=_is_sharding_leaf, prefix_name="out_shardings", full_name="the result")
+    pairs, treedef = jt.flatten_with_path(out)
+    failures: list[str] = []
+    targets: list[NamedSharding | None] = []
+    for (path, y), s in zip(pairs, sh, strict=True):
+        if s is None:
+            targets.append(None)
+            continue
+        p = "result" + jt.keystr(path).replace("<root>", "")
+        try:
+            ns = _resolve(s, mesh, f"{where}, {p}")
+        except (MeshError, ValueError) as e:
+            failures.append(str(e))
+            targets.append(None)
+            continue
+        targets.append(ns)
+        failures += _fit_failures(y, ns, p)
+    if failures:
+        raise ShardingError(format_failures(f"{where}: the result does not fit out_shardings:", failures, fix=_FIX_SPEC))
+    outs = []
+    for (_, y), t in zip(pairs, targets, strict=True):
+        if t is not None:
+            y = _put(y, t)
+        elif isinstance(y, DTensor) and any(isinstance(p, Partial) for p in y.placements):
+            y = y.redistribute(y.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in y.placements])
+        outs.append(y)
+    return jt.unflatten(treedef, outs)
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, DTensor):
+        return ("dtensor", x.device_mesh, tuple(x.placements), tuple(x.shape), x.dtype, x.requires_grad)
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.device.type, tuple(x.shape), x.dtype, x.requires_grad)
+    try:
+        hash(x)
+        return ("value", type(x), x)
+    except TypeError:
+        return ("object", type(x), id(x))
+
+
+def _cache_key(args: tuple[Any, ...], kwargs: dict[str, Any], static: list[int]) -> tuple[Any, ...]:
+    leaves, treedef = jt.flatten((tuple(a for i, a in enumerate(args) if i not in static), kwargs))
+    return (
+        treedef,
+        tuple(_leaf_key(x) for x in leaves),
+        tuple((i, type(args[i]), args[i]) for i in static),
+        torch.is_grad_enabled(),
+    )
+
+
+def _describe_leaf(k: Any) -> str:
+    if k[0] == "dtensor":
+        return f"{str(k[4]).replace('torch.', '')}{list(k[3])} {_spec_text(k[2], k[1].mesh_dim_names)}"
+    if k[0] == "tensor":
+        return f"{str(k[3]).replace('torch.', '')}{list(k[2])} plain"
+    return f"{k[1].__name__} {k[2]!r:.30}" if k[0] == "value" else k[1].__name__
+
+
+def _describe_key(key: tuple[Any, ...]) -> str:
+    parts = [f"leaf {i}: {_describe_leaf(k)}" for i, k in enumerate(key[1])]
+    parts += [f"static arg {i}={v!r:.40}" for i, _, v in key[2]]
+    return "; ".join(parts) or "no arguments"
+
+
+def _key_diff(old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
+    if old[0] != new[0]:
+        return f"argument structure changed from {old[0]} to {new[0]}"
+    diffs = [
+        f"leaf {i}: {_describe_leaf(a)} -> {_describe_leaf(b)}"
+        for i, (a, b) in enumerate(zip(old[1], new[1], strict=True))
+        if a != b
+    ]
+    diffs += [f"static arg {a[0]}: {a[2]!r:.30} -> {b[2]!r:.30}" for a, b in zip(old[2], new[2], strict=False) if a != b]
+    if old[3] != new[3]:
+        diffs.append(f"grad mode {old[3]} -> {new[3]}")
+    if not diffs and old[1] != new[1]:
+        diffs.append("the mesh changed (another rank or world)")
+    return "; ".join(diffs) or "new variant (another rank, world or mesh)"
+
+
+def _fresh_entry(f: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """A function calling ``f`` with a code object of its own.
+
+    Dynamo keys its cache (and its recompile limit) on the top frame's code
+    object. One fresh code object per variant keeps the variants of every rank
+    and every simulated world apart, instead of piling them on one code object
+    until dynamo's recompile limit silently falls back to eager.
+    """
+
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return f(*args, **kwargs)
+
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in tag)
+    code = entry.__code__.replace(co_name=f"colofn_jit_{safe}")
+    return types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    c: BaseException | None = e
+    while c is not None and c not in out:
+        out.append(c)
+        c = c.__cause__ or c.__context__
+    return out
+
+
+def _find_schema(chain: list[BaseException]) -> Any:
+    """DTensor's ``OpSchema`` of the failing op, read from the frames that raised (None if not found)."""
+    try:
+        from torch.distributed.tensor._op_schema import OpSchema
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    for c in chain:
+        tb = c.__traceback__
+        while tb is not None:
+            loc = tb.tb_frame.f_locals
+            for name in ("op_schema", "op_info"):
+                v = loc.get(name)
+                v = getattr(v, "schema", v)
+                if isinstance(v, OpSchema):
+                    return v
+            tb = tb.tb_next
+    return None
+
+
+_SKIP_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep for m in (torch, functools) if getattr(m, "__file__", None)
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _user_line(e: BaseException) -> str:
+    """``file:line, in fn: source`` of the innermost frame outside torch and colofn."""
+    found = ""
+    for fs in traceback.extract_tb(e.__traceback__):
+        if not os.path.abspath(fs.filename).startswith(_SKIP_DIRS) and "contextlib" not in fs.filename:
+            found = f"{fs.filename}:{fs.lineno}, in {fs.name}: {(fs.line or '').strip()}"
+    return found
+
+
+def _spec_text(placements: Sequence[Placement], names: Sequence[str] | None) -> str:
+    names = tuple(names or (f"axis{i}" for i in range(len(placements))))
+    by_dim: dict[int, list[str]] = {}
+    pending = []
+    for n, p in zip(names, placements, strict=False):
+        if isinstance(p, Shard):
+            by_dim.setdefault(p.dim, []).append(n)
+        elif isinstance(p, Partial):
+            pending.append(n)
+    ndim = max(by_dim) + 1 if by_dim else 0
+    entries = [None if d not in by_dim else by_dim[d][0] if len(by_dim[d]) == 1 else tuple(by_dim[d]) for d in range(ndim)]
+    text = "P(" + ", ".join(repr(e) for e in entries) + ")"
+    if pending:
+        text += f" pending sum over {tuple(pending)}"
+    return text
+
+
+def _describe_spec(spec: Any) -> str:
+    meta = getattr(spec, "tensor_meta", None)
+    shape = f"{str(meta.dtype).replace('torch.', '')}{list(meta.shape)}" if meta is not None else "tensor"
+    names = spec.mesh.mesh_dim_names
+    mesh = "mesh(" + ", ".join(f"{n}={s}" for n, s in zip(names or (), spec.mesh.shape, strict=False)) + ")"
+    return f"{shape} {_spec_text(spec.placements, names)} on {mesh}, placements {tuple(spec.placements)}"
+
+
+def _inputs(schema: Any) -> tuple[list[str], bool]:
+    """One line per input of the op, and whether every DTensor input is replicated."""
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+    lines: list[str] = []
+    replicated = True
+
+    def add(label: str, v: Any) -> None:
+        nonlocal replicated
+        if isinstance(v, DTensorSpec):
+            lines.append(f"{label}: {_describe_spec(v)}")
+            replicated &= all(isinstance(p, Replicate) for p in v.placements)
+        elif isinstance(v, list | tuple) and any(isinstance(i, DTensorSpec) for i in v):
+            for j, i in enumerate(v):
+                add(f"{label}[{j}]", i)
+
+    for i, a in enumerate(schema.args_schema):
+        add(f"input {i}", a)
+    for k, a in schema.kwargs_schema.items():
+        add(f"input {k!r}", a)
+    return lines, replicated
+
+
+def _last_line(e: BaseException | None) -> str:
+    """The first line of the innermost cause's message."""
+    inner = _chain(e)[-1] if e is not None else None
+    return str(inner).strip().split("\n")[0][:200] if inner is not None else ""
+
+
+def _translate(e: BaseException, f: Callable[..., Any]) -> JitError | None:
+    """A :class:`JitError` for DTensor's missing-rule failures; None for any other error."""
+    chain = _chain(e)
+    missing = next((c for c in chain if isinstance(c, NotImplementedError) and "does not have a sharding strategy" in str(c)), None)
+    failed = next((c for c in chain if "Sharding propagation failed" in str(c)), None)
+    if missing is None and failed is None:
+        return None
+    schema = _find_schema(chain)
+    op = str(schema.op) if schema is not None else str(missing or failed).split()[1 if missing else 0].strip(".")
+    lines, replicated = _inputs(schema) if schema is not None else (["(input shardings unknown)"], False)
+    where = _user_line(e)
+    name = _name(f)
+    if missing is not None:
+        head = f"jit of {name!r}: DTensor has no sharding rule for {op}, so it cannot run on DTensors:"
+        fix = (
+            f"DTensor cannot run {op} on any sharding. Run this part per block with colofn.shard_map "
+            "(its body sees plain local tensors), or on global values (x.full_tensor()) if it is small"
+        )
+    elif any(type(c).__name__ in ("DynamicOutputShapeException", "DataDependentOutputException") for c in chain):
+        head = (
+            f"jit of {name!r}: the output shape of {op} depends on the values of its inputs, so DTensor "
+            "cannot propagate a sharding for it:"
+        )
+        fix = (
+            "compute it on global values (for instance torch.unique(x.full_tensor())), or per block "
+            "with colofn.shard_map"
+        )
+    else:
+        cause = _last_line(failed)
+        head = f"jit of {name!r}: DTensor's sharding rule for {op} failed on these inputs ({cause}):"
+        fix = (
+            "run this part per block with colofn.shard_map"
+            if replicated
+            else "with_sharding_constraint(x, P()) on the sharded inputs just before this op (replicated "
+            "inputs take another rule), or run this part per block with colofn.shard_map"
+        )
+    failures = lines + ([f"at {where}"] if where else [])
+    return JitError(format_failures(head, failures, fix=fix), original=e)
