@@ -1,0 +1,110 @@
+"""The expert computation of a MoE layer, local (every expert here) or expert parallel (all-to-all).
+
+:func:`grouped_mlp` is the math: rows grouped by expert into a padded
+``[experts, rows, d]`` buffer and run through the stacked weights with one
+batched matmul each (``colofn.models.gpt.mlp`` broadcasts over the expert dim).
+One op per weight also means one gradient all-reduce per weight, issued in
+the same order on every rank whatever the routing.
+
+:func:`expert_parallel` adds the communication of expert parallelism (Lepikhin
+et al. 2020, GShard, arXiv:2006.16668, sec. 2.2; Fedus et al. 2021, Switch
+Transformer, arXiv:2101.03961): each rank holds ``E / ep`` experts; its token
+assignments, sorted by expert, go to the experts' ranks with one all-to-all
+(dispatch) and come back with a second (combine). Buffers are padded to the
+largest count any rank sends any other in this step, known to every rank
+from one small all-gather of per-expert counts, so no assignment is ever
+dropped for lack of room (only ``capacity_factor`` drops, exactly as the
+single-device model does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from colofn.collectives import all_gather, all_to_all, axis_index, axis_size
+from colofn.models import gpt
+
+__all__ = ["expert_parallel", "grouped_mlp", "local_experts"]
+
+
+def grouped_mlp(
+    params: dict[str, torch.Tensor], x: torch.Tensor, expert: torch.Tensor, config: gpt.GPTConfig
+) -> torch.Tensor:
+    """Row ``i`` of ``x`` ``[rows, d]`` through expert ``expert[i]`` of ``params["w1"]``/``["w2"]`` ``[E, ...]``."""
+    n = params["w1"].shape[0]
+    counts = torch.bincount(expert, minlength=n)
+    room = int(counts.max()) if expert.numel() else 0
+    order = torch.argsort(expert, stable=True)
+    start = counts.cumsum(0) - counts
+    slot = torch.empty_like(expert)
+    slot[order] = torch.arange(len(expert), device=x.device) - start[expert[order]]
+    at = expert * room + slot
+    buffer = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x).reshape(n, room, -1)
+    return gpt.mlp(params, buffer, config).reshape(n * room, -1)[at]
+
+
+def local_experts(
+    params: dict[str, torch.Tensor], tokens: torch.Tensor, r: gpt.Routing, config: gpt.GPTConfig
+) -> torch.Tensor:
+    """``y_t = sum_j gate_tj * expert_(e_tj)(x_t)`` over kept assignments, every expert on this rank.
+
+    With ``w1``/``w2`` split over ``tp`` along ``d_ff``, ``y`` is a partial sum.
+    """
+    tok, slot = torch.nonzero(r.keep, as_tuple=True)
+    h = grouped_mlp(params, tokens[tok], r.expert_index[tok, slot], config)
+    return torch.zeros_like(tokens).index_add(0, tok, h * r.gates[tok, slot, None])
+
+
+def expert_parallel(
+    params: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    r: gpt.Routing,
+    config: gpt.GPTConfig,
+    axis: str,
+) -> torch.Tensor:
+    """:func:`local_experts` with the experts split over ``axis``: all-to-all dispatch and combine.
+
+    ``params["w1"]`` holds this rank's ``E / n`` experts (block ``axis_index``).
+    """
+    n_local, n, me = params["w1"].shape[0], axis_size(axis), int(axis_index(axis))
+    tok, slot = torch.nonzero(r.keep, as_tuple=True)
+    expert = r.expert_index[tok, slot]
+    order = torch.argsort(expert, stable=True)  # sorted by expert, so by destination rank
+    tok, slot, expert = tok[order], slot[order], expert[order]
+    counts = torch.bincount(expert, minlength=n_local * n)
+    table = all_gather(counts, axis, axis_dim=0, to="invariant").tolist()  # [source][expert]
+    sent = [[sum(row[p * n_local : (p + 1) * n_local]) for p in range(n)] for row in table]
+    room = max(max(row) for row in sent)  # the same on every rank
+    if room == 0:  # every assignment dropped, everywhere
+        return torch.zeros_like(tokens)
+    # Dispatch: row j of the block for rank p is this rank's j-th assignment to p's experts.
+    dest = expert // n_local
+    start = torch.tensor([0] + sent[me], device=tokens.device).cumsum(0)[:-1]
+    at = dest * room + torch.arange(len(expert), device=tokens.device) - start[dest]
+    buffer = tokens.new_zeros(n * room, tokens.shape[-1]).index_copy(0, at, tokens[tok])
+    received = all_to_all(buffer.reshape(n, room, -1), axis, 0, 0, tiled=True).reshape(n * room, -1)
+    rows, local = _received_rows(table, me * n_local, n_local, room)
+    rows, local = (
+        torch.tensor(rows, dtype=torch.int64, device=tokens.device),
+        torch.tensor(local, dtype=torch.int64, device=tokens.device),
+    )
+    out = torch.zeros_like(received).index_copy(
+        0, rows, grouped_mlp(params, received[rows], local, config)
+    )
+    back = all_to_all(out.reshape(n, room, -1), axis, 0, 0, tiled=True).reshape(n * room, -1)
+    return torch.zeros_like(tokens).index_add(0, tok, back[at] * r.gates[tok, slot, None])
+
+
+def _received_rows(
+    table: list[list[int]], first: int, n_local: int, room: int
+) -> tuple[list[int], list[int]]:
+    """The filled rows of the received buffer (``room`` rows per source) and the local expert of each."""
+    rows: list[int] = []
+    local: list[int] = []
+    for src, row in enumerate(table):
+        at = src * room
+        for e in range(n_local):
+            rows += range(at, at + row[first + e])
+            local += [e] * row[first + e]
+            at += row[first + e]
+    return rows, local

@@ -1,0 +1,98 @@
+"""Top-k routing whose statistics cover every token of the step, however the tokens are split.
+
+:func:`colofn.models.gpt.route` computes the load-balancing loss (and the
+expert capacities) over the tokens it is given. When the tokens are split over
+data, sequence or expert axes, the single-device model's values need the sums
+over all of them: this module computes the same routing with the statistics
+``psum``'d over those axes, so a parallel step routes, drops and balances
+exactly as the single-device step does.
+
+* Load-balancing loss (Fedus et al. 2021, Switch Transformer, arXiv:2101.03961,
+  eq. 4, extended to top-k): ``E * sum_e f_e * P_e``; the assignment counts and
+  the router-probability sums are reduced in one ``psum``.
+* Capacity (Lepikhin et al. 2020, GShard, arXiv:2006.16668, Algorithm 1 order):
+  first choices of all tokens in global token order, then second choices, ...
+  Each rank all-gathers the per-row assignment counts of the other shards to
+  find how many assignments precede its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from colofn.collectives import all_gather, axis_index, axis_size, psum
+from colofn.models import gpt
+
+__all__ = ["route"]
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def route(
+    router: torch.Tensor,
+    x: torch.Tensor,
+    config: gpt.GPTConfig,
+    *,
+    batch_axes: tuple[str, ...] = (),
+    seq_axis: str | None = None,
+) -> gpt.Routing:
+    """Route this rank's tokens ``x`` ``[b, s, d]``, a block of the global ``[B, S, d]``.
+
+    ``batch_axes`` split ``B`` (first axis major) and ``seq_axis`` splits ``S``.
+    Returns a :class:`colofn.models.gpt.Routing` for the ``b * s`` local tokens
+    (row-major) equal to ``gpt.route`` on the global tokens, restricted to this block.
+    """
+    b, s, _ = x.shape
+    n_experts, k = router.shape[1], config.top_k
+    axes = batch_axes + ((seq_axis,) if seq_axis else ())
+    probs = torch.softmax(_wide(x.reshape(b * s, -1)) @ _wide(router), dim=-1)
+    gates, expert_index = probs.topk(k, dim=-1)
+    chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
+    stats = torch.stack([chosen.sum(dim=(0, 1)), probs.sum(dim=0)])
+    n_tokens = b * s
+    if axes:
+        stats = psum(stats, axes)
+        n_tokens *= axis_size(axes)
+    aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
+    if config.capacity_factor is None:
+        keep = torch.ones_like(expert_index, dtype=torch.bool)
+    else:
+        capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
+        order = _rank_in_expert(chosen.detach().reshape(b, s, k, n_experts), batch_axes, seq_axis)
+        keep = (order < capacity).reshape(b * s, k)
+    return gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
+
+
+def _rank_in_expert(
+    chosen: torch.Tensor, batch_axes: tuple[str, ...], seq_axis: str | None
+) -> torch.Tensor:
+    """For each local assignment ``[b, s, k]``: how many assignments to its expert precede it in GShard order.
+
+    The order is slot-major, then global token order (row ``B``, then
+    position ``S``). ``chosen`` is ``[b, s, k, E]`` one-hot.
+    """
+    per_row = chosen.sum(dim=1)  # [b, k, E]: this shard's count in each row, slot and expert
+    grid = per_row.unsqueeze(0)  # [n_seq, b, k, E] once gathered
+    if seq_axis:
+        grid = all_gather(per_row, seq_axis, axis_dim=0, to="invariant")
+    grid = grid.unsqueeze(0)  # [n_batch, n_seq, b, k, E]
+    if batch_axes:
+        grid = all_gather(grid.squeeze(0), batch_axes, axis_dim=0, to="invariant")
+    n_batch, n_seq, b, k, e = grid.shape
+    # Blocks in GShard order: slot, global row (batch shard, local row), sequence shard.
+    flat = grid.permute(3, 0, 2, 1, 4).reshape(k, n_batch * b * n_seq, e)
+    before_slot = flat.sum(dim=1).cumsum(dim=0) - flat.sum(dim=1)  # [k, E]: all earlier slots
+    before_block = flat.cumsum(dim=1) - flat  # [k, blocks, E]: earlier blocks of the same slot
+    i_b = int(axis_index(batch_axes)) if batch_axes else 0
+    i_s = int(axis_index(seq_axis)) if seq_axis else 0
+    rows = (i_b * b + torch.arange(b)) * n_seq + i_s  # this shard's block of each local row
+    offset = before_slot.unsqueeze(1) + before_block[:, rows]  # [k, b, E]
+    within = (
+        chosen.cumsum(dim=1) - chosen
+    )  # [b, s, k, E]: earlier positions of the same row and shard
+    return ((offset.permute(1, 0, 2).unsqueeze(1) + within) * chosen).sum(dim=-1)  # [b, s, k]

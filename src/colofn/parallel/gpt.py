@@ -1,0 +1,233 @@
+"""``colofn.models.gpt`` under a :class:`Plan`: per-device pieces, and the loss as one ``shard_map``.
+
+Per-device functions (call them inside ``shard_map``; every tensor is this
+rank's block, laid out by :func:`~colofn.parallel.param_specs` and
+:func:`~colofn.parallel.batch_specs`) reuse the single-device model's pieces on
+local shards and add each strategy's communication:
+
+* :func:`embed`: tokens -> the residual stream in the plan's layout
+  (``[b, s, d]``, the sequence split over :attr:`Plan.seq_axis` if any);
+* :func:`block` / :func:`layers_forward`: transformer blocks;
+* :func:`head_sums`: final norm, logits and the summed token losses;
+* :func:`local_loss`: all of it, the loss of the step (invariant on every rank);
+* :func:`stage_forward`: what a pipeline stage holding ``layers`` runs.
+
+Global entry points: :func:`make_loss` (``shard_map`` with the right specs)
+and :func:`shard_params`.
+
+>>> import colofn, torch
+>>> from colofn import random
+>>> from colofn.models import gpt
+>>> from colofn.parallel import Plan, make_loss, shard_params
+>>> cfg = gpt.config("tiny", n_layers=1)
+>>> params = gpt.init(random.key(0), cfg)
+>>> t = random.randint(random.key(1), (4, 17), 0, cfg.vocab_size)
+>>> batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
+>>> def program():
+...     mesh = colofn.Mesh((2, 2), ("dp", "tp"))
+...     loss = make_loss(cfg, Plan(dp="dp", tp="tp"), mesh)
+...     return float(loss(shard_params(params, cfg, Plan(dp="dp", tp="tp"), mesh), batch).to_local())
+>>> got = colofn.launch(program, world_size=4)
+>>> abs(got[0] - float(gpt.loss(params, batch, cfg))) < 1e-5
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from colofn.collectives import psum
+from colofn.errors import TreeError
+from colofn.mesh import Mesh, get_mesh
+from colofn.models import gpt
+from colofn.parallel import ep, sp, tp
+from colofn.parallel.plan import Plan, check_batch, check_plan
+from colofn.parallel.specs import batch_specs, param_specs
+from colofn.partition_spec import P
+from colofn.shard_map import shard_map
+from colofn.sharding import device_put
+
+__all__ = [
+    "block",
+    "embed",
+    "head_sums",
+    "layers_forward",
+    "local_loss",
+    "make_loss",
+    "shard_params",
+    "stage_forward",
+]
+
+Params = dict[str, Any]
+
+
+def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
+    """Token (+ learned position) embeddings of this rank's ``tokens`` in the plan's residual layout.
+
+    With ``tp`` the table is split by vocabulary: partial embeddings summed
+    over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
+    """
+    if plan.tp is None:
+        positions = sp.local_positions(tokens.shape[1], plan.seq_axis, tokens.device)
+        return gpt.embed(params, tokens, config, positions=positions)
+    x = tp.leave(tp.embed_partial(params["tok"], tokens, plan.tp), plan)
+    if config.pos == "learned":
+        x = x + params["pos"][sp.local_positions(x.shape[1], plan.seq_axis, x.device)]
+    return x
+
+
+def _attention(params: Params, h: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
+    if plan.sp in ("ulysses", "ring"):
+        positions = sp.local_positions(h.shape[1], plan.sp_axis, h.device)
+        strategy = sp.ulysses if plan.sp == "ulysses" else sp.ring
+        return strategy.attention(params, h, config, plan.sp_axis, positions)
+    return gpt.attention(params, h, config)  # whole sequences (Megatron-SP gathered them)
+
+
+def block(
+    layer: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm block on this rank's residual stream ``x``; returns ``(x, unweighted aux loss)``."""
+    h = tp.enter(gpt.norm(layer["norm1"], x, config), plan)
+    x = x + tp.leave(_attention(layer["attn"], h, config, plan), plan)
+    h = tp.enter(gpt.norm(layer["norm2"], x, config), plan)
+    if "moe" in layer:
+        y, aux = ep.moe(layer["moe"], h, config, plan)
+    else:
+        y, aux = gpt.mlp(layer["mlp"], h, config), torch.zeros((), device=x.device)
+    return x + tp.leave(y, plan), aux
+
+
+def layers_forward(
+    layers: list[Params],
+    x: torch.Tensor,
+    config: gpt.GPTConfig,
+    plan: Plan,
+    *,
+    first_layer: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``first_layer, first_layer + 1, ...`` of the model; returns ``(x, summed unweighted aux loss)``.
+
+    ``first_layer`` is the model index of ``layers[0]``; each layer's kind
+    (dense or MoE) is checked against ``config`` so a wrong slice fails clearly.
+    """
+    aux = torch.zeros((), device=x.device)
+    for i, layer in enumerate(layers):
+        want = "moe" if config.is_moe(first_layer + i) else "mlp"
+        if want not in layer:
+            raise TreeError(
+                f"layers_forward: layers[{i}] (model layer {first_layer + i}) has no {want!r} entry "
+                f"(it has {sorted(layer)}); is first_layer={first_layer} the index of layers[0]?"
+            )
+        x, layer_aux = block(layer, x, config, plan)
+        aux = aux + layer_aux
+    return x, aux
+
+
+def _head_weight(params: Params, config: gpt.GPTConfig) -> torch.Tensor:
+    return params["embed"]["tok"].T if config.tie_embeddings else params["head"]
+
+
+def head_sums(
+    params: Params, x: torch.Tensor, targets: torch.Tensor, config: gpt.GPTConfig, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of token losses, token count)`` of this rank's tokens, invariant along ``tp``.
+
+    ``params`` needs ``final_norm`` and ``head`` (or ``embed.tok`` when tied).
+    With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss).
+    """
+    h = tp.enter(gpt.norm(params["final_norm"], x, config), plan)
+    return tp.cross_entropy_sums(h @ _head_weight(params, config), targets, plan.tp)
+
+
+def _mean(nll: torch.Tensor, count: torch.Tensor, plan: Plan) -> torch.Tensor:
+    if plan.token_axes:
+        nll, count = psum(torch.stack([nll, count]), plan.token_axes).unbind(0)
+    return nll / count
+
+
+def local_loss(
+    params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Plan
+) -> torch.Tensor:
+    """The step's loss on this rank's blocks, equal to ``gpt.loss`` of the whole batch (invariant on every rank)."""
+    x = embed(params["embed"], batch["tokens"], config, plan)
+    x, aux = layers_forward(params["layers"], x, config, plan)
+    nll, count = head_sums(params, x, batch["targets"], config, plan)
+    return _mean(nll, count, plan) + config.aux_loss_coef * aux
+
+
+def stage_forward(
+    params: Params,
+    inputs: torch.Tensor,
+    config: gpt.GPTConfig,
+    plan: Plan,
+    *,
+    layers: range,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-device forward of a pipeline stage holding model layers ``layers`` (a contiguous ``range``).
+
+    Contract:
+      * ``params``: ``{"layers": params["layers"][layers.start:layers.stop]}``,
+        plus ``"embed"`` on the first stage (``layers.start == 0``), plus
+        ``"final_norm"`` and ``"head"`` (or ``"embed"`` with ``"tok"`` when tied)
+        on the last (``layers.stop == config.n_layers``). Shard them with
+        :func:`~colofn.parallel.layer_specs` / :func:`~colofn.parallel.param_specs`.
+      * ``inputs``: this rank's token block on the first stage, else the
+        previous stage's activations (the residual stream in the plan's layout).
+      * Returns ``(out, aux)``: the activations for the next stage, or on the
+        last stage the mean cross-entropy of the microbatch (needs ``targets``);
+        ``aux`` is the stage's ``config.aux_loss_coef * load-balancing loss``.
+        The microbatch's loss is the last stage's ``out`` plus every stage's ``aux``.
+    """
+    first, last = layers.start == 0, layers.stop == config.n_layers
+    x = embed(params["embed"], inputs, config, plan) if first else inputs
+    x, aux = layers_forward(params["layers"], x, config, plan, first_layer=layers.start)
+    aux = config.aux_loss_coef * aux
+    if not last:
+        return x, aux
+    if targets is None:
+        raise TypeError("stage_forward: the last stage needs targets=... to compute the loss")
+    return _mean(*head_sums(params, x, targets, config, plan), plan), aux
+
+
+def make_loss(
+    config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
+) -> Callable[[Params, Mapping[str, torch.Tensor]], Any]:
+    """``loss(params, batch) -> DTensor`` (a replicated scalar): ``gpt.loss`` run under ``plan`` on ``mesh``.
+
+    ``params`` are global tensors or DTensors (:func:`shard_params`); ``batch``
+    is ``{"tokens", "targets"}`` ``[batch, seq]``, global tensors. The plan is
+    checked against the config and mesh now, the batch at each call, both
+    before any communication. Gradients: ``torch.autograd.grad(loss.to_local(), ...)``
+    (DTensor parameters get DTensor gradients with their sharding).
+    """
+    m = get_mesh(mesh, "make_loss")
+    check_plan(plan, config, m.shape)
+
+    def per_device(params: Params, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return local_loss(params, batch, config, plan)
+
+    mapped = shard_map(
+        per_device, mesh=m, in_specs=(param_specs(config, plan), batch_specs(plan)), out_specs=P()
+    )
+
+    def loss(params: Params, batch: Mapping[str, torch.Tensor]) -> Any:
+        if not isinstance(batch, Mapping) or "tokens" not in batch or "targets" not in batch:
+            raise TreeError('the batch must be {"tokens": [batch, seq], "targets": [batch, seq]}')
+        check_batch(plan, m.shape, tuple(batch["tokens"].shape), config.seq_len)
+        return mapped(params, {"tokens": batch["tokens"], "targets": batch["targets"]})
+
+    return loss
+
+
+def shard_params(
+    params: Params, config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
+) -> Params:
+    """``device_put`` the parameters by :func:`~colofn.parallel.param_specs` (DTensors, each rank its shards)."""
+    m = get_mesh(mesh, "shard_params")
+    check_plan(plan, config, m.shape)
+    return device_put(params, param_specs(config, plan), mesh=m)
