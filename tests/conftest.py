@@ -23,3 +23,9 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("COLOFN_HYPOTHESIS_PROFILE", "quick"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "stress: the big consecutive-worlds test; runs by default (deselect with -m 'not stress')"
+    )

@@ -11,14 +11,18 @@ per *rank*:
    torch's "thread isolation mode" gives each thread its own.
 3. ``DeviceMesh`` equality/hash, which DTensor's sharding-propagation and
    redistribute caches key on: torch adds the thread id only for its own
-   test backend. We add it for ours, and run rank ``r`` of every world on the
-   same persistent thread, so a cached plan is only ever reused by the rank it
-   was computed for (``tests/test_sim_world.py`` runs hundreds of consecutive
-   worlds with uneven redistributes to prove it).
+   test backend. We set it for ours to a value unique to the (world, rank
+   thread) pair, so a cached plan is only ever reused by the rank and the world
+   it was computed for. (The thread id alone is not enough: rank ``r`` of every
+   world runs on the same persistent thread, and a cached output spec from an
+   earlier world carried that world's ``DeviceMesh``, whose group names then
+   resolved to other groups of the new world.) ``tests/test_sim_world.py`` runs
+   hundreds of consecutive worlds with uneven redistributes to prove it.
 """
 
 from __future__ import annotations
 
+import importlib
 import queue
 import sys
 import threading
@@ -33,7 +37,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from colofn._world import sim_backend
 from colofn._world.sim_backend import SimWorld
-from colofn.errors import CollectiveTimeoutError, DeadlockError
+from colofn.errors import CollectiveTimeoutError, DeadlockError, WorldError
 
 # ----------------------------------------------------------------------------- per-rank c10d state
 
@@ -106,6 +110,11 @@ def _install() -> _PerRankC10dWorld:
         if _installed is not None and c10d._world is _installed:
             return _installed
         sim_backend.register()
+        # torch.distributed.nn.functional binds group=group.WORLD as a default argument at
+        # import. Imported first inside a rank, it would keep that rank's group (and its
+        # world) alive and hand it to later worlds; imported here, the default is None.
+        importlib.import_module("torch.distributed.nn")
+
         _installed = _PerRankC10dWorld(c10d._world)
         c10d._world = _installed
         torch._C._distributed_c10d._set_thread_isolation_mode(True)
@@ -122,8 +131,11 @@ def _patch_device_mesh() -> None:
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        if sim_backend.current() is not None:
-            self._thread_id = threading.get_ident()
+        cur = sim_backend.current()
+        if cur is not None:
+            # Unique per (world, thread): meshes of other ranks and of earlier worlds
+            # never compare equal, so DTensor's caches never hand one their entries.
+            self._thread_id = (cur[0].serial << 64) | threading.get_ident()
             self._hash = None
 
     __init__._colofn = True  # type: ignore[attr-defined]
@@ -147,11 +159,12 @@ class _RankThread:
     def __init__(self, index: int) -> None:
         self.index = index
         self.jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.retired = False  # set when abandoned: the thread ends after its current job
         self.thread = threading.Thread(target=self._loop, name=f"colofn-rank-{index}", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        while True:
+        while not self.retired:
             self.jobs.get()()
 
 
@@ -170,15 +183,23 @@ def _rank_threads(n: int) -> list[_RankThread]:
 def _abandon(index: int) -> None:
     """Replace a rank thread stuck in user code (it can't be killed; it is left behind)."""
     with _threads_lock:
+        old = _threads[index]
+        old.retired = True
+        old.jobs.put(lambda: None)  # wakes it if its job ended after all, so it can exit
         _threads[index] = _RankThread(index)
 
 
 def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], world_size: int, timeout: float) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on every rank of a new simulated world; see ``colofn.launch``."""
+    # Checked before taking the lock: the outer launch holds it while it waits for this rank.
+    if sim_backend.current() is not None:
+        raise WorldError(
+            "colofn.launch(backend='sim') cannot be nested inside a simulated world "
+            f"(called from rank {sim_backend.current()[1]}); call the function directly, "
+            "or launch the worlds one after the other"
+        )
     c10d_world = _install()
     with _launch_lock:  # one simulated world at a time per process
-        if sim_backend.current() is not None:
-            raise RuntimeError("colofn.launch(backend='sim') cannot be nested inside a simulated world")
         world = SimWorld(world_size, timeout)
         outcomes = [_Outcome(done=threading.Event()) for _ in range(world_size)]
         saved_hook = sys.excepthook
@@ -191,6 +212,7 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], w
             sys.excepthook = saved_hook
         for r in stuck:
             _abandon(r)
+        _forget_dtensor_caches(this_thread=False)
     return _results(world, outcomes, stuck)
 
 
@@ -223,10 +245,40 @@ def _job(
             except Exception:  # noqa: BLE001 - teardown of a failed world
                 pass
             c10d_world.reset_rank()
+            _forget_dtensor_caches(this_thread=True)
             sim_backend._tls.world = None
             out.done.set()
 
     return job
+
+
+def _forget_dtensor_caches(this_thread: bool) -> None:
+    """Drop DTensor's cache entries of a finished world.
+
+    They can never hit again (every world's meshes are distinct) and they keep the
+    world's meshes and process groups alive: about 140 KB per world otherwise.
+    The sharding-propagation caches are per thread (clear them in each rank
+    thread); the redistribute planner's are global (clear them from the launcher).
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return  # DTensor never used in this process: nothing cached
+    try:
+        if this_thread:
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+            _clear_sharding_prop_cache()
+        else:
+            from torch.distributed.tensor._collective_utils import MeshTopoInfo
+            from torch.distributed.tensor._redistribute import (
+                _gen_transform_infos,
+                clear_redistribute_planner_cache,
+            )
+
+            _gen_transform_infos.cache_clear()
+            clear_redistribute_planner_cache()
+            MeshTopoInfo.build_from_mesh.cache_clear()
+    except (ImportError, AttributeError):  # private torch API moved: only memory is at stake
+        pass
 
 
 def _join(world: SimWorld, outcomes: list[_Outcome], timeout: float) -> list[int]:
@@ -257,7 +309,7 @@ def _results(world: SimWorld, outcomes: list[_Outcome], stuck: list[int]) -> lis
             f"{world.timeout:g} s after the other ranks stopped"
             + (f" (rank {errors[0][0]} raised {type(errors[0][1].error).__name__})" if errors else "")
             + ". They were left behind; check them for an infinite loop or a missing collective."
-        )
+        ) from (errors[0][1].error if errors else None)
     if not errors:
         return [o.value for o in outcomes]
     # The root cause: the earliest failure that is not a consequence of another rank's failure.

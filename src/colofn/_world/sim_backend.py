@@ -26,6 +26,7 @@ How it works
 from __future__ import annotations
 
 import datetime
+import itertools
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ from colofn.errors import CollectiveMismatchError, CollectiveTimeoutError, Deadl
 BACKEND_NAME = "colofn_sim"
 
 _tls = threading.local()  # .world (SimWorld) and .rank (global rank) of the current thread
+_world_serials = itertools.count(1)
 
 
 def current() -> tuple[SimWorld, int] | None:
@@ -67,6 +69,7 @@ class SimWorld:
         self.exited: dict[int, str] = {}  # global rank -> "returned" / "raised ValueError"
         self.failure: str | None = None  # set once the world is known to be dead
         self.id = uuid.uuid4().hex[:8]
+        self.serial = next(_world_serials)  # distinct for every world of this process
 
     # Called by launch when a rank's function ends (normally or not).
     def rank_exited(self, rank: int, how: str) -> None:
