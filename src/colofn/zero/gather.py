@@ -1,0 +1,316 @@
+"""Stages 2 and 3 inside the step: gradients reduce-scattered unit by unit during the backward pass,
+and (stage 3) parameters all-gathered unit by unit, used, freed, and gathered again for the backward.
+
+Each bucket's full buffer enters the autograd graph through :class:`_UnitGrad`,
+whose input is this rank's shard and whose backward reduce-scatters the full
+gradient over the data axis (ZeRO-2/3: the full gradient of a unit lives only
+until its reduce-scatter). In stage 3 the full buffer comes from an all-gather
+issued when ``loss_fn`` first touches the unit (:class:`Gatherer`): the params
+handed to ``loss_fn`` are lazy views (``params["w"]``, ``params["layers"][i]``,
+iteration over ``params["layers"]``) and each access
+
+1. waits for the unit's gather (issued earlier as a prefetch, when possible),
+2. releases the previously used unit, and
+3. starts the all-gather of the next unit in the order the last step used
+   (``async_op=True``), so it overlaps the computation of this one.
+
+Tensors autograd saves for the backward that live in a gathered buffer are
+packed as ``(unit, bucket, view)`` handles (``saved_tensors_hooks``) instead of
+being kept, so the buffer is freed after the forward; unpacking one in the
+backward all-gathers the unit again (and prefetches the next unit the backward
+will need), and the unit's reduce-scatter releases it. A unit whose params the
+backward never reads (a first layer fed raw data: ``dW = x.T @ g`` needs ``x``
+only) is not gathered again, so stage 3 moves at most 3Ψ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from colofn import _comm, _vma
+from colofn import tracing as ct
+from colofn.collectives import psum_scatter
+from colofn.zero.memory import LiveBytes
+
+__all__ = ["Gatherer", "unit_grad"]
+
+
+class _UnitGrad(torch.autograd.Function):
+    """``forward(shard) = full`` (given); ``backward(g_full) = hook(g_full)`` (the shard's gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, shard: torch.Tensor, box: list[torch.Tensor], hook: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.hook = hook
+        return box.pop()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.hook(g), None, None
+
+
+def unit_grad(shard: torch.Tensor, full: torch.Tensor, hook: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``full`` as a function of ``shard`` whose gradient is ``hook(gradient of full)``."""
+    with _vma.suspended():
+        return _UnitGrad.apply(shard, [full], hook)
+
+
+def reduce_scatter_hook(axis: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ZeRO-2/3 gradient path: sum the unit's full gradient over ``axis``, keep this rank's block."""
+    return lambda g: psum_scatter(g, axis, tiled=True)
+
+
+class _Pending:
+    """An all-gather in flight: this rank's full buffer once :meth:`wait` returns."""
+
+    def __init__(self, out: torch.Tensor, work: dist.Work | None) -> None:
+        self.out = out
+        self.work = work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.out
+
+
+class Gatherer:
+    """Stage 3's per-unit all-gather / release cycle for one step on one rank."""
+
+    def __init__(self, plan: Any, shards: Sequence[torch.Tensor], tag: Callable[[int, torch.Tensor], torch.Tensor], live: LiveBytes, events: list[str]) -> None:
+        self.plan = plan
+        self.layout = plan.layout
+        self.shards = list(shards)
+        self.tag = tag  # (leaf index, view) -> view with its vma set
+        self.live = live
+        self.events = events
+        self.group = _comm.axis_group(plan.mesh, (plan.axis,))
+        self.leaves: dict[int, torch.Tensor] = {}  # bucket -> shard leaf (requires grad)
+        self.pending: dict[int, list[tuple[int, _Pending]]] = {}
+        self.fwd: dict[int, dict[int, torch.Tensor]] = {}  # unit -> bucket -> gathered (forward)
+        self.bwd: dict[int, dict[int, torch.Tensor]] = {}  # unit -> bucket -> gathered again (backward)
+        self.where: dict[tuple[str, int], tuple[int, int]] = {}  # storage -> (unit, bucket), live buffers only
+        self.outstanding: dict[int, int] = {}  # unit -> reduce-scatters still to come
+        self.current: tuple[int, Any] | None = None
+        self.order: list[int] = []  # this step's forward order of first use
+        self.saved: set[int] = set()  # units with tensors saved for the backward
+        self.backward_started = False
+
+    # ---------------------------------------------------------------- collectives
+    def _start(self, u: int, phase: str) -> None:
+        if u in self.pending:
+            return
+        works = []
+        n = self.plan.n
+        for b in self.layout.units[u].buckets:
+            shard = self.shards[b]
+            if n == 1:
+                works.append((b, _Pending(shard, None)))
+                continue
+            out = torch.empty(shard.numel() * n, dtype=shard.dtype, device=shard.device)
+            if ct.active():
+                nbytes = shard.numel() * shard.element_size()
+                sent, received = ct.volume("all_gather", nbytes, n)
+                ct.record(ct.CommRecord("all_gather", (self.plan.axis,), n, tuple(shard.shape), shard.dtype, sent, received, phase))
+            work = _comm._all_gather_into(out, shard.contiguous(), group=self.group.group, async_op=True)
+            works.append((b, _Pending(out, work)))
+        self.pending[u] = works
+        self.events.append(f"{phase} gather {self.layout.units[u].name} start")
+
+    def _wait(self, u: int, phase: str) -> dict[int, torch.Tensor]:
+        if u not in self.pending:
+            self._start(u, phase)
+        bufs = {b: p.wait() for b, p in self.pending.pop(u)}
+        self.events.append(f"{phase} gather {self.layout.units[u].name} wait")
+        for b, t in bufs.items():
+            if t is not self.shards[b]:
+                self.live.add(t)
+            self.where[_key(t)] = (u, b)
+        return bufs
+
+    def _drop(self, u: int, table: dict[int, dict[int, torch.Tensor]], phase: str) -> None:
+        bufs = table.pop(u, None)
+        if bufs is None:
+            return
+        for t in bufs.values():
+            self.where.pop(_key(t), None)
+        self.events.append(f"{phase} release {self.layout.units[u].name}")
+
+    # ---------------------------------------------------------------- forward
+    def _next_in_order(self, u: int) -> int | None:
+        order = self.plan.order
+        if u in order:
+            i = order.index(u)
+            if i + 1 < len(order):
+                return order[i + 1]
+        return None
+
+    def get(self, u: int) -> Any:
+        """Unit ``u``'s subtree for ``loss_fn`` (gathering it; releasing the previous unit; prefetching the next)."""
+        if self.current is not None and self.current[0] == u:
+            return self.current[1]
+        if self.current is not None:
+            self._drop(self.current[0], self.fwd, "forward")
+            self.current = None
+        bufs = self._wait(u, "forward")
+        self.fwd[u] = bufs
+        if u not in self.order:
+            self.order.append(u)
+        nxt = self._next_in_order(u)
+        if self.plan.prefetch and nxt is not None and nxt not in self.fwd:
+            self._start(nxt, "forward")
+        fulls: dict[int, torch.Tensor] = {}
+        for b, full in bufs.items():
+            leaf = self.leaves.get(b)
+            if leaf is None:
+                leaf = self.leaves[b] = self.shards[b].detach().requires_grad_(True)
+            self.outstanding[u] = self.outstanding.get(u, 0) + 1
+            fulls[b] = unit_grad(leaf, full if full is not self.shards[b] else full.detach(), self._grad_hook(u))
+        unit = self.layout.units[u]
+        views = [self.tag(i, self.layout.leaf_view(i, fulls[self.layout.slots[i].bucket])) for i in unit.leaves]
+        from colofn import tree as jt
+
+        tree = jt.unflatten(unit.treedef, views)
+        self.current = (u, tree)
+        return tree
+
+    def end_forward(self) -> None:
+        """After ``loss_fn``: release every gathered unit and finish unused prefetches."""
+        if self.current is not None:
+            self._drop(self.current[0], self.fwd, "forward")
+            self.current = None
+        for u in list(self.fwd):
+            self._drop(u, self.fwd, "forward")
+        for u in list(self.pending):
+            for _, p in self.pending.pop(u):
+                p.wait()
+        # Remember the order for the next step's prefetches.
+        rest = [u for u in self.plan.order if u not in self.order]
+        self.plan.order[:] = self.order + rest
+
+    # ---------------------------------------------------------------- saved tensors
+    def pack(self, t: torch.Tensor) -> Any:
+        hit = self.where.get(_key(t))
+        if hit is None:
+            return t
+        u, b = hit
+        self.saved.add(u)
+        return _Handle(u, b, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.requires_grad)
+
+    def unpack(self, h: Any) -> torch.Tensor:
+        if not isinstance(h, _Handle):
+            return h
+        u = h.unit
+        if u not in self.bwd:
+            self.bwd[u] = self._wait(u, "backward")
+            prev = self._prev_needed(u)
+            if self.plan.prefetch and prev is not None:
+                self._start(prev, "backward")
+        return self.bwd[u][h.bucket].as_strided(h.shape, h.stride, h.offset)
+
+    def _prev_needed(self, u: int) -> int | None:
+        """The unit the backward will need after ``u``: the previous one used in the forward that saved tensors."""
+        if u not in self.order:
+            return None
+        for v in reversed(self.order[: self.order.index(u)]):
+            if v in self.saved and v not in self.bwd and self.outstanding.get(v, 0) > 0:
+                return v
+        return None
+
+    def _grad_hook(self, u: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        axis = self.plan.axis
+
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            shard = psum_scatter(g, axis, tiled=True)
+            self.events.append(f"backward reduce_scatter {self.layout.units[u].name}")
+            self.outstanding[u] -= 1
+            if self.outstanding[u] == 0:
+                self._drop(u, self.bwd, "backward")
+            return shard
+
+        return hook
+
+    def end_backward(self) -> None:
+        for u in list(self.pending):
+            for _, p in self.pending.pop(u):
+                p.wait()
+        for u in list(self.bwd):
+            self._drop(u, self.bwd, "backward")
+
+    # ---------------------------------------------------------------- the params loss_fn sees
+    def params(self) -> Any:
+        layout = self.layout
+        if layout.kind == "single":
+            return self.get(0)
+        if layout.kind == "seq":
+            typ, length = layout.skeleton
+            return LazyUnits(self, list(range(length)))
+        return LazyParams(self)
+
+
+class _Handle:
+    __slots__ = ("bucket", "offset", "requires_grad", "shape", "stride", "unit")
+
+    def __init__(self, unit: int, bucket: int, shape: tuple[int, ...], stride: tuple[int, ...], offset: int, requires_grad: bool) -> None:
+        self.unit, self.bucket, self.shape, self.stride, self.offset, self.requires_grad = unit, bucket, shape, stride, offset, requires_grad
+
+
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+class LazyUnits(Sequence[Any]):
+    """A read-only sequence of units (``params["layers"]`` in stage 3): indexing gathers the unit."""
+
+    def __init__(self, gatherer: Gatherer, units: list[int]) -> None:
+        self._g = gatherer
+        self._units = units
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return LazyUnits(self._g, self._units[i])
+        return self._g.get(self._units[i])
+
+    def __iter__(self) -> Iterator[Any]:
+        for u in self._units:
+            yield self._g.get(u)
+
+    def __repr__(self) -> str:
+        return f"LazyUnits({len(self)} units, gathered on access)"
+
+
+class LazyParams(Mapping[Any, Any]):
+    """A read-only mapping over the top-level params (stage 3): ``params[key]`` gathers that unit."""
+
+    def __init__(self, gatherer: Gatherer) -> None:
+        self._g = gatherer
+        _, keys = gatherer.layout.skeleton
+        self._entries: dict[Any, Any] = {}
+        u = 0
+        n_layers = len(gatherer.layout.units) - sum(1 for _, is_layers, _ in keys if not is_layers)
+        for k, is_layers, _ in keys:
+            if is_layers:
+                self._entries[k] = list(range(u, u + n_layers))
+                u += n_layers
+            else:
+                self._entries[k] = u
+                u += 1
+
+    def __getitem__(self, k: Any) -> Any:
+        e = self._entries[k]
+        return LazyUnits(self._g, e) if isinstance(e, list) else self._g.get(e)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"LazyParams(keys={list(self._entries)}, gathered on access)"

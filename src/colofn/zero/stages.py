@@ -1,0 +1,269 @@
+"""``train_step``: one ZeRO step (forward, backward, gradient reduction, sharded update, param gather).
+
+Per step and rank, with ``Ψ`` the bytes of the (padded) compute-dtype params
+this rank's buckets hold and ``n`` ranks on the data axis:
+
+=====  =========================================================  ===================
+stage  communication over the data axis                           bytes sent per rank
+=====  =========================================================  ===================
+0      all-reduce of the gradients                                2Ψ(n-1)/n
+1      reduce-scatter of the gradients (after the backward),      2Ψ(n-1)/n
+       all-gather of the updated params
+2      reduce-scatter of each unit's gradients during the         2Ψ(n-1)/n
+       backward, all-gather of the updated params
+3      all-gather of each unit in the forward, again in the       3Ψ(n-1)/n at most
+       backward, reduce-scatter of its gradients
+=====  =========================================================  ===================
+
+plus one all-reduce of the loss (a scalar; with mixed precision a 2-vector,
+the loss and the count of non-finite gradient shards, over every mesh axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from colofn import _vma
+from colofn.collectives import pmean, psum, psum_scatter
+from colofn.optim.base import GradientTransformation, apply_updates
+from colofn.partition_spec import P
+from colofn.shard_map import shard_map
+from colofn.zero import _checks
+from colofn.zero.gather import Gatherer, reduce_scatter_hook, unit_grad
+from colofn.zero.memory import LiveBytes, MemoryReport, measure
+from colofn.zero.offload import to_device
+from colofn.zero.precision import next_loss_scale
+from colofn.zero.state import ZeroPlan, ZeroState, local_tree, wrap_opt_state
+
+__all__ = ["StepInfo", "make_train_step", "train_step"]
+
+
+class StepInfo(NamedTuple):
+    """What a step reports (the same on every rank, except ``memory`` and ``schedule``).
+
+    Attributes:
+      loss: the mean of the ranks' losses (0-d, float32 or float64).
+      skipped: the step was skipped: a gradient was not finite (mixed precision only).
+      loss_scale: the loss scale this step used.
+      memory: the bytes this rank held, measured when the optimizer ran
+        (on a skipped step: without the optimizer's workspace).
+      offload_bytes: ``(to host, to device)`` bytes this rank moved for the
+        offloaded update (0, 0 without offload).
+      schedule: stage 3: this rank's gather/release/reduce-scatter events in order.
+    """
+
+    loss: torch.Tensor
+    skipped: bool
+    loss_scale: float
+    memory: MemoryReport
+    offload_bytes: tuple[int, int]
+    schedule: tuple[str, ...]
+
+
+def train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation, state: ZeroState, batch: Any) -> tuple[ZeroState, StepInfo]:
+    """One training step of ZeRO: returns the new state and a :class:`StepInfo`.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss``, per device: it runs inside
+        ``shard_map`` with this rank's blocks of the params (model-axis-split
+        leaves are local blocks) and this rank's shard of ``batch`` (split on
+        dim 0 over the data axis), and returns the *mean* loss over that shard
+        as a 0-d tensor, invariant along the model axes (psum over them as
+        needed). It must not communicate over the data axis: ZeRO takes the mean
+        over it and reduces the gradients itself. In stage 3 ``params`` is a
+        lazy read-only view: index it (``params["w"]``, ``params["layers"][i]``)
+        or iterate ``params["layers"]``; each access gathers that unit.
+      optimizer: the transformation given to :func:`~colofn.zero.init`.
+      state: the :class:`ZeroState` from ``init`` or the previous step.
+      batch: a pytree of global tensors (the same on every rank) or DTensors
+        split over the data axis; every leaf's dim 0 must divide by its size.
+
+    Raises:
+      ShapeError: a batch leaf whose dim 0 does not divide by the data-axis size
+        (before any communication), or a ``loss_fn`` result that is not a 0-d
+        floating tensor.
+    """
+    _checks.check_state("zero.train_step", state)
+    _checks.check_optimizer("zero.train_step", optimizer)
+    if not callable(loss_fn):
+        raise TypeError(f"zero.train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+    plan = state.plan
+    _checks.check_batch(batch, plan.n, plan.axis)
+    scale = float(state.loss_scale)
+    live = LiveBytes()
+    events: list[str] = []
+    held: dict[str, Any] = {}
+    body = functools.partial(_body, loss_fn, plan, scale, held, live, events)
+    body.__name__ = getattr(loss_fn, "__name__", "loss_fn")  # type: ignore[attr-defined]
+    grad_spec = plan.full_spec if plan.stage == 0 else plan.shard_spec
+    mapped = shard_map(body, mesh=plan.mesh, in_specs=(plan.param_spec, P(plan.axis)), out_specs=(grad_spec, P()))
+    grads_dt, metrics = mapped(state.params, batch)
+    grads = [g.to_local() for g in grads_dt]
+    m = metrics.to_local()
+    loss, overflow = m[0], bool(m[1] > 0)
+    new_scale, good = next_loss_scale(plan.precision, scale, int(state.good_steps), overflow)
+    common = dict(
+        step=state.step + 1,
+        loss_scale=torch.tensor(new_scale, dtype=torch.float32),
+        good_steps=torch.tensor(good, dtype=torch.int64),
+    )
+    if overflow:
+        memory = measure(params=state.params, grads=[grads, held.get("full")], master=state.master, opt_state=state.opt_state, gathered_peak=live.peak)
+        new_state = dataclasses.replace(state, skipped=state.skipped + 1, **common)
+        return new_state, StepInfo(loss, True, scale, memory, (0, 0), tuple(events))
+    new_state, memory, moved = _update(optimizer, state, grads, held, scale, live.peak)
+    return dataclasses.replace(new_state, **common), StepInfo(loss, False, scale, memory, moved, tuple(events))
+
+
+def make_train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation) -> Callable[[ZeroState, Any], tuple[ZeroState, StepInfo]]:
+    """``step(state, batch) -> (state, info)``: :func:`train_step` with ``loss_fn`` and ``optimizer`` bound."""
+    _checks.check_optimizer("zero.make_train_step", optimizer)
+
+    def step(state: ZeroState, batch: Any) -> tuple[ZeroState, StepInfo]:
+        return train_step(loss_fn, optimizer, state, batch)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- inside shard_map
+
+
+def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[str, Any], live: LiveBytes, events: list[str], params: tuple[torch.Tensor, ...], batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    ctx = _vma.current()
+    assert ctx is not None
+    layout = plan.layout
+    axis = plan.axis
+    name = getattr(loss_fn, "__name__", "loss_fn")
+    vmas = [frozenset({axis, *s.spec.axes}) for s in layout.slots]
+
+    def tag(i: int, view: torch.Tensor) -> torch.Tensor:
+        # Every rank holds its own copy of the params' blocks: varying along the data
+        # axis (so no implicit pvary sums their gradients; ZeRO reduces them itself)
+        # and along the model axes the leaf's own spec splits.
+        return ctx.set_vma(view, vmas[i])
+
+    def loss_of(tree: Any) -> torch.Tensor:
+        loss = loss_fn(tree, batch)
+        _checks.check_loss(loss, name)
+        return loss
+
+    def backward(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        target = loss if scale == 1.0 else loss.float() * scale
+        with _vma.suspended():
+            got = torch.autograd.grad(target, inputs, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
+
+    i = plan.index
+    if plan.stage in (0, 1):
+        fulls = [p.detach().requires_grad_(True) for p in params]
+        tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
+        loss = loss_of(tree)
+        del tree
+        local = backward(loss, fulls)
+        if plan.stage == 0:
+            grads = [psum(g, axis) for g in local]
+        else:
+            grads = []
+            for b, g in enumerate(local):
+                mine = layout.shard(g, i, b)
+                with torch.no_grad():
+                    mine.copy_(psum_scatter(g, axis, tiled=True))  # reduced in place: the full buffer is the grad storage
+                grads.append(mine)
+            held["full"] = local
+    elif plan.stage == 2:
+        shard_leaves = [layout.shard(p, i, b).detach().requires_grad_(True) for b, p in enumerate(params)]
+        hook = reduce_scatter_hook(axis)
+        fulls = [unit_grad(s, p.detach(), hook) for s, p in zip(shard_leaves, params, strict=True)]
+        tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
+        loss = loss_of(tree)
+        del tree, fulls
+        grads = backward(loss, shard_leaves)
+    else:
+        g3 = Gatherer(plan, params, tag, live, events)
+        with torch.autograd.graph.saved_tensors_hooks(g3.pack, g3.unpack):
+            try:
+                loss = loss_of(g3.params())
+            finally:
+                g3.end_forward()
+        leaves = [g3.leaves.get(b) for b in range(len(params))]
+        used = [x for x in leaves if x is not None]
+        got = iter(backward(loss, used))
+        g3.end_backward()
+        grads = [next(got) if x is not None else torch.zeros_like(params[b]) for b, x in enumerate(leaves)]
+    return tuple(grads), _metrics(plan, loss, grads)
+
+
+def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """``[mean loss, non-finite gradient shards]``: one small all-reduce."""
+    dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+    value = loss.detach().to(dtype)
+    if not plan.check_finite:
+        return torch.stack([pmean(value, plan.axis), torch.zeros((), dtype=dtype)])
+    bad = torch.zeros((), dtype=dtype)
+    for g in grads:
+        bad = bad + (~torch.isfinite(g)).any().to(dtype)
+    axes = tuple(plan.mesh.axis_names)
+    total = psum(torch.stack([value, bad]), axes)
+    return torch.stack([total[0] / plan.mesh.size, total[1]])
+
+
+# ----------------------------------------------------------------------------- the sharded update
+
+
+def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[torch.Tensor], held: dict[str, Any], scale: float, gathered_peak: int) -> tuple[ZeroState, MemoryReport, tuple[int, int]]:
+    plan = state.plan
+    layout = plan.layout
+    i = plan.index
+    n = plan.n
+    divisor = n * scale
+    params = [p.to_local() for p in state.params]
+    master_dt = plan.master_dtypes
+    to_host = 0
+    g_upd = []
+    with torch.no_grad():
+        for b, g in enumerate(grads):
+            if plan.offload:
+                to_host += g.numel() * g.element_size()
+            # In place: either our own gradient buffer or a fresh master-dtype copy (the workspace).
+            g_upd.append(to_device(g, plan.state_device, master_dt[b]).div_(divisor))
+        if state.master is not None:
+            p_upd = [m.to_local() for m in state.master]
+        else:
+            p_upd = [layout.shard(p, i, b) if plan.stage in (1, 2) else p for b, p in enumerate(params)]
+        opt_local = local_tree(state.opt_state)
+        memory = measure(
+            params=params,
+            grads=[grads, held.get("full")],
+            master=p_upd if state.master is not None else (),
+            opt_state=opt_local,
+            workspace=g_upd,
+            gathered_peak=gathered_peak,
+        )
+        updates, new_opt = optimizer.update(tuple(g_upd), opt_local, tuple(p_upd))
+        new_master = list(apply_updates(tuple(p_upd), updates))
+        held.clear()
+        del g_upd, grads, updates
+        compute = plan.compute_dtypes
+        to_dev = 0
+        new_compute = []
+        for b, x in enumerate(new_master):
+            y = to_device(x, plan.compute_device, compute[b])
+            if plan.offload:
+                to_dev += y.numel() * y.element_size()
+            new_compute.append(y)
+    if plan.stage in (1, 2):
+        new_params = plan.gather_shards(new_compute)
+    else:
+        new_params = new_compute
+    new_state = dataclasses.replace(
+        state,
+        params=tuple(plan.wrap(p, plan.param_spec) for p in new_params),
+        master=None if state.master is None else tuple(plan.wrap(m, plan.master_spec) for m in new_master),
+        opt_state=wrap_opt_state(plan, new_opt),
+    )
+    return new_state, memory, (to_host, to_dev)

@@ -1,0 +1,334 @@
+"""``ZeroState`` and ``init``: what each rank holds for each ZeRO stage, as sharded flat buffers.
+
+Every bucket of :class:`~colofn.zero.flat.FlatLayout` is a 1-D buffer. With
+``dp`` the data axis and ``m`` the model axes (the other mesh axes, in mesh
+order), the state's DTensors have these specs:
+
+=========  ====================  =====================  =====================
+stage      params (compute)      master weights         optimizer state
+=========  ====================  =====================  =====================
+0          ``P(m)`` full         ``P(m)`` full          ``P(m)`` full
+1, 2       ``P(m)`` full         ``P((dp, m))`` shard   ``P((dp, m))`` shard
+3          ``P((dp, m))`` shard  ``P((dp, m))`` shard   ``P((dp, m))`` shard
+=========  ====================  =====================  =====================
+
+``P(m)`` leaves are replicated over ``dp``; each rank's block is the flattened
+(padded) concatenation of its blocks of the unit's leaves. Master weights
+exist with mixed precision or offload; otherwise the params are the master
+and the optimizer reads its shard of them. Gradients are never stored: they
+live within a step (full in stages 0-1, sharded in 2-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from colofn import tree as jt
+from colofn.collectives import all_gather
+from colofn.errors import ConfigError
+from colofn.mesh import Mesh
+from colofn.optim.base import GradientTransformation
+from colofn.partition_spec import P, PartitionSpec
+from colofn.shard_map import shard_map
+from colofn.sharding import NamedSharding, sharding_of
+from colofn.zero import _checks
+from colofn.zero.flat import FlatLayout, split_units
+from colofn.zero.offload import HOST, storage_mesh, to_device
+from colofn.zero.precision import MixedPrecision, as_precision
+
+__all__ = ["ZeroPlan", "ZeroState", "init", "params"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZeroPlan:
+    """The static part of a :class:`ZeroState`: mesh, stage, layout, dtypes and placements."""
+
+    mesh: Mesh
+    axis: str
+    stage: int
+    layout: FlatLayout
+    precision: MixedPrecision | None
+    offload: bool
+    compute_device: torch.device
+    state_device: torch.device
+    global_shapes: tuple[tuple[int, ...], ...]  # of every leaf, layout order
+    is_dtensor: tuple[bool, ...]
+    prefetch: bool = True
+    order: list[int] = dataclasses.field(default_factory=list)  # stage 3: last step's unit order (a prefetch hint)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def n(self) -> int:
+        return self.mesh.shape[self.axis]
+
+    @property
+    def index(self) -> int:
+        return self.mesh.axis_index(self.axis)
+
+    @property
+    def model_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in self.mesh.axis_names if a != self.axis)
+
+    @property
+    def full_spec(self) -> PartitionSpec:
+        m = self.model_axes
+        return P(m) if m else P()
+
+    @property
+    def shard_spec(self) -> PartitionSpec:
+        return P(tuple(self.mesh.axis_names))
+
+    @property
+    def param_spec(self) -> PartitionSpec:
+        return self.shard_spec if self.stage == 3 else self.full_spec
+
+    @property
+    def master_spec(self) -> PartitionSpec:
+        return self.shard_spec if self.stage >= 1 else self.full_spec
+
+    @property
+    def has_master(self) -> bool:
+        return self.precision is not None or self.offload
+
+    @property
+    def compute_dtypes(self) -> tuple[torch.dtype, ...]:
+        p = self.precision
+        return tuple(b.dtype if p is None else p.compute_dtype for b in self.layout.buckets)
+
+    @property
+    def master_dtypes(self) -> tuple[torch.dtype, ...]:
+        p = self.precision
+        return tuple(b.dtype if p is None else p.master_dtype for b in self.layout.buckets)
+
+    @property
+    def check_finite(self) -> bool:
+        """Skip steps with non-finite gradients (with mixed precision)."""
+        return self.precision is not None
+
+    # ---------------------------------------------------------------- DTensors
+    def wrap(self, local: torch.Tensor, spec: PartitionSpec) -> DTensor:
+        """A DTensor of the 1-D ``local`` block laid out by ``spec`` (on the mesh of its device)."""
+        factor = math.prod(self.mesh.shape[a] for a in spec.axes)
+        placements = NamedSharding(self.mesh, spec).to_placements(1)
+        dm = storage_mesh(self.mesh, local.device)
+        return DTensor.from_local(local, dm, placements, run_check=False, shape=torch.Size([local.numel() * factor]), stride=(1,))
+
+    def on_mesh(self, local: torch.Tensor, spec: PartitionSpec) -> DTensor:
+        """Like :meth:`wrap`, first moving ``local`` to the compute device."""
+        return self.wrap(local.to(self.compute_device), spec)
+
+    def gather_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-gather 1-D shards over the data axis (tiled): this rank's full buckets."""
+        if self.n == 1:
+            return list(shards)
+        axis = self.axis
+        fn = shard_map(
+            lambda xs: all_gather(xs, axis, tiled=True, to="invariant"),
+            mesh=self.mesh,
+            in_specs=(self.shard_spec,),
+            out_specs=self.full_spec,
+        )
+        out = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))
+        return [o.to_local() for o in out]
+
+
+@jt.register_dataclass(meta_fields=("plan",))
+@dataclasses.dataclass(frozen=True)
+class ZeroState:
+    """What one rank holds between ZeRO steps (a pytree; ``plan`` is static).
+
+    Attributes:
+      params: compute-dtype parameter buckets, DTensors (full ``P(m)`` in
+        stages 0-2, shards ``P((dp, m))`` in stage 3).
+      master: master-weight buckets (shards in stages 1-3, full in stage 0),
+        or ``None`` when the params are the master (no mixed precision, no offload).
+      opt_state: the optimizer's state over the master buckets: per-parameter
+        buffers are DTensors laid out like the master; scalars (``count``) stay 0-d tensors.
+      step: 0-d int64, steps taken (skipped ones included).
+      skipped: 0-d int64, steps skipped because a gradient was not finite (mixed precision).
+      loss_scale: 0-d float32, the current loss scale (1 without scaling).
+      good_steps: 0-d int64, finite steps since the loss scale last changed.
+      plan: the static :class:`ZeroPlan`.
+    """
+
+    params: tuple[DTensor, ...]
+    master: tuple[DTensor, ...] | None
+    opt_state: Any
+    step: torch.Tensor
+    skipped: torch.Tensor
+    loss_scale: torch.Tensor
+    good_steps: torch.Tensor
+    plan: ZeroPlan
+
+
+def init(
+    params: Any,
+    optimizer: GradientTransformation,
+    mesh: Mesh | None = None,
+    *,
+    axis: str = "dp",
+    stage: int,
+    offload: bool = False,
+    precision: MixedPrecision | torch.dtype | None = None,
+    prefetch: bool = True,
+) -> ZeroState:
+    """Shard ``params`` and ``optimizer``'s state over the data axis ``axis`` of ``mesh`` for ZeRO ``stage``.
+
+    Every rank calls it with the same values (collective only in that every
+    rank must call it; no communication happens).
+
+    Args:
+      params: a pytree of floating tensors: global tensors (the same on every
+        rank) or DTensors on ``mesh`` split only over the model axes (e.g. tp).
+        ``params["layers"]`` elements and the other top-level entries are the
+        units stage 3 gathers one at a time (see ``docs/zero.md``).
+      optimizer: a per-coordinate ``colofn.optim`` transformation (sgd, adam,
+        adamw, chains of them).
+      mesh: the mesh (default: the ambient one).
+      axis: the data-parallel axis; the batch is split over it on dim 0.
+      stage: 0 (plain DP), 1 (shard optimizer state), 2 (+ gradients), 3 (+ params).
+      offload: keep master weights and optimizer state on the CPU and run the update there.
+      precision: ``None`` (compute in the params' dtype), a dtype such as
+        ``torch.bfloat16``, or a :class:`~colofn.zero.MixedPrecision`.
+      prefetch: stage 3: start the next unit's all-gather while the current one computes.
+
+    Returns:
+      A :class:`ZeroState`.
+
+    Raises:
+      ConfigError: a bad stage (the options are listed), offload or precision,
+        or an optimizer that is not per-coordinate where it must be.
+      SpecError: ``axis`` is not a mesh axis; a DTensor param split over ``axis``.
+      TreeTypeError / DTypeError: a params leaf is not a floating tensor.
+    """
+    stage = _checks.check_stage(stage)
+    mesh = _checks.check_mesh(mesh)
+    axis = _checks.check_axis(mesh, axis)
+    _checks.check_optimizer("zero.init", optimizer)
+    offload = _checks.check_offload(offload)
+    prec = as_precision(precision)
+    _checks.check_params(params, mesh, axis)
+    model_size = math.prod(s for a, s in mesh.shape.items() if a != axis)
+    if stage >= 1 or model_size > 1:
+        why = f"stage {stage} shards the optimizer over {axis!r}" if stage >= 1 else "the params are split over model axes"
+        _checks.check_elementwise(optimizer, why)
+
+    n = mesh.shape[axis]
+    _, _, parts = split_units(params)
+    leaves = [x for _, sub in parts for x in jt.leaves(sub)]
+    specs = [sharding_of(x, mesh).spec if isinstance(x, DTensor) else P() for x in leaves]
+    layout = FlatLayout.build(params, n if stage >= 1 else 1, specs)
+    compute_device = mesh.device
+    state_device = HOST if offload else compute_device
+    plan = ZeroPlan(
+        mesh=mesh,
+        axis=axis,
+        stage=stage,
+        layout=layout,
+        precision=prec,
+        offload=offload,
+        compute_device=compute_device,
+        state_device=state_device,
+        global_shapes=tuple(tuple(x.shape) for x in leaves),
+        is_dtensor=tuple(isinstance(x, DTensor) for x in leaves),
+        prefetch=bool(prefetch),
+        order=list(range(len(layout.units))),
+    )
+    with torch.no_grad():
+        flats = layout.flatten([x.to(compute_device) for x in layout.local_leaves(params)])
+        i = plan.index
+        compute = plan.compute_dtypes
+        master_dt = plan.master_dtypes
+        if stage == 3:
+            p_local = [layout.shard(f, i, b).to(compute[b]).clone() for b, f in enumerate(flats)]
+        else:
+            p_local = [f.to(compute[b]) for b, f in enumerate(flats)]
+        if plan.has_master:
+            src = [layout.shard(f, i, b) if stage >= 1 else f for b, f in enumerate(flats)]
+            m_local: list[torch.Tensor] | None = [
+                to_device(s, state_device, master_dt[b], copy=True) for b, s in enumerate(src)
+            ]
+            opt_params = m_local
+        else:
+            m_local = None
+            opt_params = [layout.shard(p, i, b) if stage in (1, 2) else p for b, p in enumerate(p_local)]
+        opt_state = optimizer.init(tuple(opt_params))
+    return ZeroState(
+        params=tuple(plan.wrap(p, plan.param_spec) for p in p_local),
+        master=None if m_local is None else tuple(plan.wrap(m, plan.master_spec) for m in m_local),
+        opt_state=wrap_opt_state(plan, opt_state),
+        step=torch.zeros((), dtype=torch.int64),
+        skipped=torch.zeros((), dtype=torch.int64),
+        loss_scale=torch.tensor(prec.initial_scale if prec is not None else 1.0, dtype=torch.float32),
+        good_steps=torch.zeros((), dtype=torch.int64),
+        plan=plan,
+    )
+
+
+def _shard_lengths(plan: ZeroPlan) -> set[int]:
+    b = plan.layout.buckets
+    return {x.shard for x in b} if plan.stage >= 1 else {x.padded for x in b}
+
+
+def wrap_opt_state(plan: ZeroPlan, opt_state: Any) -> Any:
+    """Per-parameter optimizer buffers as DTensors laid out like the master; 0-d scalars as they are."""
+    lengths = _shard_lengths(plan)
+    bad = []
+
+    def one(path: Any, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            return x
+        if isinstance(x, DTensor):
+            return x
+        if x.ndim == 1 and x.numel() in lengths:
+            return plan.wrap(x, plan.master_spec)
+        bad.append(f"opt_state{jt.keystr(path)}: shape {tuple(x.shape)}")
+        return x
+
+    out = jt.map_with_path(one, opt_state)
+    if bad:
+        raise ConfigError(
+            "zero.init: ZeRO shards per-parameter optimizer buffers (shaped like the params) and keeps 0-d "
+            "scalars; these optimizer state leaves are neither:\n" + "\n".join(f"  * {b}" for b in bad)
+            + "\nFix: use an optimizer whose state mirrors the params (colofn.optim's sgd, adam, adamw)."
+        )
+    return out
+
+
+def local_tree(tree: Any) -> Any:
+    """DTensor leaves replaced by their local tensors."""
+    return jt.map(lambda x: x.to_local() if isinstance(x, DTensor) else x, tree)
+
+
+def params(state: ZeroState) -> Any:
+    """The global parameters (master values in the params' original dtypes), on every rank.
+
+    Collective: every rank must call it (stages 1-3 all-gather the shards over
+    the data axis; model-axis-split leaves are gathered too).
+
+    Returns:
+      A pytree like the one given to :func:`init`, of plain tensors.
+    """
+    _checks.check_state("zero.params", state)
+    plan = state.plan
+    layout = plan.layout
+    src = state.master if state.master is not None else state.params
+    locals_ = [x.to_local() for x in src]
+    sharded = (plan.stage >= 1) if state.master is not None else (plan.stage == 3)
+    if sharded:
+        locals_ = plan.gather_shards(locals_)
+    locals_ = [x.to(plan.compute_device) for x in locals_]
+    out = []
+    for i, s in enumerate(layout.slots):
+        leaf = layout.leaf_view(i, locals_[s.bucket]).to(layout.buckets[s.bucket].dtype).clone()
+        if plan.is_dtensor[i]:
+            placements = NamedSharding(plan.mesh, s.spec).to_placements(leaf.ndim)
+            dt = DTensor.from_local(leaf, plan.mesh.device_mesh, placements, run_check=False, shape=torch.Size(plan.global_shapes[i]), stride=torch.empty(plan.global_shapes[i], device="meta").stride())
+            leaf = dt.full_tensor()
+        out.append(leaf)
+    return layout.rebuild(out)
