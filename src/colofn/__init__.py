@@ -6,6 +6,7 @@ simulated devices (threads) or on a real ``torch.distributed`` job.
 """
 
 from colofn import checkpoint, errors, random, tree
+from colofn import zero
 from colofn.collectives import (
     all_gather,
     all_to_all,
@@ -63,4 +64,5 @@ __all__ = [
     "random",
     "sharding_of",
     "tree",
+    "zero",
 ]
