@@ -467,7 +467,13 @@ def _constrain(x: torch.Tensor, s: NamedSharding | PartitionSpec, path: str, wha
 # ----------------------------------------------------------------------------- running the body
 
 def _compiling() -> bool:
-    return bool(torch.compiler.is_compiling())
+    """Whether dynamo is tracing this code (then the outer torch.compile covers it).
+
+    Not ``torch.compiler.is_compiling()``: that reads a process-wide flag set
+    while any thread compiles, so in a simulated world one rank's compile
+    would make the other ranks skip theirs.
+    """
+    return bool(torch.compiler.is_dynamo_compiling())
 
 
 @contextmanager
@@ -546,9 +552,10 @@ def _cache_key(args: tuple[Any, ...], kwargs: dict[str, Any], static: list[int])
 
 def _describe_leaf(k: Any) -> str:
     if k[0] == "dtensor":
-        return f"{str(k[4]).replace('torch.', '')}{list(k[3])} {_spec_text(k[2], k[1].mesh_dim_names)}"
+        grad = " requires_grad" if k[5] else ""
+        return f"{str(k[4]).replace('torch.', '')}{list(k[3])} {_spec_text(k[2], k[1].mesh_dim_names)}{grad}"
     if k[0] == "tensor":
-        return f"{str(k[3]).replace('torch.', '')}{list(k[2])} plain"
+        return f"{str(k[3]).replace('torch.', '')}{list(k[2])} plain" + (" requires_grad" if k[4] else "")
     return f"{k[1].__name__} {k[2]!r:.30}" if k[0] == "value" else k[1].__name__
 
 
