@@ -24,6 +24,7 @@ from colofn.zero.flat import FlatLayout
 from colofn.zero.memory import MemoryReport, formula_bytes, paper_bytes
 from colofn.zero.offload import devices
 from colofn.zero.precision import DynamicLossScale, MixedPrecision
+from colofn.zero.reference import reference_train
 from colofn.zero.stages import StepInfo, make_train_step, train_step
 from colofn.zero.state import ZeroPlan, ZeroState, init, params
 
@@ -41,5 +42,6 @@ __all__ = [
     "make_train_step",
     "paper_bytes",
     "params",
+    "reference_train",
     "train_step",
 ]

@@ -80,11 +80,14 @@ class MixedPrecision:
       loss_scale: ``None`` for the dtype's default (a :class:`DynamicLossScale`
         for fp16, no scaling for bf16 and wider types), a float for a static
         scale, or a :class:`DynamicLossScale`.
+      cast_batch: cast the batch's floating-point leaves to ``compute_dtype``
+        before ``loss_fn`` sees them (integer leaves, such as token ids, are left alone).
     """
 
     compute_dtype: torch.dtype = torch.bfloat16
     master_dtype: torch.dtype = torch.float32
     loss_scale: float | DynamicLossScale | None = field(default=None)
+    cast_batch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("compute_dtype", "master_dtype"):

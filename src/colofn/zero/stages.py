@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from colofn import _vma
+from colofn import tree as jt
 from colofn.collectives import pmean, psum, psum_scatter
 from colofn.optim.base import GradientTransformation, apply_updates
 from colofn.partition_spec import P
@@ -158,6 +159,9 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
             got = torch.autograd.grad(target, inputs, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
 
+    prec = plan.precision
+    if prec is not None and prec.cast_batch:
+        batch = jt.map(lambda x: x.to(prec.compute_dtype) if x.is_floating_point() else x, batch)
     i = plan.index
     if plan.stage in (0, 1):
         fulls = [p.detach().requires_grad_(True) for p in params]
