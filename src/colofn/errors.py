@@ -156,3 +156,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 __all__ += ["CheckpointError", "CheckpointNotFoundError", "JitError"]
+
+
+class CheckpointSaveError(ColofnError, RuntimeError):
+    """A checkpoint save that failed on some rank; the target path was left as it was.
+
+    ``failures`` maps each failing rank to its exception (as far as it is known).
+    """
+
+    def __init__(self, message: str, failures: dict | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
+__all__ += ["CheckpointSaveError"]
