@@ -39,8 +39,9 @@ def grouped_mlp(
     slot = torch.empty_like(expert)
     slot[order] = torch.arange(len(expert), device=x.device) - start[expert[order]]
     at = expert * room + slot
-    buffer = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x).reshape(n, room, -1)
-    return gpt.mlp(params, buffer, config).reshape(n * room, -1)[at]
+    buffer = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x).reshape(n, room, x.shape[-1])
+    y = gpt.mlp(params, buffer, config)  # [n, room, d]; empty (but still in the graph) when room is 0
+    return y.reshape(n * room, y.shape[-1])[at]
 
 
 def local_experts(
