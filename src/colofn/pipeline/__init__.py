@@ -5,7 +5,8 @@ of :class:`Action` s and the stage placement). :func:`validate` proves it
 complete and deadlock-free or says where it is not; :func:`simulate` gives its
 makespan, bubbles and peak memory; :func:`format_grid` and :func:`timeline_svg`
 draw it; :func:`plan` lists the sends and receives a runtime performs (see
-:mod:`colofn.pipeline.comm` for the execution contract).
+:mod:`colofn.pipeline.comm` for the execution contract); :class:`Pipeline`
+runs a schedule over a mesh axis (:mod:`colofn.pipeline.runtime`).
 
 >>> from colofn import pipeline
 >>> s = pipeline.validate(pipeline.zb_h1(4, 8))
@@ -25,12 +26,17 @@ from colofn.pipeline.render import (
     save_timeline,
     timeline_svg,
 )
+from colofn.pipeline.runtime import (
+    Pipeline,
+    PipelineResult,
+    StageFn,
+    gather_stages,
+    run_pipeline,
+)
 from colofn.pipeline.schedules import gpipe, interleaved_1f1b, one_f_one_b
 from colofn.pipeline.simulation import Costs, Event, SimulationResult, simulate
 from colofn.pipeline.validation import Rule, Violation, check, validate
 from colofn.pipeline.zero_bubble import dualpipev, zb_h1, zb_h2, zbv
-
-# The runtime (runtime.py: run_pipeline and friends) will be re-exported here.
 
 __all__ = [
     # IR
@@ -69,6 +75,12 @@ __all__ = [
     "Event",
     "SimulationResult",
     "simulate",
+    # the runtime
+    "Pipeline",
+    "PipelineResult",
+    "StageFn",
+    "gather_stages",
+    "run_pipeline",
     # rendering
     "KIND_COLORS",
     "format_grid",

@@ -1,0 +1,115 @@
+"""Point-to-point messages of one pipeline step, batched per action and traced.
+
+A message is the list of a pytree's tensor leaves, one ``isend``/``irecv`` per
+leaf, each with its own tag (:func:`~colofn.pipeline._program.wire_tag`), so
+matching never depends on posting order. When the receiver does not know the
+shapes yet (the first step for an input signature) an activation message is
+preceded by its metadata: the pickled tree structure, shapes and dtypes, as a
+size (one int64) and the bytes (uint8).
+
+All receives before an action are posted in one :func:`torch.distributed.batch_isend_irecv`
+and waited for; all sends after it are posted in one and waited for only by
+:meth:`Wire.wait_sends` at the end of the step, as the execution contract of
+:mod:`colofn.pipeline.comm` requires. Every op is recorded in
+:func:`colofn.comm_trace` as a ``send`` or ``recv`` (peer: the index along the
+pipeline axis; phase: ``forward`` for activations and losses, ``backward`` for
+gradients).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from colofn import tracing as ct
+from colofn._comm import AxisGroup
+from colofn.errors import ShapeError
+from colofn.pipeline._program import Msg, Slot, wire_tag
+from colofn.pipeline.comm import Payload
+from colofn.tree import PyTreeSpec
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+Meta = tuple[PyTreeSpec | None, tuple[Spec, ...]]
+"""What a receiver needs: the tree structure (None for gradients) and each leaf's shape and dtype."""
+
+
+def meta_of(treedef: PyTreeSpec | None, leaves: Sequence[torch.Tensor]) -> Meta:
+    return treedef, tuple((tuple(t.shape), t.dtype) for t in leaves)
+
+
+class Wire:
+    """The pipeline step's messages over ``group`` (the ranks along the pipeline axis)."""
+
+    def __init__(self, group: AxisGroup, axis_name: str, tags: int, device: torch.device) -> None:
+        self.group = group
+        self.axis_name = axis_name
+        self.tags = tags
+        self.device = device
+        self._sent: list[tuple[Any, torch.Tensor]] = []  # (work, buffer kept alive until waited)
+
+    def _op(self, send: bool, msg: Msg, slot: Slot, leaf: int, t: torch.Tensor) -> dist.P2POp:
+        if ct.active():
+            nbytes = t.numel() * t.element_size()
+            phase = "backward" if msg.payload is Payload.GRADIENT else "forward"
+            ct.record(ct.CommRecord(
+                "send" if send else "recv", (self.axis_name,), self.group.size, tuple(t.shape),
+                t.dtype, nbytes if send else 0, 0 if send else nbytes, phase, msg.peer))
+        tag = wire_tag(msg.tag, slot, leaf, self.tags)
+        if tag >= 2**31:
+            raise ShapeError(f"Pipeline: a message of {leaf + 1}+ tensors needs p2p tag {tag}, past "
+                             "2**31; send fewer leaves per activation (stack them).")
+        return dist.P2POp(dist.isend if send else dist.irecv, t, self.group.ranks[msg.peer],
+                          self.group.group, tag)
+
+    def send(self, items: Sequence[tuple[Msg, Sequence[torch.Tensor], Meta | None]]) -> None:
+        """Post every message in ``items`` (non-blocking), each with its metadata if given."""
+        ops = []
+        for msg, leaves, meta in items:
+            if meta is not None:
+                raw = torch.frombuffer(bytearray(pickle.dumps(meta)), dtype=torch.uint8)
+                size = torch.tensor([raw.numel()], dtype=torch.int64, device=self.device)
+                ops.append(self._op(True, msg, Slot.META_SIZE, 0, size))
+                ops.append(self._op(True, msg, Slot.META, 0, raw.to(self.device)))
+            for i, t in enumerate(leaves):
+                ops.append(self._op(True, msg, Slot.DATA, i, t.detach().contiguous()))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            self._sent.extend(zip(works, (o.tensor for o in ops), strict=False))
+
+    def recv(self, items: Sequence[tuple[Msg, Meta | None]]) -> list[tuple[Meta, list[torch.Tensor]]]:
+        """Receive every message in ``items`` (blocking); ``None`` metadata is received first."""
+        metas: list[Meta | None] = [meta for _, meta in items]
+        unknown = [i for i, meta in enumerate(metas) if meta is None]
+        if unknown:
+            sizes = {i: torch.empty(1, dtype=torch.int64, device=self.device) for i in unknown}
+            self._wait([self._op(False, items[i][0], Slot.META_SIZE, 0, sizes[i]) for i in unknown])
+            raws = {i: torch.empty(int(sizes[i].item()), dtype=torch.uint8, device=self.device)
+                    for i in unknown}
+            self._wait([self._op(False, items[i][0], Slot.META, 0, raws[i]) for i in unknown])
+            for i in unknown:
+                metas[i] = pickle.loads(raws[i].cpu().numpy().tobytes())
+        out: list[tuple[Meta, list[torch.Tensor]]] = []
+        ops = []
+        for (msg, _), meta in zip(items, metas, strict=True):
+            assert meta is not None
+            bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in meta[1]]
+            ops += [self._op(False, msg, Slot.DATA, i, b) for i, b in enumerate(bufs)]
+            out.append((meta, bufs))
+        self._wait(ops)
+        return out
+
+    def wait_sends(self) -> None:
+        """Wait for every send posted so far (the end of the step)."""
+        sent, self._sent = self._sent, []
+        for work, _ in sent:
+            work.wait()
+
+    @staticmethod
+    def _wait(ops: list[dist.P2POp]) -> None:
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
