@@ -186,25 +186,32 @@ def device_put(tree: Any, shardings: Any, *, mesh: Mesh | None = None) -> Any:
     sh = jt.broadcast_prefix(shardings, tree, is_leaf=_is_sharding_leaf, prefix_name="shardings", full_name="tree")
     pairs, treedef = jt.flatten_with_path(tree)
     failures: list[str] = []
+    bad_leaves = 0
     targets: list[NamedSharding | None] = []
     for (path, x), s in zip(pairs, sh, strict=True):
         p = jt.keystr(path)
         if s is None:
             targets.append(None)
             continue
-        ns, bad = _as_sharding(s, mesh, p)
+        # Every reason this leaf cannot be placed: bad axes, rank and divisibility together.
+        if isinstance(s, NamedSharding | PartitionSpec):
+            spec = s.spec if isinstance(s, NamedSharding) else s
+            m = s.mesh if isinstance(s, NamedSharding) else get_mesh(mesh, f"the spec {s} at {p}")
+            if isinstance(x, torch.Tensor):
+                bad = check_spec(p, spec, m, tuple(x.shape))
+            else:
+                bad = [f"{p}: got {type(x).__name__} {x!r:.40}, not a tensor"]
+                bad += [f"{p} (spec {spec}): {b}" for b in spec_mesh_failures(spec, m)]
+            ns = None if bad else (s if isinstance(s, NamedSharding) else NamedSharding(m, s))
+        else:
+            ns, bad = _as_sharding(s, mesh, p)
         targets.append(ns)
-        if ns is None:
-            failures += bad
-            continue
-        if not isinstance(x, torch.Tensor):
-            failures.append(f"{p}: got {type(x).__name__} {x!r:.40}, not a tensor")
-            continue
-        failures += check_spec(p, ns.spec, ns.mesh, tuple(x.shape))
+        failures += bad
+        bad_leaves += bool(bad)
     if failures:
         raise ShardingError(
             format_failures(
-                f"device_put cannot place {len(failures)} leaf(s):",
+                f"device_put cannot place {bad_leaves} leaf(s):",
                 failures,
                 fix="name only mesh axes, each once, in at most as many entries as the tensor has "
                 "dims; make every sharded dim divisible by the product of its axes' sizes (or "

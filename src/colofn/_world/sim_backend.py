@@ -15,6 +15,8 @@ How it works
 * Point-to-point ops meet in per-(group, src, dst, tag) FIFO mailboxes with
   rendezvous semantics (like gloo): a send completes when the matching recv is
   posted, so a program that would deadlock on gloo deadlocks here too.
+* Creating a group (``new_group``, ``DeviceMesh``) waits for the other members
+  as a :class:`SimWork` too, never in a blocking store read.
 * Blocking happens only in :meth:`SimWork.wait`. The world knows which ranks
   are blocked and on what; when every live rank is blocked on something that
   cannot complete (or on a rank that has exited), it fails all of them at once
@@ -103,7 +105,7 @@ class SimWorld:
         live = [r for r in range(self.size) if r not in self.exited]
         if any(r not in self.blocked for r in live):
             return  # someone is still running and may yet post what the others wait for
-        if any(w.done for w in self.blocked.values()):
+        if any(w._ready() for w in self.blocked.values()):
             return
         failed = {r: h for r, h in self.exited.items() if h != "returned"}
         cause = (
@@ -134,6 +136,12 @@ class SimWork(dist.Work):
         self.done = False
         self.error: str | None = None
         self._future: torch.futures.Future[Any] | None = None
+        self.poll: Callable[[], bool] | None = None  # completes the work when it returns True
+
+    def _ready(self) -> bool:  # caller holds world.cond
+        if not self.done and self.poll is not None and self.poll():
+            self.done = True
+        return self.done
 
     def describe(self) -> str:
         return self.what
@@ -152,11 +160,11 @@ class SimWork(dist.Work):
         limit = w.timeout
         deadline = time.monotonic() + limit
         with w.cond:
-            if not self.done:
+            if not self._ready():
                 w.blocked[self.rank] = self
                 try:
                     w._check_deadlock()
-                    while not self.done and w.failure is None:
+                    while not self._ready() and w.failure is None:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             report = w.describe()
@@ -512,6 +520,19 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     store.set(f"colofn/member/{rank}", str(grank))
     if rank == 0:
         store.set("colofn/gid", uuid.uuid4().hex)
+    with world.cond:
+        world.cond.notify_all()  # members waiting for these keys re-check them
+    # Wait for the other members as a SimWork, not in a blocking store.get: a member that
+    # never comes (it diverged, raised or hangs) is then a deadlock or a timeout the world
+    # reports, instead of an invisible wait of the store's 30-minute default.
+    keys = ["colofn/gid"] + [f"colofn/member/{r}" for r in range(size)]
+    if not store.check(keys):
+        work = SimWork(
+            world, grank, f"creating a process group of {size} ranks (as its rank {rank}); "
+            "every member must create it"
+        )
+        work.poll = lambda: store.check(keys)
+        work.wait()
     gid = store.get("colofn/gid").decode()
     members = tuple(int(store.get(f"colofn/member/{r}").decode()) for r in range(size))
     return SimProcessGroup(world, rank, size, gid, members)
