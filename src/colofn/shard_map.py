@@ -137,19 +137,24 @@ def _global_shape(x: torch.Tensor) -> tuple[int, ...]:
 
 def _check_inputs(f: Callable[..., Any], mesh: Mesh, in_specs: Any, args: tuple[Any, ...]) -> tuple[list[Any], list[PartitionSpec], Any]:
     specs = jt.broadcast_prefix(in_specs, args, is_leaf=_is_spec, prefix_name="in_specs", full_name="the argument tuple")
-    spec_paths = jt.broadcast_prefix(
-        jt.map_with_path(lambda p, _: "in_specs" + (jt.keystr(p) if len(p) else ""), in_specs, is_leaf=_is_spec),
-        args,
-        is_leaf=lambda s: isinstance(s, str),
+    spec_paths = functools.cache(  # where each argument's spec sits in in_specs, to word an error
+        lambda: jt.broadcast_prefix(
+            jt.map_with_path(lambda p, _: "in_specs" + (jt.keystr(p) if len(p) else ""), in_specs, is_leaf=_is_spec),
+            args,
+            is_leaf=lambda s: isinstance(s, str),
+        )
     )
     pairs, treedef = jt.flatten_with_path(args)
-    names = _param_names(f, len(args))
+    names = functools.cache(lambda: _param_names(f, len(args)))  # inspect only to word an error
     failures: list[str] = []
     fixes: dict[str, None] = {}  # ordered set
-    for (path, x), spec, spec_path in zip(pairs, specs, spec_paths, strict=True):
-        arg_path = "args" + jt.keystr(path)
+    for i, ((path, x), spec) in enumerate(zip(pairs, specs, strict=True)):
+        if _is_spec(spec) and isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            if not spec_mesh_failures(spec, mesh) and not spec_shape_failures(spec, mesh, _global_shape(x)):
+                continue  # the common case, checked without building any text
+        arg_path, spec_path = "args" + jt.keystr(path), spec_paths()[i]
         bound = ""
-        nm = names[path[0].entry] if len(path) and isinstance(getattr(path[0], "entry", None), int) else None
+        nm = names()[path[0].entry] if len(path) and isinstance(getattr(path[0], "entry", None), int) else None
         if nm:
             bound = f", where args[{path[0].entry}] is bound to {_name(f)}'s parameter {nm!r},"
         if not _is_spec(spec):
@@ -270,7 +275,9 @@ def _assemble(y: torch.Tensor, spec: PartitionSpec, mesh: Mesh) -> DTensor:
     shape = list(y.shape)
     for d, entry in enumerate(spec):
         shape[d] *= math.prod(mesh.shape[a] for a in dim_axes(entry))
-    stride = torch.empty(shape, device="meta").stride()
+    stride, step = [1] * len(shape), 1  # contiguous strides of the global shape
+    for d in reversed(range(len(shape))):
+        stride[d], step = step, step * max(shape[d], 1)
     placements = NamedSharding(mesh, spec).to_placements(y.ndim)
-    return DTensor.from_local(y.contiguous(), mesh.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+    return DTensor.from_local(y.contiguous(), mesh.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride))
 
