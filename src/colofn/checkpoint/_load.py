@@ -72,13 +72,16 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
             state[leaf.path] = _allocate(leaf, t)
     if state:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         try:
             dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not dist.is_initialized())
-        except Exception as e:  # noqa: BLE001 - reported with the path
-            text = str(e).strip().split("\n")[0][:300]
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported with the path
+            inner = [w[0] if isinstance(w, tuple) else w for w in getattr(e, "failures", {}).values()]
+            cause = inner[0] if inner and isinstance(inner[0], BaseException) else e
+            text = f"{type(cause).__name__}: " + str(cause).strip().split("\n")[0][:300]
             raise CheckpointError(
-                f"Checkpoint {path} is corrupt: reading its tensor data failed ({type(e).__name__}: {text}); "
+                f"Checkpoint {path} is corrupt: reading its tensor data failed ({text}); "
                 "a data file was damaged or replaced after the save"
             ) from e
     values = [state[leaf.path] if leaf.kind == "tensor" else leaf.python_value() for leaf in leaves]

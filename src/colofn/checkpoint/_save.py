@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from colofn.checkpoint import _manifest
 from colofn.checkpoint._comm import all_to_rank0, broadcast, world
-from colofn.errors import CheckpointError, TreeTypeError, format_failures
+from colofn.errors import CheckpointError, CheckpointSaveError, TreeTypeError, format_failures
 
 __all__ = ["save"]
 
@@ -53,7 +53,9 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
     Raises:
       CheckpointError: ``path`` exists (without ``overwrite``).
       TreeTypeError: a leaf that can be neither saved as a tensor nor pickled.
-      The error of the failing rank if writing fails (``path`` untouched).
+      CheckpointSaveError: writing failed on some rank (``path`` untouched);
+        ``failures`` maps ranks to their errors. Other errors of a failing rank
+        (a deadlock after a peer died, say) keep their type, with a note.
     """
     path = os.path.abspath(os.fspath(path))
     leaves, treedef, state, failures = _manifest.describe(tree)
@@ -96,10 +98,31 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
     except BaseException as e:
         if rank == 0 and tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        failures = _dcp_failures(e)
+        if failures is not None:  # DCP's own error type is a BaseException: make it an ordinary one
+            text = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
+            raise CheckpointSaveError(
+                f"colofn.checkpoint.save({path!r}) failed on rank(s) {sorted(failures)} ({text}); "
+                f"{path} was left as it was",
+                failures,
+            ) from e
         if hasattr(e, "add_note"):
             e.add_note(f"colofn.checkpoint.save({path!r}) did not complete; {path} was left as it was")
         raise
     return path
+
+
+def _dcp_failures(e: BaseException) -> dict[int, BaseException] | None:
+    """The per-rank exceptions inside DCP's ``CheckpointException``, or None for any other error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(e, CheckpointException):
+        return None
+    out = {}
+    for r, wrapped in e.failures.items():
+        exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        out[int(r)] = exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
+    return out
 
 
 def _reduced(x: torch.Tensor) -> torch.Tensor:
