@@ -21,6 +21,7 @@ from colofn.parallel import (
     PlanError,
     local_loss,
     make_loss,
+    make_value_and_grad,
     param_specs,
     shard_params,
     stage_forward,
@@ -51,6 +52,14 @@ def _parallel_program(cfg, plan, mesh_shape, params, batch):
         n_fwd = len(records)
         grads = torch.autograd.grad(loss.to_local(), tree.leaves(sharded))
     grads = tree.unflatten(tree.structure(params), [g.full_tensor() for g in grads])
+    again, grads2 = make_value_and_grad(cfg, plan, mesh)(
+        shard_params(params, cfg, plan, mesh), batch
+    )
+    assert torch.equal(again.to_local(), loss.to_local())
+    assert all(
+        torch.equal(a.full_tensor(), b)
+        for a, b in zip(tree.leaves(grads2), tree.leaves(grads), strict=True)
+    )
     count = Counter((r.op, r.axes, r.phase) for r in records)
     fwd_bytes = sum(r.bytes_sent for r in records[:n_fwd])
     return loss.to_local().detach(), grads, count, fwd_bytes
@@ -192,6 +201,16 @@ def test_ep_on_the_data_axis_with_capacity():
     assert (
         fwd(c, "all_to_all", ("dp",)) == 2 and fwd(c, "all_gather", ("dp",)) == 2
     )  # counts; capacity order
+
+
+def test_ep_group_whose_assignments_are_all_dropped_still_communicates_in_step():
+    # Found by the property tests: capacity drops every assignment of the dp=1 ranks, which
+    # then skipped the experts, so the expert weights' gradient all-reduce over dp deadlocked.
+    cfg = gpt.config(
+        "tiny", vocab_size=8, seq_len=4, d_model=2, n_heads=1, n_layers=1, d_ff=2,
+        tie_embeddings=False, n_experts=4, top_k=1, capacity_factor=1.0, dtype=torch.float64,
+    )  # fmt: skip
+    run(cfg, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2}, b=4, s=1)
 
 
 def test_tp_ep():

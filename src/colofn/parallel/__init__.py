@@ -19,6 +19,7 @@ from colofn.parallel.gpt import (
     layers_forward,
     local_loss,
     make_loss,
+    make_value_and_grad,
     shard_params,
     stage_forward,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "layers_forward",
     "local_loss",
     "make_loss",
+    "make_value_and_grad",
     "param_specs",
     "rules",
     "shard_params",

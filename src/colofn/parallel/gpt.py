@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from colofn import tree as jt
 from colofn.collectives import psum
 from colofn.errors import TreeError
 from colofn.mesh import Mesh, get_mesh
@@ -57,6 +58,7 @@ __all__ = [
     "layers_forward",
     "local_loss",
     "make_loss",
+    "make_value_and_grad",
     "shard_params",
     "stage_forward",
 ]
@@ -222,6 +224,26 @@ def make_loss(
         return mapped(params, {"tokens": batch["tokens"], "targets": batch["targets"]})
 
     return loss
+
+
+def make_value_and_grad(
+    config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
+) -> Callable[[Params, Mapping[str, torch.Tensor]], tuple[Any, Params]]:
+    """``value_and_grad(params, batch) -> (loss, grads)``: :func:`make_loss` and ``torch.autograd.grad``.
+
+    ``grads`` has the structure of ``params``; for DTensor parameters
+    (:func:`shard_params`) each gradient is a DTensor with its parameter's
+    sharding, ready for ``colofn.optim`` or ZeRO. ``params`` need not require grad.
+    """
+    loss_fn = make_loss(config, plan, mesh)
+
+    def value_and_grad(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[Any, Params]:
+        params = jt.map(lambda p: p if p.requires_grad else p.detach().requires_grad_(), params)
+        loss = loss_fn(params, batch)
+        grads = torch.autograd.grad(loss.to_local(), jt.leaves(params))
+        return loss, jt.unflatten(jt.structure(params), grads)
+
+    return value_and_grad
 
 
 def shard_params(

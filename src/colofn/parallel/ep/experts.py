@@ -40,7 +40,9 @@ def grouped_mlp(
     slot[order] = torch.arange(len(expert), device=x.device) - start[expert[order]]
     at = expert * room + slot
     buffer = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x).reshape(n, room, x.shape[-1])
-    y = gpt.mlp(params, buffer, config)  # [n, room, d]; empty (but still in the graph) when room is 0
+    y = gpt.mlp(
+        params, buffer, config
+    )  # [n, room, d]; empty (but still in the graph) when room is 0
     return y.reshape(n * room, y.shape[-1])[at]
 
 
@@ -75,9 +77,10 @@ def expert_parallel(
     counts = torch.bincount(expert, minlength=n_local * n)
     table = all_gather(counts, axis, axis_dim=0, to="invariant").tolist()  # [source][expert]
     sent = [[sum(row[p * n_local : (p + 1) * n_local]) for p in range(n)] for row in table]
-    room = max(max(row) for row in sent)  # the same on every rank
-    if room == 0:  # every assignment dropped, everywhere
-        return torch.zeros_like(tokens)
+    # The same on every rank of the ep group. At least 1, so that every rank (in every ep
+    # group) builds the same autograd graph and issues the same backward collectives,
+    # even where capacity dropped every assignment.
+    room = max(1, max(max(row) for row in sent))
     # Dispatch: row j of the block for rank p is this rank's j-th assignment to p's experts.
     dest = expert // n_local
     start = torch.tensor([0] + sent[me], device=tokens.device).cumsum(0)[:-1]
