@@ -74,6 +74,9 @@ def _size(ctx: _vma.Context, axes: tuple[str, ...]) -> int:
 
 
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any, op: str) -> Any:
+    if isinstance(x, torch.Tensor):  # the common case, without building paths
+        return fn(x)
+
     def one(path: Any, t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"colofn.{op}: leaf {jt.keystr(path)} is a {type(t).__name__}, not a tensor")

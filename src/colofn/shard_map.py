@@ -149,9 +149,10 @@ def _check_inputs(f: Callable[..., Any], mesh: Mesh, in_specs: Any, args: tuple[
     failures: list[str] = []
     fixes: dict[str, None] = {}  # ordered set
     for i, ((path, x), spec) in enumerate(zip(pairs, specs, strict=True)):
-        if _is_spec(spec) and isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        if _is_spec(spec) and isinstance(x, torch.Tensor):
             if not spec_mesh_failures(spec, mesh) and not spec_shape_failures(spec, mesh, _global_shape(x)):
-                continue  # the common case, checked without building any text
+                if not isinstance(x, DTensor) or x.device_mesh == mesh.device_mesh:
+                    continue  # the common case, checked without building any text
         arg_path, spec_path = "args" + jt.keystr(path), spec_paths()[i]
         bound = ""
         nm = names()[path[0].entry] if len(path) and isinstance(getattr(path[0], "entry", None), int) else None
