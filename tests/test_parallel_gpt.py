@@ -25,6 +25,7 @@ from colofn.parallel import (
     param_specs,
     shard_params,
     stage_forward,
+    stage_slice,
 )
 from colofn.parallel.specs import batch_specs
 from colofn.testing import assert_trees_close
@@ -284,19 +285,10 @@ def _stages_program(cfg, plan, params, batch):
     """Two pipeline stages run back to back on each device must give the whole model's loss."""
     mesh = colofn.Mesh((2, 2), ("dp", "tp"))
     n = cfg.n_layers
-    first = {"embed": params["embed"], "layers": params["layers"][:1]}
-    last = {
-        "embed": {"tok": params["embed"]["tok"]},
-        "layers": params["layers"][1:],
-        "final_norm": params["final_norm"],
-    }
     specs = param_specs(cfg, plan)
-    s_first = {"embed": specs["embed"], "layers": specs["layers"][:1]}
-    s_last = {
-        "embed": {"tok": specs["embed"]["tok"]},
-        "layers": specs["layers"][1:],
-        "final_norm": specs["final_norm"],
-    }
+    first, last = (stage_slice(params, cfg, r) for r in (range(0, 1), range(1, n)))
+    s_first, s_last = (stage_slice(specs, cfg, r) for r in (range(0, 1), range(1, n)))
+    assert sorted(first) == ["embed", "layers"] and sorted(last["embed"]) == ["tok"]
 
     def two_stages(p0, p1, batch):
         x, aux0 = stage_forward(p0, batch["tokens"], cfg, plan, layers=range(0, 1))

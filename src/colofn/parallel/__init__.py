@@ -24,7 +24,14 @@ from colofn.parallel.gpt import (
     stage_forward,
 )
 from colofn.parallel.plan import SP, Plan, PlanError, check_batch, check_plan
-from colofn.parallel.specs import batch_specs, layer_specs, param_specs, rules, spec_for
+from colofn.parallel.specs import (
+    batch_specs,
+    layer_specs,
+    param_specs,
+    rules,
+    spec_for,
+    stage_slice,
+)
 
 __all__ = [
     "SP",
@@ -48,5 +55,6 @@ __all__ = [
     "sp",
     "spec_for",
     "stage_forward",
+    "stage_slice",
     "tp",
 ]

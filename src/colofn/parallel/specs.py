@@ -30,7 +30,15 @@ from colofn import tree as jt
 from colofn.parallel.plan import Plan
 from colofn.partition_spec import P, PartitionSpec
 
-__all__ = ["batch_specs", "dotted", "layer_specs", "param_specs", "rules", "spec_for"]
+__all__ = [
+    "batch_specs",
+    "dotted",
+    "layer_specs",
+    "param_specs",
+    "rules",
+    "spec_for",
+    "stage_slice",
+]
 
 
 def rules(plan: Plan) -> dict[str, PartitionSpec]:
@@ -90,6 +98,34 @@ def layer_specs(config: Any, plan: Plan, layers: range) -> list[Any]:
     ['attn', 'moe', 'norm1', 'norm2']
     """
     return param_specs(config, plan)["layers"][layers.start : layers.stop]
+
+
+def stage_slice(tree: Any, config: Any, layers: range) -> dict[str, Any]:
+    """What a pipeline stage holding model layers ``layers`` needs of a full parameter (or spec) tree.
+
+    ``{"layers": tree["layers"][layers.start:layers.stop]}``, plus ``"embed"`` on
+    the first stage and ``"final_norm"`` and ``"head"`` (or ``"embed": {"tok"}``
+    when tied) on the last: the ``params`` of :func:`colofn.parallel.stage_forward`.
+    Works on parameters and on :func:`param_specs` alike.
+
+    >>> from colofn.models import gpt
+    >>> cfg = gpt.config("tiny", n_layers=4)
+    >>> specs = param_specs(cfg, Plan(tp="tp"))
+    >>> sorted(stage_slice(specs, cfg, range(0, 2))), sorted(stage_slice(specs, cfg, range(2, 4)))
+    (['embed', 'layers'], ['embed', 'final_norm', 'layers'])
+    >>> stage_slice(specs, cfg, range(2, 4))["embed"]
+    {'tok': P('tp')}
+    """
+    out: dict[str, Any] = {"layers": tree["layers"][layers.start : layers.stop]}
+    if layers.start == 0:
+        out["embed"] = tree["embed"]
+    if layers.stop == config.n_layers:
+        out["final_norm"] = tree["final_norm"]
+        if config.tie_embeddings:
+            out.setdefault("embed", {"tok": tree["embed"]["tok"]})
+        else:
+            out["head"] = tree["head"]
+    return out
 
 
 def batch_specs(plan: Plan) -> dict[str, PartitionSpec]:
