@@ -144,15 +144,17 @@ def _check_inputs(f: Callable[..., Any], mesh: Mesh, in_specs: Any, args: tuple[
             is_leaf=lambda s: isinstance(s, str),
         )
     )
-    pairs, treedef = jt.flatten_with_path(args)
+    leaves, treedef = jt.flatten(args)
+    paths = functools.cache(lambda: [p for p, _ in jt.flatten_with_path(args)[0]])  # to word an error
     names = functools.cache(lambda: _param_names(f, len(args)))  # inspect only to word an error
     failures: list[str] = []
     fixes: dict[str, None] = {}  # ordered set
-    for i, ((path, x), spec) in enumerate(zip(pairs, specs, strict=True)):
+    for i, (x, spec) in enumerate(zip(leaves, specs, strict=True)):
         if _is_spec(spec) and isinstance(x, torch.Tensor):
             if not spec_mesh_failures(spec, mesh) and not spec_shape_failures(spec, mesh, _global_shape(x)):
                 if not isinstance(x, DTensor) or x.device_mesh == mesh.device_mesh:
                     continue  # the common case, checked without building any text
+        path = paths()[i]
         arg_path, spec_path = "args" + jt.keystr(path), spec_paths()[i]
         bound = ""
         nm = names()[path[0].entry] if len(path) and isinstance(getattr(path[0], "entry", None), int) else None
@@ -188,7 +190,7 @@ def _check_inputs(f: Callable[..., Any], mesh: Mesh, in_specs: Any, args: tuple[
                 fix="; ".join(fixes),
             )
         ) from None
-    return [x for _, x in pairs], specs, treedef
+    return leaves, specs, treedef
 
 
 def _enter(x: torch.Tensor, spec: PartitionSpec, mesh: Mesh, comm: DistComm, check_vma: bool) -> torch.Tensor:
@@ -234,9 +236,14 @@ def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check
 
 def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, out: Any, check_vma: bool, comm: DistComm) -> Any:
     specs = jt.broadcast_prefix(out_specs, out, is_leaf=_is_spec, prefix_name="out_specs", full_name=f"the result of {_name(f)!r}")
-    pairs, treedef = jt.flatten_with_path(out)
+    leaves, treedef = jt.flatten(out)
+    paths = functools.cache(lambda: [p for p, _ in jt.flatten_with_path(out)[0]])  # to word an error
     failures: list[str] = []
-    for (path, y), spec in zip(pairs, specs, strict=True):
+    for i, (y, spec) in enumerate(zip(leaves, specs, strict=True)):
+        if _is_spec(spec) and isinstance(y, torch.Tensor) and not isinstance(y, DTensor) and len(spec) <= y.ndim:
+            if not spec_mesh_failures(spec, mesh) and not (check_vma and ctx.vma(y) - set(spec.axes)):
+                continue  # the common case, checked without building any text
+        path = paths()[i]
         where = f"the output at {jt.keystr(path)}" if len(path) else "the output"
         if not _is_spec(spec):
             failures.append(f"out_specs entry for {where} is {spec!r}, not a P(...)")
@@ -259,7 +266,7 @@ def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, 
     if failures:
         raise SpecError(format_failures(f"shard_map of {_name(f)!r}: the result does not fit out_specs on {mesh}:", failures))
     results = []
-    for (_, y), spec in zip(pairs, specs, strict=True):
+    for y, spec in zip(leaves, specs, strict=True):
         if not check_vma:
             k = math.prod(mesh.shape[a] for a in mesh.axis_names if a not in spec.axes)
             if k > 1:
