@@ -464,3 +464,8 @@ def stress_program(seed: int) -> int:
     )
     expect("stress full_tensor", d.full_tensor(), 2 * x)
     return checks + 3
+
+
+def gloo_suite(seeds: list[int]) -> tuple[list[str], list[int]]:
+    """Every check, then a few stress programs, in one world (a gloo world costs seconds)."""
+    return run_checks(), [stress_program(s) for s in seeds]

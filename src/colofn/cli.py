@@ -5,12 +5,49 @@ from __future__ import annotations
 import argparse
 import runpy
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 
 def _run_script(path: str, argv: list[str]) -> None:
     sys.argv = [path, *argv]
     runpy.run_path(path, run_name="__main__")
+
+
+class _WholeLines:
+    """A stream wrapper that writes only whole lines, one thread at a time.
+
+    Simulated ranks are threads sharing ``sys.stdout``; ``print`` writes the text
+    and the newline separately, so two ranks printing at once produced
+    ``VERDICT ...VERDICT ...\n\n``. Each thread's text is held until its newline.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._pending: dict[int, str] = {}  # thread id -> text after its last newline
+
+    def write(self, text: str) -> int:
+        me = threading.get_ident()
+        with self._lock:
+            buf = self._pending.pop(me, "") + text
+            head, sep, rest = buf.rpartition("\n")
+            if sep:
+                self._stream.write(head + sep)
+            if rest:
+                self._pending[me] = rest
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            for rest in self._pending.values():
+                self._stream.write(rest)
+            self._pending.clear()
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty, ...
+        return getattr(self._stream, name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -20,7 +57,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.devices < 1:
         print(f"colofn run: --devices must be >= 1, got {args.devices}", file=sys.stderr)
         return 2
-    colofn.launch(_run_script, args.script, list(args.args), world_size=args.devices, backend=args.backend, timeout=args.timeout)
+    saved = sys.argv, sys.stdout, sys.stderr
+    if args.backend == "sim":
+        sys.stdout, sys.stderr = _WholeLines(sys.stdout), _WholeLines(sys.stderr)
+    try:
+        colofn.launch(
+            _run_script, args.script, list(args.args), world_size=args.devices, backend=args.backend, timeout=args.timeout
+        )
+    finally:
+        for wrapped in (sys.stdout, sys.stderr):
+            if isinstance(wrapped, _WholeLines):
+                wrapped.flush()
+        sys.argv, sys.stdout, sys.stderr = saved
     return 0
 
 

@@ -1,0 +1,41 @@
+"""The same rank programs as tests/test_sim_world.py, on real gloo processes.
+
+The simulated world claims to behave like torch.distributed on gloo: here the
+identical module-level programs (tests/_programs.py) run through
+``colofn.launch(..., backend="gloo")``. Each launch costs seconds, so every
+check runs in one launch per world size.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import _programs  # a module of tests/ (on sys.path under pytest), shared with the sim tests
+import colofn
+
+pytestmark = pytest.mark.gloo
+
+SEEDS = [1000, 1001, 1002]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_check_on_gloo(world_size: int) -> None:
+    out = colofn.launch(
+        _programs.gloo_suite, SEEDS, world_size=world_size, backend="gloo", timeout=60
+    )
+    assert len(out) == world_size
+    for done, counts in out:
+        assert done == list(_programs.CHECKS)
+        assert len(counts) == len(SEEDS) and min(counts) >= 5
+    # the sim world gives the very same answers (the programs check values, not just run)
+    sim = colofn.launch(_programs.gloo_suite, SEEDS, world_size=world_size)
+    assert sim == out
+
+
+def test_world_info_and_rank_exception_on_gloo() -> None:
+    with pytest.raises(KeyError) as e:
+        colofn.launch(_programs.raise_on_rank, 1, world_size=2, backend="gloo", timeout=30)
+    assert e.value.args == ("boom on 1",)
+    notes = e.value.__notes__
+    assert notes[0] == "(raised on rank 1 of a gloo world of 2)"
+    assert notes[1].startswith("Traceback in that rank:\n") and "raise_on_rank" in notes[1]
