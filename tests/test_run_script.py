@@ -141,3 +141,24 @@ def test_torchrun_two_nodes_on_loopback() -> None:
         VERDICT.findall("".join(outs))
     )
     assert len(VERDICT.findall(outs[0])) == len(VERDICT.findall(outs[1])) == 2
+
+
+def test_colofn_run_never_interleaves_lines(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "printer.py"
+    script.write_text(
+        "import colofn\n"
+        "r = colofn.process_index()\n"
+        "for i in range(200):\n"
+        "    print(f'line rank={r} i={i} ' + 'x' * 40, flush=i % 2 == 0)\n"
+        "print(f'partial {r}', end='')\n"
+    )
+    argv = list(sys.argv)
+    assert cli.main(["run", "--devices", "8", str(script)]) == 0
+    assert sys.argv == argv
+    out = capfd.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("line")]
+    assert len(lines) == 1600
+    assert all(re.fullmatch(r"line rank=[0-7] i=\d+ x{40}", ln) for ln in lines)
+    assert sorted(re.findall(r"partial \d", out)) == [f"partial {r}" for r in range(8)]

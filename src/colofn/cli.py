@@ -40,6 +40,15 @@ class _WholeLines:
         return len(text)
 
     def flush(self) -> None:
+        """Write out this thread's unfinished line (print(..., end="", flush=True))."""
+        with self._lock:
+            rest = self._pending.pop(threading.get_ident(), "")
+            if rest:
+                self._stream.write(rest)
+            self._stream.flush()
+
+    def close_lines(self) -> None:
+        """Write out every thread's unfinished line (when the world is over)."""
         with self._lock:
             for rest in self._pending.values():
                 self._stream.write(rest)
@@ -67,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         for wrapped in (sys.stdout, sys.stderr):
             if isinstance(wrapped, _WholeLines):
-                wrapped.flush()
+                wrapped.close_lines()
         sys.argv, sys.stdout, sys.stderr = saved
     return 0
 
