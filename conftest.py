@@ -1,4 +1,4 @@
-"""Hypothesis profiles: a quick default for CI, a long one by environment variable.
+"""Shared pytest set-up. Hypothesis profiles: a quick default for CI, a long one by environment variable.
 
     COLOFN_HYPOTHESIS_PROFILE=long pytest property_tests
 """
