@@ -810,3 +810,37 @@ def test_errors_are_value_or_type_errors():
         and issubclass(ShapeError, ValueError)
         and issubclass(TreeError, ValueError)
     )
+
+
+def test_out_spec_naming_an_invariant_axis_sums_the_copies_cotangents():
+    """P('i') on a value invariant along 'i' gives tiled copies; each copy's cotangent counts."""
+    x, ct = torch.tensor([1.0, 2.0, 3.0], dtype=F64), randn(6, seed=51)
+    xr = x.clone().requires_grad_()
+    want = torch.autograd.grad((torch.cat([xr * 2, xr * 2]) * ct).sum(), xr)[0]
+
+    def program(check_vma):
+        mesh = colofn.Mesh((2,), ("i",))
+        xg = x.clone().requires_grad_()
+        y = colofn.shard_map(
+            lambda v: v * 2, mesh=mesh, in_specs=P(), out_specs=P("i"), check_vma=check_vma
+        )(xg)
+        close(y, torch.cat([x * 2, x * 2]), "tiled copies")
+        close(torch.autograd.grad((colofn.gather(y) * ct).sum(), xg)[0], want, "grad")
+        return True
+
+    for check_vma in (True, False):
+        assert all(colofn.launch(program, check_vma, world_size=2))
+
+
+def test_error_dtensor_argument_on_another_mesh():
+    def program():
+        square, line = colofn.Mesh((2, 2), ("dp", "tp")), colofn.Mesh((4,), ("i",))
+        w = colofn.device_put(torch.ones(4), P(), mesh=line)
+        try:
+            colofn.shard_map(f, mesh=square, in_specs=P(), out_specs=P())(w, torch.ones(2))
+        except SpecError as e:
+            return str(e).splitlines()[1]
+
+    assert every_rank_equal(colofn.launch(program, world_size=4)).startswith(
+        "  * args[0], where args[0] is bound to f's parameter 'w', is a DTensor on another mesh ("
+    )

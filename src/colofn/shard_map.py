@@ -270,7 +270,7 @@ def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, 
         if not check_vma:
             k = math.prod(mesh.shape[a] for a in mesh.axis_names if a not in spec.axes)
             if k > 1:
-                y = op(y, lambda t: t.view_as(t), lambda g, k=k: g / k)
+                y = op(y, lambda t: t.view_as(t), functools.partial(torch.div, other=k))
         else:  # an axis named for an invariant value gives tiled copies: their cotangents sum (JAX's pvary)
             tiled = tuple(a for a in mesh.axis_names if a in spec.axes and a not in ctx.vma(y))
             if tiled:
