@@ -198,7 +198,7 @@ class Gatherer:
             return t
         u, b = hit
         self.saved.add(u)
-        return _Handle(u, b, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.requires_grad)
+        return _Handle(u, b, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.requires_grad)
 
     def unpack(self, h: Any) -> torch.Tensor:
         if not isinstance(h, _Handle):

@@ -103,22 +103,22 @@ def train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientT
     body.__name__ = getattr(loss_fn, "__name__", "loss_fn")  # type: ignore[attr-defined]
     grad_spec = plan.full_spec if plan.stage == 0 else plan.shard_spec
     mapped = shard_map(body, mesh=plan.mesh, in_specs=(plan.param_spec, P(plan.axis)), out_specs=(grad_spec, P()))
-    grads_dt, metrics = mapped(state.params, batch)
-    grads = [g.to_local() for g in grads_dt]
-    m = metrics.to_local()
+    out: Any = mapped(state.params, batch)  # DTensors, laid out by out_specs
+    grads_dt, metrics = out
+    grads: list[torch.Tensor] = [g.to_local() for g in grads_dt]
+    m: torch.Tensor = metrics.to_local()
     loss, overflow = m[0], bool(m[1] > 0)
     new_scale, good = next_loss_scale(plan.precision, scale, int(state.good_steps), overflow)
-    common = dict(
-        step=state.step + 1,
-        loss_scale=torch.tensor(new_scale, dtype=torch.float32),
-        good_steps=torch.tensor(good, dtype=torch.int64),
-    )
+    step = state.step + 1
+    loss_scale = torch.tensor(new_scale, dtype=torch.float32)
+    good_steps = torch.tensor(good, dtype=torch.int64)
     if overflow:
         memory = measure(params=state.params, grads=[grads, held.get("full")], master=state.master, opt_state=state.opt_state, gathered_peak=live.peak)
-        new_state = dataclasses.replace(state, skipped=state.skipped + 1, **common)
-        return new_state, StepInfo(loss, True, scale, memory, (0, 0), tuple(events))
+        skipped = dataclasses.replace(state, step=step, skipped=state.skipped + 1, loss_scale=loss_scale, good_steps=good_steps)
+        return skipped, StepInfo(loss, True, scale, memory, (0, 0), tuple(events))
     new_state, memory, moved = _update(optimizer, state, grads, held, scale, live.peak)
-    return dataclasses.replace(new_state, **common), StepInfo(loss, False, scale, memory, moved, tuple(events))
+    new_state = dataclasses.replace(new_state, step=step, loss_scale=loss_scale, good_steps=good_steps)
+    return new_state, StepInfo(loss, False, scale, memory, moved, tuple(events))
 
 
 def make_train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation) -> Callable[[ZeroState, Any], tuple[ZeroState, StepInfo]]:

@@ -264,12 +264,12 @@ def init(
             p_local = [layout.shard(f, i, b).to(compute[b]).clone() for b, f in enumerate(flats)]
         else:
             p_local = [f.to(compute[b]) for b, f in enumerate(flats)]
+        opt_params: list[torch.Tensor]
+        m_local: list[torch.Tensor] | None
         if plan.has_master:
             src = [layout.shard(f, i, b) if stage >= 1 else f for b, f in enumerate(flats)]
-            m_local: list[torch.Tensor] | None = [
-                to_device(s, state_device, master_dt[b], copy=True) for b, s in enumerate(src)
-            ]
-            opt_params = m_local
+            opt_params = [to_device(s, state_device, master_dt[b], copy=True) for b, s in enumerate(src)]
+            m_local = opt_params
         else:
             m_local = None
             opt_params = [layout.shard(p, i, b) if stage in (1, 2) else p for b, p in enumerate(p_local)]
