@@ -308,3 +308,36 @@ def test_batch_not_divisible_names_the_leaf_and_fails_before_communicating():
 def test_loss_fn_must_return_a_scalar():
     typ, msg, _ = _step_error((torch.ones(4, 3), torch.ones(4, 2)), lambda p, b: b[0] @ p["layers"][0]["w"])
     assert issubclass(typ, colofn.errors.ShapeError) and "0-d floating tensor" in msg
+
+
+def _tied_loss(params, batch):
+    """The embedding is read twice, before and after the layers (tied input/output weights)."""
+    x, y = batch
+    h = torch.tanh(x @ params["embed"])
+    for layer in params["layers"]:
+        h = torch.tanh(h @ layer["w"])
+    return ((h @ params["embed"].T - y) ** 2).mean()
+
+
+def _tied_program(stage):
+    mesh = colofn.Mesh((2,), ("dp",))
+    g = torch.Generator().manual_seed(0)
+    params = {"embed": torch.randn(3, 5, generator=g), "layers": [{"w": torch.randn(5, 5, generator=g)}]}
+    opt = optim.adam(1e-2)
+    step = zero.make_train_step(_tied_loss, opt)
+    state = zero.init(params, opt, mesh, stage=stage)
+    for batch in batches([3, 3], 4, 2):
+        with colofn.comm_trace() as records:
+            state, info = step(state, batch)
+    return zero.params(state), params, info.schedule, _bytes(records, "all_gather", "forward")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_unit_read_twice_is_gathered_again_and_both_uses_reach_its_gradient(stage):
+    got, params, schedule, fwd_gather = colofn.launch(_tied_program, stage, world_size=2)[0]
+    want, _ = zero.reference_train(_tied_loss, optim.adam(1e-2), params, batches([3, 3], 4, 2))
+    assert max_error(got, want) < 1e-5
+    if stage == 3:
+        assert schedule.count("forward gather ['embed'] wait") == 2
+        embed_shard_bytes = -(-15 // 2) * 4
+        assert fwd_gather == (2 * embed_shard_bytes + -(-25 // 2) * 4) * 1  # (n-1) = 1

@@ -11,8 +11,9 @@ iteration over ``params["layers"]``) and each access
 
 1. waits for the unit's gather (issued earlier as a prefetch, when possible),
 2. releases the previously used unit, and
-3. starts the all-gather of the next unit in the order the last step used
-   (``async_op=True``), so it overlaps the computation of this one.
+3. starts the all-gather of the unit read next in the last step's sequence of
+   reads (the first step assumes the params' own order), ``async_op=True``, so
+   it overlaps the computation of this one.
 
 Tensors autograd saves for the backward that live in a gathered buffer are
 packed as ``(unit, bucket, view)`` handles (``saved_tensors_hooks``) instead of
@@ -96,6 +97,8 @@ class Gatherer:
         self.outstanding: dict[int, int] = {}  # unit -> reduce-scatters still to come
         self.current: tuple[int, Any] | None = None
         self.order: list[int] = []  # this step's forward order of first use
+        self.sequence: list[int] = []  # every read of a unit, in order (repeats included)
+        self.pos = 0  # where this step is in the last step's sequence
         self.saved: set[int] = set()  # units with tensors saved for the backward
         self.backward_started = False
 
@@ -141,11 +144,12 @@ class Gatherer:
 
     # ---------------------------------------------------------------- forward
     def _next_in_order(self, u: int) -> int | None:
+        """The unit read after this read of ``u`` in the last step's sequence of reads (None if unknown)."""
         order = self.plan.order
-        if u in order:
-            i = order.index(u)
-            if i + 1 < len(order):
-                return order[i + 1]
+        for k in range(self.pos, len(order)):
+            if order[k] == u:
+                self.pos = k + 1
+                return order[k + 1] if k + 1 < len(order) else None
         return None
 
     def get(self, u: int) -> Any:
@@ -159,6 +163,7 @@ class Gatherer:
         self.fwd[u] = bufs
         if u not in self.order:
             self.order.append(u)
+        self.sequence.append(u)
         nxt = self._next_in_order(u)
         if self.plan.prefetch and nxt is not None and nxt not in self.fwd:
             self._start(nxt, "forward")
@@ -187,9 +192,8 @@ class Gatherer:
         for u in list(self.pending):
             for _, p in self.pending.pop(u):
                 p.wait()
-        # Remember the order for the next step's prefetches.
-        rest = [u for u in self.plan.order if u not in self.order]
-        self.plan.order[:] = self.order + rest
+        # Remember the sequence of reads for the next step's prefetches.
+        self.plan.order[:] = self.sequence
 
     # ---------------------------------------------------------------- saved tensors
     def pack(self, t: torch.Tensor) -> Any:

@@ -65,7 +65,7 @@ class ZeroPlan:
     global_shapes: tuple[tuple[int, ...], ...]  # of every leaf, layout order
     is_dtensor: tuple[bool, ...]
     prefetch: bool = True
-    order: list[int] = dataclasses.field(default_factory=list)  # stage 3: last step's unit order (a prefetch hint)
+    order: list[int] = dataclasses.field(default_factory=list)  # stage 3: last step's sequence of unit reads (a prefetch hint)
 
     # ---------------------------------------------------------------- derived
     @property
