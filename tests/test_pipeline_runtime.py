@@ -307,19 +307,21 @@ def test_exact_communication_of_1f1b():
     x, t = batch(4)
     (first0, steady0), (first1, steady1) = trace(pipeline.one_f_one_b(2, 2), params, x, t)
     act = ((2, 3), 48)
+    # Records are made when ops are posted: receives go out up to two actions ahead, and
+    # the losses' receive at the start of the step (shapes are known after the first step).
     assert steady0 == [
-        ("send", ("pp",), act[0], 48, 0, "forward", 1),  # 0F0
-        ("send", ("pp",), act[0], 48, 0, "forward", 1),  # 0F1
-        ("recv", ("pp",), act[0], 0, 48, "backward", 1),  # before 0B0
-        ("recv", ("pp",), act[0], 0, 48, "backward", 1),  # before 0B1
         ("recv", ("pp",), (2,), 0, 16, "forward", 1),  # the losses
+        ("recv", ("pp",), act[0], 0, 48, "backward", 1),  # for 0B0 (2 ahead of 0F0)
+        ("send", ("pp",), act[0], 48, 0, "forward", 1),  # after 0F0
+        ("recv", ("pp",), act[0], 0, 48, "backward", 1),  # for 0B1
+        ("send", ("pp",), act[0], 48, 0, "forward", 1),  # after 0F1
     ]
     assert steady1 == [
-        ("recv", ("pp",), act[0], 0, 48, "forward", 0),
-        ("send", ("pp",), act[0], 48, 0, "backward", 0),
-        ("recv", ("pp",), act[0], 0, 48, "forward", 0),
-        ("send", ("pp",), act[0], 48, 0, "backward", 0),
-        ("send", ("pp",), (2,), 16, 0, "forward", 0),
+        ("recv", ("pp",), act[0], 0, 48, "forward", 0),  # for 1F0
+        ("recv", ("pp",), act[0], 0, 48, "forward", 0),  # for 1F1 (2 ahead)
+        ("send", ("pp",), act[0], 48, 0, "backward", 0),  # after 1B0
+        ("send", ("pp",), act[0], 48, 0, "backward", 0),  # after 1B1
+        ("send", ("pp",), (2,), 16, 0, "forward", 0),  # the losses
     ]
     # The first step also sends each activation's metadata (a size and the pickled bytes).
     assert [r[0] for r in first0] == ["send"] * 6 + ["recv"] * 2 + ["recv"] * 3

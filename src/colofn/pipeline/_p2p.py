@@ -7,10 +7,11 @@ shapes yet (the first step for an input signature) an activation message is
 preceded by its metadata: the pickled tree structure, shapes and dtypes, as a
 size (one int64) and the bytes (uint8).
 
-All receives before an action are posted in one :func:`torch.distributed.batch_isend_irecv`
-and waited for; all sends after it are posted in one and waited for only by
-:meth:`Wire.wait_sends` at the end of the step, as the execution contract of
-:mod:`colofn.pipeline.comm` requires. Every op is recorded in
+The receives of an action are posted in one :func:`torch.distributed.batch_isend_irecv`
+(ahead of time once shapes are known) and waited for before it; the sends
+after it are posted in one and waited for only by :meth:`Wire.wait_sends` at
+the end of the step, as the execution contract of :mod:`colofn.pipeline.comm`
+requires. Every op is recorded in
 :func:`colofn.comm_trace` as a ``send`` or ``recv`` (peer: the index along the
 pipeline axis; phase: ``forward`` for activations and losses, ``backward`` for
 gradients).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,19 @@ Meta = tuple[PyTreeSpec | None, tuple[Spec, ...]]
 
 def meta_of(treedef: PyTreeSpec | None, leaves: Sequence[torch.Tensor]) -> Meta:
     return treedef, tuple((tuple(t.shape), t.dtype) for t in leaves)
+
+
+class Pending(NamedTuple):
+    """Posted receives: ``bufs[i]`` (one tensor per leaf) fills in for ``msgs[i]``."""
+
+    works: list[Any]
+    msgs: list[Msg]
+    metas: list[Meta]
+    bufs: list[list[torch.Tensor]]
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 class Wire:
@@ -80,8 +94,19 @@ class Wire:
             works = dist.batch_isend_irecv(ops)
             self._sent.extend(zip(works, (o.tensor for o in ops), strict=False))
 
-    def recv(self, items: Sequence[tuple[Msg, Meta | None]]) -> list[tuple[Meta, list[torch.Tensor]]]:
-        """Receive every message in ``items`` (blocking); ``None`` metadata is received first."""
+    def post_recv(self, items: Sequence[tuple[Msg, Meta]]) -> Pending:
+        """Post the receives of ``items`` (shapes known) without waiting."""
+        ops: list[dist.P2POp] = []
+        bufs = []
+        for msg, meta in items:
+            leaves = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in meta[1]]
+            ops += [self._op(False, msg, Slot.DATA, i, b) for i, b in enumerate(leaves)]
+            bufs.append(leaves)
+        return Pending(dist.batch_isend_irecv(ops) if ops else [], [m for m, _ in items],
+                       [meta for _, meta in items], bufs)
+
+    def recv(self, items: Sequence[tuple[Msg, Meta | None]]) -> Pending:
+        """Receive ``items`` (blocking); those with ``None`` metadata get it from the sender first."""
         metas: list[Meta | None] = [meta for _, meta in items]
         unknown = [i for i, meta in enumerate(metas) if meta is None]
         if unknown:
@@ -92,15 +117,10 @@ class Wire:
             self._wait([self._op(False, items[i][0], Slot.META, 0, raws[i]) for i in unknown])
             for i in unknown:
                 metas[i] = pickle.loads(raws[i].cpu().numpy().tobytes())
-        out: list[tuple[Meta, list[torch.Tensor]]] = []
-        ops = []
-        for (msg, _), meta in zip(items, metas, strict=True):
-            assert meta is not None
-            bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in meta[1]]
-            ops += [self._op(False, msg, Slot.DATA, i, b) for i, b in enumerate(bufs)]
-            out.append((meta, bufs))
-        self._wait(ops)
-        return out
+        pending = self.post_recv([(msg, meta) for (msg, _), meta in zip(items, metas, strict=True)
+                                  if meta is not None])
+        pending.wait()
+        return pending
 
     def wait_sends(self) -> None:
         """Wait for every send posted so far (the end of the step)."""

@@ -104,7 +104,7 @@ from colofn import _comm
 from colofn import tree as jt
 from colofn.errors import MeshError, ScheduleError, ShapeError, TreeError, TreeTypeError
 from colofn.mesh import Mesh, get_mesh
-from colofn.pipeline._p2p import Meta, Wire, meta_of
+from colofn.pipeline._p2p import Meta, Pending, Wire, meta_of
 from colofn.pipeline._program import (
     LOSS_LINK,
     Link,
@@ -126,6 +126,10 @@ StageFn = Callable[..., Any]
 """``fn(params, x) -> y``; the last stage ``fn(params, x, target) -> loss`` (see the module docstring)."""
 
 Skips = Mapping[tuple[int, int], str | Sequence[str]]
+
+_PREFETCH = 2
+"""Once shapes are known, the receives of the next ``_PREFETCH`` actions are posted early,
+so that a rendezvous transport (gloo) can move the data while this rank computes."""
 
 
 class PipelineResult(NamedTuple):
@@ -415,33 +419,50 @@ class _Step:
 
     # ------------------------------------------------------------------- the loop
     def run(self) -> PipelineResult:
+        program = self.pipe._program
         events = []
+        posted: dict[int, Pending] = {}
+        ahead = 0  # the next op whose receives are not posted yet
         t0 = time.perf_counter()
-        for op in self.pipe._program:
+        loss = None if self.discovery else self._post_loss()
+        for k, op in enumerate(program):
+            if not self.discovery:  # shapes known: post the receives of the next ops early
+                while ahead < min(k + 1 + _PREFETCH, len(program)):
+                    if program[ahead].recvs:
+                        posted[ahead] = self.wire.post_recv(
+                            [(msg, self._meta(msg)) for msg in program[ahead].recvs])
+                    ahead += 1
             if op.recvs:
-                self._receive(op)
+                if self.discovery:
+                    self._deliver(self.wire.recv(
+                        [(msg, self._meta(msg) if msg.payload is Payload.GRADIENT else None)
+                         for msg in op.recvs]))
+                else:
+                    pending = posted.pop(k)
+                    pending.wait()
+                    self._deliver(pending)
             start = time.perf_counter()
             sends = self._compute(op)
             end = time.perf_counter()
             events.append(Event(self.me, op.action, start - t0, end - t0))
             if sends:
                 self.wire.send(sends)
-        losses = self._share_losses()
+        losses = self._share_losses(loss)
         self.wire.wait_sends()
         if self.discovery:
             self.pipe._metas[self.signature] = self.metas
         grads = {st: jt.unflatten(self.param_defs[st], self.acc[st]) for st in self.params}
         return PipelineResult(losses.mean(), losses, grads, tuple(events))
 
-    def _receive(self, op: Op) -> None:
-        items: list[tuple[Msg, Meta | None]] = []
-        for msg in op.recvs:
-            if msg.payload is Payload.GRADIENT:  # the shapes of this rank's own outputs
-                items.append((msg, meta_of(None, self.saved[(op.action.stage, msg.microbatch)]
-                                           .outputs[msg.link])))
-            else:
-                items.append((msg, None if self.discovery else self.metas[msg.link]))
-        for (msg, _), (meta, leaves) in zip(items, self.wire.recv(items), strict=True):
+    def _meta(self, msg: Msg) -> Meta:
+        """The shapes of ``msg``: of the link's activations, or their floating leaves for gradients."""
+        meta = self.metas[msg.link]
+        if msg.payload is Payload.GRADIENT:
+            return None, tuple(sp for sp in meta[1] if sp[1].is_floating_point)
+        return meta
+
+    def _deliver(self, pending: Pending) -> None:
+        for msg, meta, leaves in zip(pending.msgs, pending.metas, pending.bufs, strict=True):
             key = (msg.link, msg.microbatch)
             if msg.payload is Payload.GRADIENT:
                 self.grads_in[key] = leaves
@@ -560,21 +581,32 @@ class _Step:
             acc.add_(g)
 
     # ------------------------------------------------------------------- losses
-    def _share_losses(self) -> torch.Tensor:
+    def _loss_msg(self, peer: int) -> Msg:
+        return Msg(Payload.ACTIVATION, LOSS_LINK, 0, peer, loss_tag(self.pipe._tags))
+
+    def _post_loss(self) -> Pending | None:
+        """On ranks without the last stage, post the receive of the losses (shapes known)."""
         owner = self.rank_of[self.last]
-        tag = loss_tag(self.pipe._tags)
+        if owner == self.me:
+            return None
+        return self.wire.post_recv([(self._loss_msg(owner), self.metas[LOSS_LINK])])
+
+    def _share_losses(self, posted: Pending | None) -> torch.Tensor:
+        """The microbatch losses, sent by the last stage's rank to the others."""
+        owner = self.rank_of[self.last]
         if owner == self.me:
             losses = torch.stack([self.losses[m] for m in range(self.M)])
             meta = meta_of(None, [losses])
             self._check_meta(LOSS_LINK, meta, "the losses")
-            self.wire.send([(Msg(Payload.ACTIVATION, LOSS_LINK, 0, r, tag), [losses],
-                             meta if self.discovery else None)
+            self.wire.send([(self._loss_msg(r), [losses], meta if self.discovery else None)
                             for r in range(self.pipe.schedule.num_ranks) if r != self.me])
             return losses
-        msg = Msg(Payload.ACTIVATION, LOSS_LINK, 0, owner, tag)
-        meta, (losses,) = self.wire.recv([(msg, None if self.discovery else self.metas[LOSS_LINK])])[0]
-        self.metas.setdefault(LOSS_LINK, meta)
-        return losses
+        if posted is None:
+            posted = self.wire.recv([(self._loss_msg(owner), None)])
+            self.metas.setdefault(LOSS_LINK, posted.metas[0])
+        else:
+            posted.wait()
+        return posted.bufs[0][0]
 
 
 def _as_input(t: Any) -> Any:
