@@ -129,10 +129,6 @@ def layers_forward(
     return x, aux
 
 
-def _head_weight(params: Params, config: gpt.GPTConfig) -> torch.Tensor:
-    return params["embed"]["tok"].T if config.tie_embeddings else params["head"]
-
-
 def head_sums(
     params: Params, x: torch.Tensor, targets: torch.Tensor, config: gpt.GPTConfig, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +138,7 @@ def head_sums(
     With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss).
     """
     h = tp.enter(gpt.norm(params["final_norm"], x, config), plan)
-    return tp.cross_entropy_sums(h @ _head_weight(params, config), targets, plan.tp)
+    return tp.cross_entropy_sums(h @ gpt.head_weight(params, config), targets, plan.tp)
 
 
 def _mean(nll: torch.Tensor, count: torch.Tensor, plan: Plan) -> torch.Tensor:
