@@ -23,7 +23,7 @@ from colofn.collectives import (
 from colofn.jit import Jitted, jit, with_sharding_constraint
 from colofn.mesh import Mesh, current_mesh
 from colofn.partition_spec import P, PartitionSpec
-from colofn.shard_map import shard_map
+from colofn.shard_map import per_device, shard_map
 from colofn.sharding import NamedSharding, device_put, gather, sharding_of
 from colofn.tracing import CommRecord, comm_trace
 from colofn.world import initialize, launch, process_count, process_index
@@ -48,6 +48,7 @@ __all__ = [
     "psum",
     "psum_scatter",
     "pvary",
+    "per_device",
     "shard_map",
     "Mesh",
     "NamedSharding",

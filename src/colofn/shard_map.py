@@ -26,7 +26,7 @@ from colofn.mesh import Mesh, get_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
 from colofn.sharding import NamedSharding, local_block, spec_mesh_failures, spec_shape_failures
 
-__all__ = ["shard_map"]
+__all__ = ["per_device", "shard_map"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -232,6 +232,48 @@ def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check
     with _vma.active(ctx):
         out = f(*jt.unflatten(treedef, local))
     return _exit(f, mesh, ctx, out_specs, out, check_vma, comm)
+
+
+def per_device(f: Callable[..., Any], /, *, mesh: Mesh | None = None, in_specs: Any, check_vma: bool = True) -> Callable[..., Any]:
+    """The body of a ``shard_map``, for callers that already hold this rank's blocks.
+
+    ``f`` is called on the arguments as they are (no splitting, no DTensors):
+    ``in_specs`` only says which mesh axes each argument varies along, and the
+    collectives and varying/invariant tracking work inside as in
+    :func:`shard_map`. The results are returned as local tensors, still tagged,
+    so a following ``per_device`` call sees how they vary. This is what a
+    pipeline stage runs: its activations arrive as local blocks from another
+    rank (see ``colofn.train``).
+
+    >>> import colofn, torch
+    >>> from colofn import P
+    >>> def program():
+    ...     mesh = colofn.Mesh((2,), ("dp",))
+    ...     w = torch.ones(2, requires_grad=True)
+    ...     x = torch.full((2,), float(colofn.process_index() + 1))  # this rank's block
+    ...     f = per_device(lambda w, x: colofn.pmean((w * x).sum(), "dp"), mesh=mesh, in_specs=(P(), P("dp")))
+    ...     f(w, x).backward()
+    ...     return w.grad.tolist()
+    >>> colofn.launch(program, world_size=2)
+    [[1.5, 1.5], [1.5, 1.5]]
+    """
+
+    @functools.wraps(f)
+    def body(*args: Any) -> Any:
+        if _vma.current() is not None:
+            raise NotImplementedError(f"per_device of {_name(f)!r} was called inside a shard_map body")
+        m = get_mesh(mesh, f"per_device of {_name(f)!r}")
+        specs = jt.broadcast_prefix(in_specs, args, is_leaf=_is_spec, prefix_name="in_specs", full_name="the argument tuple")
+        leaves, treedef = jt.flatten(args)
+        bad = [spec for spec in specs if not _is_spec(spec) or spec_mesh_failures(spec, m)]
+        if bad:
+            raise SpecError(f"per_device of {_name(f)!r}: in_specs entries {bad} are not P(...) of axes of {m}")
+        ctx = _vma.Context(dict(m.shape), {a: m.axis_index(a) for a in m.axis_names}, DistComm(m, check_vma), check_vma)
+        tagged = [ctx.set_vma(x.view_as(x), s.axes) if isinstance(x, torch.Tensor) else x for x, s in zip(leaves, specs, strict=True)]
+        with _vma.active(ctx):
+            return f(*jt.unflatten(treedef, tagged))
+
+    return body
 
 
 def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, out: Any, check_vma: bool, comm: DistComm) -> Any:
