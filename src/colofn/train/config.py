@@ -1,0 +1,190 @@
+"""``TrainConfig``: what ``colofn train`` runs, checked in full before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Literal
+
+from colofn.errors import ConfigError, format_failures
+from colofn.models import gpt
+from colofn.parallel import Plan, check_batch, check_plan
+from colofn.parallel.plan import PlanError
+
+AXES = ("pp", "dp", "sp", "tp", "ep")
+"""The mesh axis names ``--mesh`` knows: pipeline, data, sequence (Ulysses/ring), tensor, expert."""
+
+SP = Literal["none", "megatron", "ulysses", "ring"]
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"pp=2,dp=2,tp=2"`` -> ``{"pp": 2, "dp": 2, "tp": 2}`` (order kept: the mesh is row-major).
+
+    >>> parse_mesh("dp=2,tp=2")
+    {'dp': 2, 'tp': 2}
+    """
+    out: dict[str, int] = {}
+    problems = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, size = part.partition("=")
+        name = name.strip()
+        if not eq or not size.strip().isdigit() or int(size) < 1:
+            problems.append(f"{part!r} is not NAME=SIZE with SIZE >= 1")
+        elif name not in AXES:
+            problems.append(f"unknown axis {name!r}; the axes are {', '.join(AXES)}")
+        elif name in out:
+            problems.append(f"axis {name!r} given twice")
+        else:
+            out[name] = int(size)
+    if problems or not out:
+        raise ConfigError(
+            format_failures(f"--mesh {text!r} is not a mesh:", problems or ["no axes given"],
+                            fix="write it like --mesh pp=2,dp=2,tp=2")
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs (the flags of ``colofn train``)."""
+
+    preset: str = "tiny"
+    mesh: tuple[tuple[str, int], ...] = (("dp", 2), ("tp", 2))
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 5
+    seed: int = 0
+    zero: int | None = None
+    sp: SP = "none"
+    schedule: str = "1f1b"
+    microbatches: int | None = None
+    check: bool = False
+    checkpoint_every: int = 0
+    resume: str | None = None
+    out: str = "colofn-train-out"
+    backend: str = "sim"
+    experts: int = 0
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.mesh_shape.values())
+
+    @property
+    def pp(self) -> int:
+        return self.mesh_shape.get("pp", 1)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.microbatches if self.microbatches is not None else max(1, 2 * self.pp) if self.pp > 1 else 1
+
+    def model_config(self) -> gpt.GPTConfig:
+        # Untied on every mesh, so that one parameter tree (and checkpoint) fits all
+        # of them: under pp a tied table would live on the first and the last stage.
+        overrides: dict[str, Any] = {"tie_embeddings": False}
+        if self.experts:
+            overrides["n_experts"] = self.experts
+        return gpt.config(self.preset, **overrides)
+
+    def plan(self) -> Plan:
+        m = self.mesh_shape
+        return Plan(
+            dp="dp" if "dp" in m else None,
+            tp="tp" if "tp" in m else None,
+            sp=self.sp,
+            sp_axis="sp" if self.sp in ("ulysses", "ring") else None,
+            ep="ep" if "ep" in m else None,
+            pp="pp" if "pp" in m else None,
+        )
+
+    def zero_plan(self) -> Plan:
+        """The plan of the per-device loss under ZeRO: ZeRO itself owns the dp axis."""
+        return dataclasses.replace(self.plan(), dp=None)
+
+
+def mcfg_ok(cfg: TrainConfig) -> bool:
+    try:
+        cfg.model_config()
+    except ConfigError:
+        return False
+    return True
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise one ``ConfigError`` listing every problem with ``cfg``, before any work."""
+    failures: list[str] = []
+    m = cfg.mesh_shape
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            failures.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0:
+        failures.append(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    if not cfg.lr > 0:
+        failures.append(f"--lr must be > 0, got {cfg.lr}")
+    env_world = os.environ.get("WORLD_SIZE")
+    if cfg.backend == "env" and env_world is not None and int(env_world) != cfg.world_size:
+        failures.append(f"--mesh {m} has {cfg.world_size} devices but torchrun started {env_world} processes")
+    try:
+        mcfg = cfg.model_config()
+    except ConfigError as e:
+        failures.append(str(e))
+        mcfg = None
+    if cfg.sp == "megatron" and "tp" not in m:
+        failures.append("--sp megatron splits the sequence over the tp axis: add tp=N to --mesh")
+    if cfg.sp in ("ulysses", "ring") and "sp" not in m:
+        failures.append(f"--sp {cfg.sp} splits the sequence over an sp axis: add sp=N to --mesh")
+    if cfg.sp == "none" and "sp" in m:
+        failures.append("--mesh has an sp axis but --sp is none: pass --sp ulysses or --sp ring")
+    if "ep" in m and not cfg.experts:
+        failures.append("--mesh has an ep axis: pass --experts N (a mixture-of-experts model)")
+    if cfg.zero is not None:
+        if cfg.zero not in (0, 1, 2, 3):
+            failures.append(f"--zero {cfg.zero}: the stages are 0, 1, 2, 3")
+        if "dp" not in m:
+            failures.append("--zero shards over the dp axis: add dp=N to --mesh")
+        if cfg.pp > 1 or "ep" in m or cfg.sp in ("ulysses", "ring"):
+            failures.append("--zero composes with dp, tp and --sp megatron only (not pp, ep, ulysses or ring) in this release")
+    if cfg.pp > 1:
+        from colofn.pipeline import SCHEDULES, get_schedule
+
+        try:
+            get_schedule(cfg.schedule)
+        except Exception:  # noqa: BLE001 - reported below, with the options
+            failures.append(f"--schedule {cfg.schedule!r} is unknown; the built-in schedules are {', '.join(SCHEDULES)} (or module:function)")
+        else:
+            from colofn.pipeline import make_schedule
+
+            try:
+                stages = make_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches).num_stages
+            except Exception as e:  # noqa: BLE001 - the schedule's own message says why
+                failures.append(f"--schedule {cfg.schedule} with pp={cfg.pp}, {cfg.num_microbatches} microbatches: {e}")
+            else:
+                layers = gpt.config(cfg.preset).n_layers if mcfg_ok(cfg) else None
+                if layers is not None and layers % stages:
+                    failures.append(
+                        f"--schedule {cfg.schedule} on pp={cfg.pp} has {stages} stages but preset {cfg.preset!r} "
+                        f"has {layers} layers: the layers must split evenly into stages (pick another schedule, "
+                        "pp size or preset)"
+                    )
+        if cfg.experts:
+            failures.append("--experts with pp is not supported in this release (the balancing loss of middle stages)")
+        local_batch = cfg.batch_size // max(1, m.get("dp", 1) * (m.get("ep", 1) if "ep" in m else 1))
+        if local_batch % cfg.num_microbatches:
+            failures.append(
+                f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local_batch} = "
+                f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
+            )
+    if mcfg is not None:
+        plan = cfg.plan()
+        for check in (lambda: check_plan(plan, mcfg, m), lambda: check_batch(plan, m, (cfg.batch_size, mcfg.seq_len), mcfg.seq_len)):
+            try:
+                check()
+            except (PlanError, ConfigError, ValueError) as e:
+                failures.append(str(e))
+    if failures:
+        raise ConfigError(format_failures("colofn train: the run cannot start:", failures))

@@ -1,0 +1,125 @@
+"""The program every rank runs for ``colofn train``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from colofn import checkpoint, data, optim, random
+from colofn import tree as jt
+from colofn.mesh import Mesh
+from colofn.models import gpt
+from colofn.optim.adam import AdamState
+from colofn.train.config import TrainConfig
+from colofn.train.trainers import DenseTrainer, PipelineTrainer, ZeroTrainer
+from colofn.world import process_index
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
+    schedule = optim.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), end_value=cfg.lr * 0.1)
+    return optim.adamw(schedule, weight_decay=0.01)
+
+
+def initial_state(cfg: TrainConfig, mcfg: gpt.GPTConfig, opt: optim.GradientTransformation) -> tuple[int, Any, AdamState]:
+    """``(step, global params, global AdamW state)``: fresh, or from ``--resume``."""
+    params = gpt.init(random.key(cfg.seed), mcfg)
+    state = opt.init(params)
+    if not cfg.resume:
+        return 0, params, state
+    path = cfg.resume if checkpoint.is_complete(cfg.resume) else checkpoint.latest(cfg.resume)
+    if path is None:
+        from colofn.errors import CheckpointError
+
+        raise CheckpointError(f"--resume {cfg.resume}: no complete checkpoint there (looked for step_* directories with a marker)")
+    loaded = checkpoint.load(path, like={"step": 0, "params": params, "opt_state": tuple(state)})
+    return int(loaded["step"]), loaded["params"], AdamState(*loaded["opt_state"])
+
+
+class SingleDevice:
+    """The same model and optimizer on one device, for ``--check``."""
+
+    def __init__(self, mcfg: gpt.GPTConfig, opt: optim.GradientTransformation, params: Any, state: AdamState) -> None:
+        self.mcfg, self.opt = mcfg, opt
+        self.params = jt.map(lambda t: t.detach().clone(), params)
+        self.state = jt.map(lambda t: t.clone(), state)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        params = jt.map(lambda t: t.detach().requires_grad_(), self.params)
+        loss = gpt.loss(params, batch, self.mcfg)
+        grads = jt.unflatten(jt.structure(params), torch.autograd.grad(loss, jt.leaves(params)))
+        updates, self.state = self.opt.update(grads, self.state, params)
+        self.params = jt.map(torch.Tensor.detach, optim.apply_updates(params, updates))
+        return float(loss.detach())
+
+
+def _trainer(cfg: TrainConfig, mcfg: gpt.GPTConfig, mesh: Mesh, opt: optim.GradientTransformation, params: Any, state: AdamState) -> Any:
+    plan = cfg.plan()
+    if cfg.pp > 1:
+        return PipelineTrainer(mcfg, plan, mesh, opt, params, state, cfg.schedule, cfg.num_microbatches)
+    if cfg.zero is not None:
+        return ZeroTrainer(mcfg, plan, mesh, opt, params, state, cfg.zero)
+    return DenseTrainer(mcfg, plan, mesh, opt, params, state)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def rank_program(cfg: TrainConfig) -> dict[str, Any]:
+    """Train on this rank; rank 0 prints progress. Returns the run's record (losses, timings, memory)."""
+    mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
+    mcfg = cfg.model_config()
+    opt = make_optimizer(cfg)
+    start, params, state = initial_state(cfg, mcfg, opt)
+    trainer = _trainer(cfg, mcfg, mesh, opt, params, state)
+    me = process_index()
+    checker = SingleDevice(mcfg, opt, params, state) if cfg.check and me == 0 else None
+    del params, state
+    stream = data.encode(data.text())
+    key = random.key(cfg.seed + 1)
+    record: dict[str, Any] = {"steps": [], "loss": [], "single": [], "tokens_per_s": [], "bytes_per_rank": []}
+    tokens_per_step = cfg.batch_size * mcfg.seq_len
+    say = (lambda text: print(text, flush=True)) if me == 0 else (lambda text: None)
+    say(f"colofn train: {cfg.preset} ({gpt.count_params(mcfg):,} params) on {mesh}, plan {cfg.plan()}"
+        + (f", ZeRO-{cfg.zero}" if cfg.zero is not None else "")
+        + (f", schedule {cfg.schedule} x {cfg.num_microbatches} microbatches" if cfg.pp > 1 else "")
+        + (f", resumed at step {start}" if start else ""))
+    for step in range(start, cfg.steps):
+        batch = data.sample_batch(random.fold_in(key, step), stream, cfg.batch_size, mcfg.seq_len)
+        t0 = time.perf_counter()
+        loss = trainer.step(batch)
+        dt = time.perf_counter() - t0
+        per_rank = [trainer.local_bytes()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(per_rank, trainer.local_bytes())
+        single = checker.step(batch) if checker else None
+        record["steps"].append(step + 1)
+        record["loss"].append(loss)
+        record["single"].append(single)
+        record["tokens_per_s"].append(tokens_per_step / dt)
+        record["bytes_per_rank"].append(per_rank)
+        check = f" | single-device {single:.6f} (diff {abs(loss - single):.1e})" if single is not None else ""
+        bar = "#" * int(20 * (step + 1) / cfg.steps)
+        say(f"[{bar:<20}] step {step + 1:>4}/{cfg.steps} | loss {loss:.6f}{check} | "
+            f"{tokens_per_step / dt:,.0f} tok/s | params+opt per rank {_fmt_bytes(max(per_rank))}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            p, s = trainer.export()
+            path = os.path.join(cfg.out, "checkpoints", f"step_{step + 1:06d}")
+            checkpoint.save(path, {"step": step + 1, "params": p, "opt_state": tuple(s)}, overwrite=True)
+            say(f"  saved {path}")
+    record["config"] = dataclasses.asdict(cfg)
+    record["mesh"] = str(mesh)
+    return record
+
+

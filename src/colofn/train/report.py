@@ -1,0 +1,78 @@
+"""The end of a ``colofn train`` run: a loss-curve image (SVG) and a short report (Markdown)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from typing import Any
+
+
+def loss_curve_svg(steps: list[int], losses: list[float], single: list[float | None], width: int = 640, height: int = 360) -> str:
+    """A self-contained SVG line plot of the loss (and the single-device loss when checked)."""
+    pad = 48
+    ys = [v for v in losses + [s for s in single if s is not None]]
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1.0
+    x0, x1 = min(steps), max(steps)
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def pt(x: float, y: float) -> str:
+        px = pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        py = height - pad - (y - lo) / (hi - lo) * (height - 2 * pad)
+        return f"{px:.1f},{py:.1f}"
+
+    lines = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">step</text>',
+        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">loss</text>',
+        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end">{hi:.3g}</text>',
+        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end">{lo:.3g}</text>',
+        f'<text x="{pad}" y="{height - pad + 16}" text-anchor="middle">{x0}</text>',
+        f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="middle">{x1}</text>',
+        '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+        + " ".join(pt(x, y) for x, y in zip(steps, losses, strict=True)) + '"/>',
+    ]
+    ref = [(x, y) for x, y in zip(steps, single, strict=True) if y is not None]
+    if ref:
+        lines.append('<polyline fill="none" stroke="#d62728" stroke-width="1" stroke-dasharray="4 3" points="'
+                     + " ".join(pt(x, y) for x, y in ref) + '"/>')
+    lines.append(f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end" fill="#1f77b4">parallel</text>')
+    if ref:
+        lines.append(f'<text x="{width - pad}" y="{pad + 8}" text-anchor="end" fill="#d62728">single device</text>')
+    lines.append("</svg>")
+    return "\n".join(lines)
+
+
+def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
+    """Write ``loss_curve.svg``, ``report.md`` and ``record.json`` under ``out``; returns the first two paths."""
+    os.makedirs(out, exist_ok=True)
+    svg = os.path.join(out, "loss_curve.svg")
+    with open(svg, "w") as f:
+        f.write(loss_curve_svg(record["steps"], record["loss"], record["single"]))
+    with open(os.path.join(out, "record.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    cfg = record["config"]
+    diffs = [abs(a - b) for a, b in zip(record["loss"], record["single"], strict=True) if b is not None]
+    tps = record["tokens_per_s"]
+    mem = record["bytes_per_rank"][-1] if record["bytes_per_rank"] else []
+    lines = [
+        "# colofn train report",
+        "",
+        f"- model: `{cfg['preset']}`, mesh: {html.escape(record['mesh'])}, ZeRO: {cfg['zero']}, sp: {cfg['sp']}"
+        + (f", schedule {cfg['schedule']}" if "pp" in dict(cfg["mesh"]) else ""),
+        f"- steps {record['steps'][0] if record['steps'] else 0}..{record['steps'][-1] if record['steps'] else 0}: "
+        f"loss {record['loss'][0]:.4f} -> {record['loss'][-1]:.4f}" if record["loss"] else "- no steps run",
+        f"- throughput: median {sorted(tps)[len(tps) // 2]:,.0f} tokens/s" if tps else "",
+        f"- params + optimizer state per rank (bytes): {mem}",
+    ]
+    if diffs:
+        lines.append(f"- checked against single-device training: max |loss difference| {max(diffs):.2e} over {len(diffs)} steps")
+    lines += ["", "![loss curve](loss_curve.svg)", ""]
+    md = os.path.join(out, "report.md")
+    with open(md, "w") as f:
+        f.write("\n".join(line for line in lines if line is not None) + "\n")
+    return svg, md

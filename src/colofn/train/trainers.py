@@ -1,0 +1,187 @@
+"""The three ways ``colofn train`` takes a step, behind one interface.
+
+Each trainer starts from the *global* training state (``params`` and the AdamW
+state as full tensors, the same on every rank: a fresh init or a checkpoint),
+lays it out on the mesh its own way, and can ``export`` it back to the global
+form (collective), which is what checkpoints store; so a run saved on one mesh
+resumes on any other.
+
+* :class:`DenseTrainer`: every strategy of :mod:`colofn.parallel` (dp, tp,
+  Megatron-SP, Ulysses, ring, ep) as one ``shard_map``; params and optimizer
+  state are DTensors.
+* :class:`ZeroTrainer`: the same loss without the dp mean, under
+  :mod:`colofn.zero` (stages 0-3 over ``dp``).
+* :class:`PipelineTrainer`: the layers cut into stages run by a
+  :mod:`colofn.pipeline` schedule over ``pp``; each stage is
+  :func:`colofn.parallel.stage_forward` under :func:`colofn.per_device`, so tp,
+  Megatron-SP and dp work inside stages and the dp gradient sum comes from
+  varying/invariant tracking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from colofn import optim, zero
+from colofn import tree as jt
+from colofn.mesh import Mesh
+from colofn.models import gpt
+from colofn.optim.adam import AdamState
+from colofn.parallel import Plan, batch_specs, make_value_and_grad, param_specs, shard_params, stage_slice
+from colofn.parallel.gpt import local_loss, stage_forward
+from colofn.partition_spec import P
+from colofn.sharding import NamedSharding, gather, local_block
+
+Tree = Any
+
+
+def nbytes(tree: Tree) -> int:
+    """Bytes of tensor storage this rank holds for ``tree`` (a DTensor counts its local block)."""
+    total = 0
+    for x in jt.leaves(tree):
+        if isinstance(x, DTensor):
+            x = x.to_local()
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+    return total
+
+
+def _map_adam(state: AdamState, fn: Any) -> AdamState:
+    return AdamState(state.count, fn(state.mu), fn(state.nu))
+
+
+class DenseTrainer:
+    def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState) -> None:
+        self.mcfg, self.plan, self.mesh, self.opt = mcfg, plan, mesh, opt
+        place = lambda t: shard_params(t, mcfg, plan, mesh)  # noqa: E731
+        self.params = place(params)
+        self.opt_state = _map_adam(opt_state, place)
+        self.value_and_grad = make_value_and_grad(mcfg, plan, mesh)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        loss, grads = self.value_and_grad(self.params, batch)
+        updates, self.opt_state = self.opt.update(grads, self.opt_state, self.params)
+        self.params = jt.map(torch.Tensor.detach, optim.apply_updates(self.params, updates))
+        return float(loss.to_local().detach())
+
+    def export(self) -> tuple[Tree, AdamState]:
+        return gather(self.params), gather(self.opt_state)
+
+    def local_bytes(self) -> int:
+        return nbytes((self.params, self.opt_state))
+
+
+class ZeroTrainer:
+    def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState, stage: int) -> None:
+        self.opt = opt
+        inner = Plan(dp=None, tp=plan.tp, sp=plan.sp, sp_axis=plan.sp_axis)
+        self.loss_fn = lambda p, b: local_loss(p, b, mcfg, inner)
+        placed = shard_params(params, mcfg, inner, mesh)
+        place_state = _map_adam(opt_state, lambda t: shard_params(t, mcfg, inner, mesh))
+        self.state = zero.init(placed, opt, mesh, axis="dp", stage=stage, opt_state=place_state)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.state, info = zero.train_step(self.loss_fn, self.opt, self.state, batch)
+        return float(info.loss)
+
+    def export(self) -> tuple[Tree, AdamState]:
+        out = zero.export_state(self.state)
+        return gather(out["params"]), gather(out["opt_state"])
+
+    def local_bytes(self) -> int:
+        s = self.state
+        return nbytes((s.params, s.master, s.opt_state))
+
+
+class PipelineTrainer:
+    def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState, schedule_name: str, microbatches: int) -> None:
+        from colofn.pipeline import Pipeline, make_schedule
+
+        self.mcfg, self.plan, self.mesh, self.opt = mcfg, plan, mesh, opt
+        sched = make_schedule(schedule_name, mesh.shape["pp"], microbatches)
+        n = sched.num_stages
+        if mcfg.n_layers % n:
+            from colofn.errors import ConfigError
+
+            raise ConfigError(
+                f"schedule {schedule_name!r} has {n} stages but the model has {mcfg.n_layers} layers; "
+                f"use a preset (or --pp size) whose layer count divides into {n} stages"
+            )
+        per = mcfg.n_layers // n
+        self.ranges = [range(s * per, (s + 1) * per) for s in range(n)]
+        full_specs = param_specs(mcfg, plan)
+        self.specs = {s: stage_slice(full_specs, mcfg, self.ranges[s]) for s in range(n)}
+        self.mine = sched.stages_of(mesh.axis_index("pp"))
+        self.params = {s: self._local(stage_slice(params, mcfg, self.ranges[s]), s) for s in self.mine}
+        self.opt_states = {
+            s: AdamState(opt_state.count, self._local(stage_slice(opt_state.mu, mcfg, self.ranges[s]), s),
+                         self._local(stage_slice(opt_state.nu, mcfg, self.ranges[s]), s))
+            for s in self.mine
+        }
+        bs = batch_specs(plan)
+        self.batch_specs = bs
+        act = P(plan.batch_axes or None, plan.seq_axis)
+        stages = [self._stage_fn(s, act, bs["tokens"], last=s == n - 1) for s in range(n)]
+        self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp")
+
+    def _local(self, tree: Tree, s: int) -> Tree:
+        return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
+
+    def _stage_fn(self, s: int, act: P, tok: P, last: bool) -> Any:
+        from colofn.shard_map import per_device
+
+        mcfg, plan, layers = self.mcfg, self.plan, self.ranges[s]
+        x_spec = tok if s == 0 else act
+        if last:
+            body = per_device(
+                lambda p, x, t: stage_forward(p, x, mcfg, plan, layers=layers, targets=t)[0],
+                mesh=self.mesh, in_specs=(self.specs[s], x_spec, tok),
+            )
+            return body
+        return per_device(lambda p, x: stage_forward(p, x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)
+        targets = local_block(batch["targets"], self.batch_specs["targets"], self.mesh)
+        result = self.pipe(self.params, tokens, targets)
+        for s in self.mine:
+            updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
+            self.params[s] = jt.map(torch.Tensor.detach, optim.apply_updates(self.params[s], updates))
+        return float(result.loss)
+
+    def _global(self, tree: Tree, s: int) -> Tree:
+        def full(x: torch.Tensor, spec: P) -> torch.Tensor:
+            sh = NamedSharding(self.mesh, spec)
+            shape = list(x.shape)
+            for d in range(len(spec)):
+                for a in spec.dim_axes(d):
+                    shape[d] *= self.mesh.shape[a]
+            dt = DTensor.from_local(x, self.mesh.device_mesh, sh.to_placements(x.ndim), run_check=False,
+                                    shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+            return dt.full_tensor()
+
+        return jt.map(full, tree, self.specs[s])
+
+    def export(self) -> tuple[Tree, AdamState]:
+        from colofn.pipeline import gather_stages
+
+        mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s), self._global(self.opt_states[s].nu, s)) for s in self.mine}
+        stages = gather_stages(mine, mesh=self.mesh, axis_name="pp")
+        count = self.opt_states[self.mine[0]].count
+        params, mu, nu = (self._merge([st[i] for st in stages]) for i in range(3))
+        return params, AdamState(count, mu, nu)
+
+    def _merge(self, per_stage: list[Tree]) -> Tree:
+        """The inverse of ``stage_slice`` over all stages."""
+        out: dict[str, Any] = {"layers": [layer for st in per_stage for layer in st["layers"]]}
+        out["embed"] = per_stage[0]["embed"]
+        out["final_norm"] = per_stage[-1]["final_norm"]
+        if "head" in per_stage[-1]:
+            out["head"] = per_stage[-1]["head"]
+        return out
+
+    def local_bytes(self) -> int:
+        return nbytes((self.params, self.opt_states))
