@@ -30,7 +30,14 @@ from colofn import tree as jt
 from colofn.mesh import Mesh
 from colofn.models import gpt
 from colofn.optim.adam import AdamState
-from colofn.parallel import Plan, batch_specs, make_value_and_grad, param_specs, shard_params, stage_slice
+from colofn.parallel import (
+    Plan,
+    batch_specs,
+    make_value_and_grad,
+    param_specs,
+    shard_params,
+    stage_slice,
+)
 from colofn.parallel.gpt import local_loss, stage_forward
 from colofn.partition_spec import P
 from colofn.sharding import NamedSharding, gather, local_block
