@@ -4,7 +4,8 @@ Stage 1 shards the optimizer state over the data axis, stage 2 the gradients
 too, stage 3 the parameters too (gathered one unit at a time, prefetched, and
 freed after use); stage 0 is plain data parallelism. Optional CPU offload of
 the optimizer, and mixed precision with fp32 master weights. Every stage takes
-the same optimizer steps as a single device.
+the same optimizer steps as a single device. ``export_state`` turns a state
+into global pytrees that ``init`` resumes from on any mesh and stage.
 
 >>> import torch, colofn
 >>> from colofn import optim, zero
@@ -20,6 +21,7 @@ the same optimizer steps as a single device.
 ([0.8999999761581421, 0.8999999761581421, 1.0], 1.0)
 """
 
+from colofn.zero.export import export_state
 from colofn.zero.flat import FlatLayout
 from colofn.zero.memory import MemoryReport, formula_bytes, paper_bytes
 from colofn.zero.offload import devices
@@ -37,6 +39,7 @@ __all__ = [
     "ZeroPlan",
     "ZeroState",
     "devices",
+    "export_state",
     "formula_bytes",
     "init",
     "make_train_step",

@@ -39,7 +39,7 @@ from colofn.sharding import NamedSharding, sharding_of
 from colofn.zero import _checks
 from colofn.zero.flat import FlatLayout, split_units
 from colofn.zero.offload import HOST, storage_mesh, to_device
-from colofn.zero.precision import MixedPrecision, as_precision
+from colofn.zero.precision import DynamicLossScale, MixedPrecision, as_precision
 
 try:
     from torch.distributed.tensor._dtensor_spec import DTensorSpec as _DTensorSpec
@@ -192,11 +192,22 @@ def init(
     offload: bool = False,
     precision: MixedPrecision | torch.dtype | None = None,
     prefetch: bool = True,
+    opt_state: Any = None,
+    step: int = 0,
+    loss_scale: float | None = None,
+    good_steps: int = 0,
+    skipped: int = 0,
 ) -> ZeroState:
     """Shard ``params`` and ``optimizer``'s state over the data axis ``axis`` of ``mesh`` for ZeRO ``stage``.
 
     Every rank calls it with the same values (collective only in that every
     rank must call it; no communication happens).
+
+    To resume, pass the global state back: the keyword arguments ``params``,
+    ``opt_state``, ``step``, ``loss_scale``, ``good_steps`` and ``skipped`` are
+    the keys of :func:`~colofn.zero.export_state`'s dict, so
+    ``init(optimizer=opt, mesh=mesh, stage=s, **exported)`` resumes on any mesh
+    and stage.
 
     Args:
       params: a pytree of floating tensors: global tensors (the same on every
@@ -212,6 +223,17 @@ def init(
       precision: ``None`` (compute in the params' dtype), a dtype such as
         ``torch.bfloat16``, or a :class:`~colofn.zero.MixedPrecision`.
       prefetch: stage 3: start the next unit's all-gather while the current one computes.
+      opt_state: ``None`` (a fresh optimizer state), or the optimizer's state
+        for the *global* params to resume from: ``optimizer.init(params)`` (then
+        updated) on one device, or ``export_state(...)["opt_state"]``. Its
+        per-parameter buffers mirror ``params`` (global tensors; or DTensors
+        placed like the params, or replicated); they are sharded like the
+        master, in the dtype the optimizer keeps (the master dtype). Scalars
+        (``count``) are kept.
+      step, good_steps, skipped: the counters to resume from (ints >= 0).
+      loss_scale: the loss scale to resume from; used only when ``precision``
+        scales the loss dynamically (``None``: its ``init_scale``). Otherwise
+        the scale is the precision's own (1, or its static value).
 
     Returns:
       A :class:`ZeroState`.
@@ -221,7 +243,11 @@ def init(
         or an optimizer that is not per-coordinate where it must be.
       SpecError: ``axis`` is not a mesh axis; a DTensor param split over ``axis``.
       TreeTypeError / DTypeError: a params leaf is not a floating tensor.
+      TreeError: ``opt_state`` does not match this optimizer's state for
+        ``params`` (every differing path, shape or placement is named).
     """
+    from colofn.zero.export import check_counters, shard_opt_state
+
     stage = _checks.check_stage(stage)
     mesh = _checks.check_mesh(mesh)
     axis = _checks.check_axis(mesh, axis)
@@ -229,6 +255,7 @@ def init(
     offload = _checks.check_offload(offload)
     prec = as_precision(precision)
     _checks.check_params(params, mesh, axis)
+    step, restored_scale, good_steps, skipped = check_counters(step, loss_scale, good_steps, skipped)
     model_size = math.prod(s for a, s in mesh.shape.items() if a != axis)
     if stage >= 1 or model_size > 1:
         why = f"stage {stage} shards the optimizer over {axis!r}" if stage >= 1 else "the params are split over model axes"
@@ -273,15 +300,19 @@ def init(
         else:
             m_local = None
             opt_params = [layout.shard(p, i, b) if stage in (1, 2) else p for b, p in enumerate(p_local)]
-        opt_state = optimizer.init(tuple(opt_params))
+        fresh = optimizer.init(tuple(opt_params))
+        local_opt = fresh if opt_state is None else shard_opt_state(plan, fresh, opt_state)
+    scale = prec.initial_scale if prec is not None else 1.0
+    if restored_scale is not None and prec is not None and isinstance(prec.loss_scale, DynamicLossScale):
+        scale = restored_scale
     return ZeroState(
         params=tuple(plan.wrap(p, plan.param_spec) for p in p_local),
         master=None if m_local is None else tuple(plan.wrap(m, plan.master_spec) for m in m_local),
-        opt_state=wrap_opt_state(plan, opt_state),
-        step=torch.zeros((), dtype=torch.int64),
-        skipped=torch.zeros((), dtype=torch.int64),
-        loss_scale=torch.tensor(prec.initial_scale if prec is not None else 1.0, dtype=torch.float32),
-        good_steps=torch.zeros((), dtype=torch.int64),
+        opt_state=wrap_opt_state(plan, local_opt),
+        step=torch.tensor(step, dtype=torch.int64),
+        skipped=torch.tensor(skipped, dtype=torch.int64),
+        loss_scale=torch.tensor(scale, dtype=torch.float32),
+        good_steps=torch.tensor(good_steps, dtype=torch.int64),
         plan=plan,
     )
 
@@ -338,13 +369,24 @@ def params(state: ZeroState) -> Any:
     sharded = (plan.stage >= 1) if state.master is not None else (plan.stage == 3)
     if sharded:
         locals_ = plan.gather_shards(locals_)
-    locals_ = [x.to(plan.compute_device) for x in locals_]
+    return layout.rebuild(global_leaves(plan, locals_, cast=True))
+
+
+def global_leaves(plan: ZeroPlan, fulls: list[torch.Tensor], *, cast: bool) -> list[torch.Tensor]:
+    """Every leaf (layout order) as a global plain tensor, from this rank's full buckets ``fulls``.
+
+    New storage. ``cast``: in the params' original dtypes (else in the buckets'
+    own). Collective over the model axes when a leaf is split over them.
+    """
+    layout = plan.layout
+    fulls = [x.to(plan.compute_device) for x in fulls]
     out = []
     for i, s in enumerate(layout.slots):
-        leaf = layout.leaf_view(i, locals_[s.bucket]).to(layout.buckets[s.bucket].dtype).clone()
+        leaf = layout.leaf_view(i, fulls[s.bucket])
+        leaf = (leaf.to(layout.buckets[s.bucket].dtype) if cast else leaf).clone()
         if plan.is_dtensor[i]:
             placements = NamedSharding(plan.mesh, s.spec).to_placements(leaf.ndim)
             dt = DTensor.from_local(leaf, plan.mesh.device_mesh, placements, run_check=False, shape=torch.Size(plan.global_shapes[i]), stride=torch.empty(plan.global_shapes[i], device="meta").stride())
             leaf = dt.full_tensor()
         out.append(leaf)
-    return layout.rebuild(out)
+    return out
