@@ -282,3 +282,63 @@ def _kwargs_program():
 
 def test_keyword_arguments_are_replicated():
     assert colofn.launch(_kwargs_program, world_size=2)[0] == (Shard(0),)
+
+
+# ----------------------------------------------------------------------------- DTensor's own limits
+
+
+def _dtensor_limits_program(which):
+    g = torch.Generator().manual_seed(0)
+    with colofn.Mesh((colofn.process_count(),), ("i",)):
+        if which == "vocab_embedding":  # vocab-sharded table, then a row-sharded matmul
+            f = jit(lambda t, e, w: F.embedding(t, e) @ w, in_shardings=(P(), P("i"), P("i")))
+            return f(torch.randint(0, 4, (2, 2), generator=g), torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g))
+        if which == "view":  # removing a (trivially) sharded dim of size 1
+            return jit(lambda x: x.reshape(1, 2), in_shardings=P(None, "i"))(torch.ones(1, 1, 2))
+        if which == "user_error":
+            return jit(lambda x, w: x @ w, in_shardings=(P("i"), P()))(torch.ones(4, 3), torch.ones(4, 5))
+        h = torch.randn(2, 4, 4, dtype=torch.float64, generator=g)
+        mix = torch.randn(4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        args = (h, mix)
+        if which == "stride0_grad":  # a sum's stride-0 gradient reaching a redistributed matmul output
+            f = jit(lambda h, m: with_sharding_constraint((h.transpose(1, 2) @ m).transpose(1, 2), P("i")).sum(1))
+        else:  # "mean_backward": a mean over a sharded dim, its gradient a pending sum
+            w2 = torch.randn(4, 4, dtype=torch.float64, generator=g)
+
+            def body(h, m, w2):
+                y = ((h @ w2).transpose(1, 2) @ m).transpose(1, 2)
+                y = with_sharding_constraint(y - y.mean(-1, keepdim=True), P(None, "i"))
+                return (y @ w2).sum(1)
+
+            f, args = jit(body, in_shardings=(P(), P(), P(None, "i"))), (h, mix, w2)
+        f(*args).full_tensor().sum().backward()
+        return mix.grad
+
+
+def test_dtensor_failures_inside_its_redistributions_become_jit_errors():
+    with pytest.raises(JitError) as e:
+        colofn.launch(_dtensor_limits_program, "vocab_embedding", world_size=2)
+    text = str(e.value)
+    assert "DTensor failed to run aten.mm.default on these shardings (IndexError: The shape of the mask" in text
+    assert "limitation or bug of DTensor's sharding rules" in text and "F.embedding(t, e) @ w" in text
+    with pytest.raises(JitError, match=r"cannot run aten.view.default on these shardings without moving data") as e:
+        colofn.launch(_dtensor_limits_program, "view", world_size=1)
+    assert "input 0: float32[1, 1, 2] P(None, 'i')" in str(e.value)
+    # an error of the program itself (wrong shapes) is left as it is
+    with pytest.raises(RuntimeError, match=r"must have same reduction dim, but got \[4, 3\] X \[4, 5\]") as e:
+        colofn.launch(_dtensor_limits_program, "user_error", world_size=2)
+    assert not isinstance(e.value, JitError)
+
+
+def test_stride0_gradients_through_a_constraint():
+    got = colofn.launch(_dtensor_limits_program, "stride0_grad", world_size=2)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 4, dtype=torch.float64, generator=g)
+    mix = torch.randn(4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    (h.transpose(1, 2) @ mix).transpose(1, 2).sum(1).sum().backward()
+    assert_trees_close(got, [mix.grad, mix.grad])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="DTensor (torch 2.13): backward of a mean over a sharded dim fails with Partial(sum) -> Partial(avg)")
+def test_mean_over_a_sharded_dim_backward():
+    colofn.launch(_dtensor_limits_program, "mean_backward", world_size=2)

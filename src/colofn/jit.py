@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
-import traceback
-import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,8 +37,9 @@ from typing import Any, TypeVar, overload
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from colofn import _jit_cache, _jit_errors
 from colofn import tree as jt
-from colofn.errors import JitError, MeshError, ShardingError, format_failures
+from colofn.errors import MeshError, ShardingError, format_failures
 from colofn.mesh import Mesh, current_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
 from colofn.sharding import NamedSharding, check_spec, local_block
@@ -203,7 +201,7 @@ class Jitted:
             try:
                 out = body(*full, **kw)
             except Exception as e:
-                err = _translate(e, self.fun)
+                err = _jit_errors.translate(e, self.fun)
                 if err is None:
                     raise
                 raise err from None
@@ -211,7 +209,7 @@ class Jitted:
 
     # ------------------------------------------------------------------ compile cache
     def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any], static: list[int], mesh: Mesh | None) -> Callable[..., Any]:
-        key = _cache_key(args, kwargs, static)
+        key = _jit_cache.cache_key(args, kwargs, static)
         with self._cache_lock:
             fn = self._cache.get(key)
             if fn is not None:
@@ -223,10 +221,10 @@ class Jitted:
         prev = getattr(self._last, "key", None)
         name = _name(self.fun)
         if prev is None:
-            log.debug("jit(%s): compiling for %s", name, _describe_key(key))
+            log.debug("jit(%s): compiling for %s", name, _jit_cache.describe_key(key))
         else:
-            log.debug("jit(%s): recompiling (variant %d): %s", name, serial, _key_diff(prev, key))
-        fn = torch.compile(_fresh_entry(self.fun, f"{name}_{serial}"), dynamic=False)
+            log.debug("jit(%s): recompiling (variant %d): %s", name, serial, _jit_cache.key_diff(prev, key))
+        fn = torch.compile(_jit_cache.fresh_entry(self.fun, f"{name}_{serial}"), dynamic=False)
         with self._cache_lock:
             self._cache[key] = fn
             while len(self._cache) > _CACHE_LIMIT:
@@ -407,12 +405,41 @@ def _from_global(x: torch.Tensor, s: NamedSharding) -> DTensor:
 def _put(x: Any, s: NamedSharding) -> Any:
     if isinstance(x, DTensor):
         placements = s.to_placements(x.ndim)
-        return x if tuple(x.placements) == placements else x.redistribute(s.mesh.device_mesh, placements)
+        return x if tuple(x.placements) == placements else _redistribute(x, s.mesh.device_mesh, placements)
     if not isinstance(x, torch.Tensor):
         return x
     if x.requires_grad and torch.is_grad_enabled():
         return _Place.apply(x, s)
     return _from_global(x, s)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; the backward makes the gradient contiguous.
+
+    DTensor (torch 2.13) fails in the backward of an op whose output was
+    redistributed when the gradient arriving there has odd strides (the
+    stride-0 gradient of a ``sum``): "view size is not compatible with input
+    tensor's size and stride" (tests/test_jit.py pins it). A contiguous
+    gradient avoids it.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+
+def _redistribute(x: DTensor, device_mesh: Any, placements: Sequence[Placement]) -> DTensor:
+    if x.requires_grad and torch.is_grad_enabled():
+        x = _ContiguousGrad.apply(x)
+    return x.redistribute(device_mesh, tuple(placements))
 
 
 # ----------------------------------------------------------------------------- with_sharding_constraint
@@ -459,7 +486,7 @@ def _constrain(x: torch.Tensor, s: NamedSharding | PartitionSpec, path: str, wha
         dm, placements = _target_placements(x, s)
         if tuple(x.placements) == placements and x.device_mesh == dm:
             return x
-        return x.redistribute(dm, placements)
+        return _redistribute(x, dm, placements)
     ns = _resolve(s, current_mesh(), "with_sharding_constraint")
     return _put(x, ns)
 
@@ -520,218 +547,6 @@ def _layout_outputs(out: Any, out_shardings: Any, mesh: Mesh | None, where: str)
         if t is not None:
             y = _put(y, t)
         elif isinstance(y, DTensor) and any(isinstance(p, Partial) for p in y.placements):
-            y = y.redistribute(y.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in y.placements])
+            y = _redistribute(y, y.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in y.placements])
         outs.append(y)
     return jt.unflatten(treedef, outs)
-
-
-# ----------------------------------------------------------------------------- compile cache
-
-
-def _leaf_key(x: Any) -> Any:
-    if isinstance(x, DTensor):
-        return ("dtensor", x.device_mesh, tuple(x.placements), tuple(x.shape), x.dtype, x.requires_grad)
-    if isinstance(x, torch.Tensor):
-        return ("tensor", x.device.type, tuple(x.shape), x.dtype, x.requires_grad)
-    try:
-        hash(x)
-        return ("value", type(x), x)
-    except TypeError:
-        return ("object", type(x), id(x))
-
-
-def _cache_key(args: tuple[Any, ...], kwargs: dict[str, Any], static: list[int]) -> tuple[Any, ...]:
-    leaves, treedef = jt.flatten((tuple(a for i, a in enumerate(args) if i not in static), kwargs))
-    return (
-        treedef,
-        tuple(_leaf_key(x) for x in leaves),
-        tuple((i, type(args[i]), args[i]) for i in static),
-        torch.is_grad_enabled(),
-    )
-
-
-def _describe_leaf(k: Any) -> str:
-    if k[0] == "dtensor":
-        grad = " requires_grad" if k[5] else ""
-        return f"{str(k[4]).replace('torch.', '')}{list(k[3])} {_spec_text(k[2], k[1].mesh_dim_names)}{grad}"
-    if k[0] == "tensor":
-        return f"{str(k[3]).replace('torch.', '')}{list(k[2])} plain" + (" requires_grad" if k[4] else "")
-    return f"{k[1].__name__} {k[2]!r:.30}" if k[0] == "value" else k[1].__name__
-
-
-def _describe_key(key: tuple[Any, ...]) -> str:
-    parts = [f"leaf {i}: {_describe_leaf(k)}" for i, k in enumerate(key[1])]
-    parts += [f"static arg {i}={v!r:.40}" for i, _, v in key[2]]
-    return "; ".join(parts) or "no arguments"
-
-
-def _key_diff(old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
-    if old[0] != new[0]:
-        return f"argument structure changed from {old[0]} to {new[0]}"
-    diffs = [
-        f"leaf {i}: {_describe_leaf(a)} -> {_describe_leaf(b)}"
-        for i, (a, b) in enumerate(zip(old[1], new[1], strict=True))
-        if a != b
-    ]
-    diffs += [f"static arg {a[0]}: {a[2]!r:.30} -> {b[2]!r:.30}" for a, b in zip(old[2], new[2], strict=False) if a != b]
-    if old[3] != new[3]:
-        diffs.append(f"grad mode {old[3]} -> {new[3]}")
-    if not diffs and old[1] != new[1]:
-        diffs.append("the mesh changed (another rank or world)")
-    return "; ".join(diffs) or "new variant (another rank, world or mesh)"
-
-
-def _fresh_entry(f: Callable[..., Any], tag: str) -> Callable[..., Any]:
-    """A function calling ``f`` with a code object of its own.
-
-    Dynamo keys its cache (and its recompile limit) on the top frame's code
-    object. One fresh code object per variant keeps the variants of every rank
-    and every simulated world apart, instead of piling them on one code object
-    until dynamo's recompile limit silently falls back to eager.
-    """
-
-    def entry(*args: Any, **kwargs: Any) -> Any:
-        return f(*args, **kwargs)
-
-    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in tag)
-    code = entry.__code__.replace(co_name=f"colofn_jit_{safe}")
-    return types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    c: BaseException | None = e
-    while c is not None and c not in out:
-        out.append(c)
-        c = c.__cause__ or c.__context__
-    return out
-
-
-def _find_schema(chain: list[BaseException]) -> Any:
-    """DTensor's ``OpSchema`` of the failing op, read from the frames that raised (None if not found)."""
-    try:
-        from torch.distributed.tensor._op_schema import OpSchema
-    except ImportError:  # pragma: no cover - private module moved
-        return None
-    for c in chain:
-        tb = c.__traceback__
-        while tb is not None:
-            loc = tb.tb_frame.f_locals
-            for name in ("op_schema", "op_info"):
-                v = loc.get(name)
-                v = getattr(v, "schema", v)
-                if isinstance(v, OpSchema):
-                    return v
-            tb = tb.tb_next
-    return None
-
-
-_SKIP_DIRS = tuple(
-    os.path.dirname(m.__file__) + os.sep for m in (torch, functools) if getattr(m, "__file__", None)
-) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
-
-
-def _user_line(e: BaseException) -> str:
-    """``file:line, in fn: source`` of the innermost frame outside torch and colofn."""
-    found = ""
-    for fs in traceback.extract_tb(e.__traceback__):
-        if not os.path.abspath(fs.filename).startswith(_SKIP_DIRS) and "contextlib" not in fs.filename:
-            found = f"{fs.filename}:{fs.lineno}, in {fs.name}: {(fs.line or '').strip()}"
-    return found
-
-
-def _spec_text(placements: Sequence[Placement], names: Sequence[str] | None) -> str:
-    names = tuple(names or (f"axis{i}" for i in range(len(placements))))
-    by_dim: dict[int, list[str]] = {}
-    pending = []
-    for n, p in zip(names, placements, strict=False):
-        if isinstance(p, Shard):
-            by_dim.setdefault(p.dim, []).append(n)
-        elif isinstance(p, Partial):
-            pending.append(n)
-    ndim = max(by_dim) + 1 if by_dim else 0
-    entries = [None if d not in by_dim else by_dim[d][0] if len(by_dim[d]) == 1 else tuple(by_dim[d]) for d in range(ndim)]
-    text = "P(" + ", ".join(repr(e) for e in entries) + ")"
-    if pending:
-        text += f" pending sum over {tuple(pending)}"
-    return text
-
-
-def _describe_spec(spec: Any) -> str:
-    meta = getattr(spec, "tensor_meta", None)
-    shape = f"{str(meta.dtype).replace('torch.', '')}{list(meta.shape)}" if meta is not None else "tensor"
-    names = spec.mesh.mesh_dim_names
-    mesh = "mesh(" + ", ".join(f"{n}={s}" for n, s in zip(names or (), spec.mesh.shape, strict=False)) + ")"
-    return f"{shape} {_spec_text(spec.placements, names)} on {mesh}, placements {tuple(spec.placements)}"
-
-
-def _inputs(schema: Any) -> tuple[list[str], bool]:
-    """One line per input of the op, and whether every DTensor input is replicated."""
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec
-
-    lines: list[str] = []
-    replicated = True
-
-    def add(label: str, v: Any) -> None:
-        nonlocal replicated
-        if isinstance(v, DTensorSpec):
-            lines.append(f"{label}: {_describe_spec(v)}")
-            replicated &= all(isinstance(p, Replicate) for p in v.placements)
-        elif isinstance(v, list | tuple) and any(isinstance(i, DTensorSpec) for i in v):
-            for j, i in enumerate(v):
-                add(f"{label}[{j}]", i)
-
-    for i, a in enumerate(schema.args_schema):
-        add(f"input {i}", a)
-    for k, a in schema.kwargs_schema.items():
-        add(f"input {k!r}", a)
-    return lines, replicated
-
-
-def _last_line(e: BaseException | None) -> str:
-    """The first line of the innermost cause's message."""
-    inner = _chain(e)[-1] if e is not None else None
-    return str(inner).strip().split("\n")[0][:200] if inner is not None else ""
-
-
-def _translate(e: BaseException, f: Callable[..., Any]) -> JitError | None:
-    """A :class:`JitError` for DTensor's missing-rule failures; None for any other error."""
-    chain = _chain(e)
-    missing = next((c for c in chain if isinstance(c, NotImplementedError) and "does not have a sharding strategy" in str(c)), None)
-    failed = next((c for c in chain if "Sharding propagation failed" in str(c)), None)
-    if missing is None and failed is None:
-        return None
-    schema = _find_schema(chain)
-    op = str(schema.op) if schema is not None else str(missing or failed).split()[1 if missing else 0].strip(".")
-    lines, replicated = _inputs(schema) if schema is not None else (["(input shardings unknown)"], False)
-    where = _user_line(e)
-    name = _name(f)
-    if missing is not None:
-        head = f"jit of {name!r}: DTensor has no sharding rule for {op}, so it cannot run on DTensors:"
-        fix = (
-            f"DTensor cannot run {op} on any sharding. Run this part per block with colofn.shard_map "
-            "(its body sees plain local tensors), or on global values (x.full_tensor()) if it is small"
-        )
-    elif any(type(c).__name__ in ("DynamicOutputShapeException", "DataDependentOutputException") for c in chain):
-        head = (
-            f"jit of {name!r}: the output shape of {op} depends on the values of its inputs, so DTensor "
-            "cannot propagate a sharding for it:"
-        )
-        fix = (
-            "compute it on global values (for instance torch.unique(x.full_tensor())), or per block "
-            "with colofn.shard_map"
-        )
-    else:
-        cause = _last_line(failed)
-        head = f"jit of {name!r}: DTensor's sharding rule for {op} failed on these inputs ({cause}):"
-        fix = (
-            "run this part per block with colofn.shard_map"
-            if replicated
-            else "with_sharding_constraint(x, P()) on the sharded inputs just before this op (replicated "
-            "inputs take another rule), or run this part per block with colofn.shard_map"
-        )
-    failures = lines + ([f"at {where}"] if where else [])
-    return JitError(format_failures(head, failures, fix=fix), original=e)
