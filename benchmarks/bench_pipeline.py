@@ -1,7 +1,7 @@
 """colofn's pipeline runtime versus ``torch.distributed.pipelining``, side by side in one run.
 
-The same MLP (``--width``, ``--layers`` tanh layers per stage), data, schedule
-and microbatches in both, on real gloo processes (world 2 and 4) and on colofn's
+The same MLP (8 tanh layers of width 512, split evenly over the stages, so every
+schedule computes the same model), data, schedule and microbatches in both, on real gloo processes (world 2 and 4) and on colofn's
 simulated world. For each pair of equivalent schedules:
 
 * step time: median over the timed steps of the slowest rank's wall time (all
@@ -52,10 +52,12 @@ PAIRS = [  # colofn schedule, chunks, torch.distributed.pipelining class
 
 
 def make_params(num_stages: int, cfg: dict) -> list[list[dict[str, torch.Tensor]]]:
+    """``cfg["depth"]`` layers in all, ``depth / num_stages`` per stage."""
     g = torch.Generator().manual_seed(0)
     w = cfg["width"]
+    per_stage = cfg["depth"] // num_stages
     return [[{"w": torch.randn(w, w, generator=g) / w**0.5, "b": torch.randn(w, generator=g) / 10}
-             for _ in range(cfg["layers"])] for _ in range(num_stages)]
+             for _ in range(per_stage)] for _ in range(num_stages)]
 
 
 def stage_fn(layers: list[dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +130,7 @@ def torch_step(cls_name: str, schedule: pipeline.Schedule, params: list, mesh: c
 
     def grads() -> dict:
         return {s: [{"w": m[2 * i].weight.grad.T, "b": m[2 * i].bias.grad}
-                    for i in range(cfg["layers"])] for s, m in modules.items()}
+                    for i in range(len(m) // 2)] for s, m in modules.items()}
 
     step.grads = grads  # type: ignore[attr-defined]
     return step
@@ -238,6 +240,14 @@ def print_table(rows: list[dict]) -> None:
         name = f"{r['schedule']}" + (f" (chunks {r['chunks']})" if r["chunks"] > 1 else "")
         print(f"| {r['world']} | {r['backend']} | {name} | {r['torch']} | {r['colofn_ms']:.1f} | "
               f"{torch_ms} | {ratio} | {diff} | {fmt} | {pred} |")
+    groups: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["torch_ms"] is not None:
+            groups[(r["world"], r["backend"])].append(r["torch_ms"] / r["colofn_ms"])
+    for (world, backend), ratios in groups.items():
+        print(f"\ngeometric mean of torch / colofn, world {world} {backend}: "
+              f"{statistics.geometric_mean(ratios):.2f}", end="")
+    print()
     errors = {(r["backend"], r["error"]) for r in rows if r["error"]}
     for backend, err in sorted(errors):
         print(f"\ntorch.distributed.pipelining on {backend}: {err}")
@@ -250,8 +260,8 @@ def main() -> None:
     ap.add_argument("--sim-torch", action="store_true", default=True,
                     help="also try torch's pipelining on the simulated world")
     args = ap.parse_args()
-    cfg = {"width": 512, "layers": 2, "microbatches": 8, "microbatch_size": 32, "warmup": 2,
-           "steps": 6}
+    cfg = {"width": 512, "depth": 8, "microbatches": 8, "microbatch_size": 32, "warmup": 2,
+           "steps": 8}
     if args.quick:
         cfg.update(width=64, microbatch_size=8, steps=3, warmup=1)
     print(f"# bench_pipeline: {cfg}, torch {torch.__version__}, 1 intra-op thread per rank, "

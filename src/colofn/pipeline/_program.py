@@ -31,7 +31,7 @@ LOSS_LINK = -1
 class Link(NamedTuple):
     """Values flowing from stage ``src`` to stage ``dst``; ``names=None`` is the chain link."""
 
-    index: int
+    key: int  # position in the tuple of links; messages name their link by it
     src: int
     dst: int
     names: tuple[str, ...] | None
@@ -84,7 +84,7 @@ def message_tag(link: Link, payload: Payload, microbatch: int, num_stages: int,
     if link.names is None:  # the plan's tag: by the producing stage (src for F, dst for B/I)
         producer = link.dst if grad else link.src
         return (2 * producer + grad) * num_microbatches + microbatch
-    j = link.index - (num_stages - 1)
+    j = link.key - (num_stages - 1)
     return 2 * num_stages * num_microbatches + (2 * j + grad) * num_microbatches + microbatch
 
 
@@ -110,7 +110,7 @@ def programs(schedule: Schedule, links: tuple[Link, ...]) -> tuple[tuple[Op, ...
         out_of.setdefault(link.src, []).append(link)
 
     def msg(payload: Payload, link: Link, m: int, peer: int) -> Msg:
-        return Msg(payload, link.index, m, peer, message_tag(link, payload, m, S, M))
+        return Msg(payload, link.key, m, peer, message_tag(link, payload, m, S, M))
 
     result = []
     for rank, row in enumerate(steps):

@@ -499,8 +499,8 @@ class _Step:
         else:
             x = None
             for link in self.into[s]:
-                value = jt.map(_as_input, self.acts.pop((link.index, m)))
-                inputs[link.index] = _floating(jt.leaves(value))
+                value = jt.map(_as_input, self.acts.pop((link.key, m)))
+                inputs[link.key] = _floating(jt.leaves(value))
                 x = value if link.names is None else _merge(x, value, link)
         params = self.params[s]
         fn = self.pipe.stages[s]
@@ -525,13 +525,13 @@ class _Step:
         for link in self.out_of[s]:
             value = _route(y, link, routed, s)
             leaves, treedef = jt.flatten(value)
-            outputs[link.index] = _floating(leaves)
+            outputs[link.key] = _floating(leaves)
             if self.rank_of[link.dst] == self.me:
-                self.acts[(link.index, m)] = value
+                self.acts[(link.key, m)] = value
                 continue
             meta = meta_of(treedef, leaves)
-            self._check_meta(link.index, meta, f"stage {s}'s output for microbatch {m}")
-            msg = next(x for x in op.sends if x.link == link.index)
+            self._check_meta(link.key, meta, f"stage {s}'s output for microbatch {m}")
+            msg = next(x for x in op.sends if x.link == link.key)
             sends.append((msg, leaves, meta if self.discovery else None))
         self.saved[(s, m)] = _Saved(inputs, outputs)
         return sends
@@ -558,7 +558,7 @@ class _Step:
             del self.saved[(s, m)]
         else:
             saved.pending = (outs, grads)
-        sends = []
+        sends: list[tuple[Msg, list[torch.Tensor], Meta | None]] = []
         k = 0
         for link, leaves in saved.inputs.items():
             part, k = list(found[k:k + len(leaves)]), k + len(leaves)
