@@ -26,6 +26,8 @@ The stage-function contract
   ``torch.autograd.grad`` with respect to the parameters and to every
   floating-point leaf of ``x``; integer leaves (token ids, masks) pass along
   without gradients. Stage functions must not mutate their inputs.
+* Stage functions get this rank's local tensors; for collectives over other
+  mesh axes inside a stage, wrap it in :func:`colofn.shard_map.per_device`.
 * Loss terms computed on earlier stages (say a mixture-of-experts balancing
   loss) travel as a leaf of the activations: stage ``s`` returns
   ``{"h": h, "aux": x["aux"] + aux_s}`` and the last stage adds ``x["aux"]``
