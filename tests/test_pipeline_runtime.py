@@ -471,3 +471,28 @@ def test_skip_source_must_return_a_dict():
     assert kind is TreeError
     assert text == ("Pipeline: stage 0 has skips ('e'), so it must return a dict holding them; "
                     "it returned a Tensor.")
+
+
+def test_meta_inputs_off_stage_zero_and_new_shapes_on_the_same_pipeline():
+    """Ranks without stage 0 may pass meta tensors as inputs (only shapes are read), the
+    rank without the last stage may pass no targets, and a new batch size is learned again."""
+    schedule = pipeline.zbv(2, 2)  # stages 0 and 3 on rank 0, 1 and 2 on rank 1
+    params = make_params(4)
+    x4, t4 = batch(4)
+    x8, t8 = batch(8, seed=2)
+
+    def program():
+        mesh = colofn.Mesh((2,), ("pp",))
+        pipe = Pipeline([mlp] * 4, schedule, loss_fn=mse, mesh=mesh)
+        out = []
+        for x, t in ((x4, t4), (x8, t8), (x4, t4)):
+            first = mesh.axis_index("pp") == 0
+            res = pipe(params, x if first else x.to("meta"), t if first else None)
+            out.append((res.loss, gather_stages(res.grads, mesh=mesh)))
+        return out
+
+    for per_rank in colofn.launch(program, world_size=2):
+        for (loss, grads), (x, t) in zip(per_rank, ((x4, t4), (x8, t8), (x4, t4)), strict=True):
+            want_loss, want_grads = reference(params, x, t)
+            assert_trees_close(loss, want_loss)
+            assert_trees_close(grads, want_grads)
