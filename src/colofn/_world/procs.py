@@ -12,6 +12,7 @@ import datetime
 import os
 import pickle
 import queue
+import re
 import tempfile
 import time
 import traceback
@@ -57,6 +58,17 @@ def _worker(
         except Exception:  # noqa: BLE001 - an unpicklable exception
             payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
         results.put((rank, False, (payload, tb)))
+
+
+_SECONDARY = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|Read error|Write error|"
+    r"NCCL communicator was aborted"
+)
+
+
+def _secondary(e: BaseException) -> bool:
+    """Whether ``e`` is a transport error that another rank's failure can cause."""
+    return isinstance(e, RuntimeError) and bool(_SECONDARY.search(str(e)))
 
 
 def run(
@@ -119,12 +131,10 @@ def run(
                     p.kill()
                     p.join()
     if failures:
-        # Prefer a user error over the collective errors it caused in the other ranks.
-        def secondary(e: BaseException) -> bool:
-            text = str(e)
-            return isinstance(e, RuntimeError) and ("Connection closed" in text or "Timed out" in text or "timed out" in text)
-
-        failures.sort(key=lambda f: (secondary(f[1]), f[0]))
+        # Prefer a user error over the collective errors it caused in the other ranks
+        # (a peer that raised closes its sockets: the others read "Connection reset by
+        # peer", "Connection closed by peer", "Broken pipe" or time out).
+        failures.sort(key=lambda f: (_secondary(f[1]), f[0]))
         rank, exc, tb = failures[0]
         if hasattr(exc, "add_note"):
             exc.add_note(f"(raised on rank {rank} of a {backend} world of {world_size})")
