@@ -5,8 +5,7 @@ Write a model once as a pure function over a parameter pytree, say with
 simulated devices (threads) or on a real ``torch.distributed`` job.
 """
 
-from colofn import checkpoint, errors, random, tree
-from colofn import zero
+from colofn import checkpoint, errors, random, tree, zero
 from colofn.collectives import (
     all_gather,
     all_to_all,

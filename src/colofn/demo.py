@@ -61,11 +61,11 @@ def train_parallel(steps: int, dp: int, tp: int) -> list[float]:
     for step in range(steps):
         params = colofn.tree.map(lambda t: t.detach().requires_grad_(), params)
         loss = loss_fn(params, *batch(step))
-        grads = torch.autograd.grad(loss.to_local(), colofn.tree.leaves(params))
+        grads = torch.autograd.grad(loss.to_local(), colofn.tree.leaves(params))  # type: ignore[attr-defined]
         grads = colofn.tree.unflatten(colofn.tree.structure(params), grads)
         updates, state = opt.update(grads, state, params)
         params = optim.apply_updates(params, updates)
-        losses.append(loss.to_local().item())
+        losses.append(loss.to_local().item())  # type: ignore[attr-defined]
     return losses
 
 

@@ -286,7 +286,7 @@ def register_dataclass(
             return c(**kw)
 
         optree.register_pytree_node(
-            c, flatten_fn, unflatten_fn, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
+            c, flatten_fn, unflatten_fn, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE  # type: ignore[arg-type]
         )
 
         # torch's pytree treats None as a leaf (and torch.func.grad rejects non-tensor

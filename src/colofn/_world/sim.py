@@ -117,7 +117,7 @@ def _install() -> _PerRankC10dWorld:
 
         _installed = _PerRankC10dWorld(c10d._world)
         c10d._world = _installed
-        torch._C._distributed_c10d._set_thread_isolation_mode(True)
+        torch._C._distributed_c10d._set_thread_isolation_mode(True)  # type: ignore[attr-defined]
         _patch_device_mesh()
         return _installed
 
@@ -192,10 +192,11 @@ def _abandon(index: int) -> None:
 def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], world_size: int, timeout: float) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on every rank of a new simulated world; see ``colofn.launch``."""
     # Checked before taking the lock: the outer launch holds it while it waits for this rank.
-    if sim_backend.current() is not None:
+    outer = sim_backend.current()
+    if outer is not None:
         raise WorldError(
             "colofn.launch(backend='sim') cannot be nested inside a simulated world "
-            f"(called from rank {sim_backend.current()[1]}); call the function directly, "
+            f"(called from rank {outer[1]}); call the function directly, "
             "or launch the worlds one after the other"
         )
     c10d_world = _install()

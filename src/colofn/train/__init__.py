@@ -26,7 +26,7 @@ def train(cfg: TrainConfig) -> int:
         initialize()
         records = [rank_program(cfg)]
     else:
-        records = launch(rank_program, cfg, world_size=cfg.world_size, backend=cfg.backend)
+        records = launch(rank_program, cfg, world_size=cfg.world_size, backend=cfg.backend)  # type: ignore[arg-type]
     record = records[0]
     from colofn.world import process_index
 

@@ -39,7 +39,7 @@ from colofn.parallel import (
     stage_slice,
 )
 from colofn.parallel.gpt import local_loss, stage_forward
-from colofn.partition_spec import P
+from colofn.partition_spec import P, PartitionSpec
 from colofn.sharding import NamedSharding, gather, local_block
 
 Tree = Any
@@ -137,7 +137,7 @@ class PipelineTrainer:
     def _local(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
 
-    def _stage_fn(self, s: int, act: P, tok: P, last: bool) -> Any:
+    def _stage_fn(self, s: int, act: PartitionSpec, tok: PartitionSpec, last: bool) -> Any:
         from colofn.shard_map import per_device
 
         mcfg, plan, layers = self.mcfg, self.plan, self.ranges[s]
@@ -160,7 +160,7 @@ class PipelineTrainer:
         return float(result.loss)
 
     def _global(self, tree: Tree, s: int) -> Tree:
-        def full(x: torch.Tensor, spec: P) -> torch.Tensor:
+        def full(x: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
             sh = NamedSharding(self.mesh, spec)
             shape = list(x.shape)
             for d in range(len(spec)):

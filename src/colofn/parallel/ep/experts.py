@@ -87,11 +87,9 @@ def expert_parallel(
     at = dest * room + torch.arange(len(expert), device=tokens.device) - start[dest]
     buffer = tokens.new_zeros(n * room, tokens.shape[-1]).index_copy(0, at, tokens[tok])
     received = all_to_all(buffer.reshape(n, room, -1), axis, 0, 0, tiled=True).reshape(n * room, -1)
-    rows, local = _received_rows(table, me * n_local, n_local, room)
-    rows, local = (
-        torch.tensor(rows, dtype=torch.int64, device=tokens.device),
-        torch.tensor(local, dtype=torch.int64, device=tokens.device),
-    )
+    row_list, local_list = _received_rows(table, me * n_local, n_local, room)
+    rows = torch.tensor(row_list, dtype=torch.int64, device=tokens.device)
+    local = torch.tensor(local_list, dtype=torch.int64, device=tokens.device)
     out = torch.zeros_like(received).index_copy(
         0, rows, grouped_mlp(params, received[rows], local, config)
     )
