@@ -35,9 +35,11 @@ back = colofn.gather(xs)
 gather_ok = torch.equal(back["x"], x) and torch.equal(back["b"], torch.ones(8))
 
 ok = n == 4 and block_ok and allreduce_ok and tp_ok and gather_ok
-print(
+line = (
     f"VERDICT rank={r} world={n} dp={dp} tp={tp} backend={dist.get_backend()} "
     f"block={block_ok} all_reduce={allreduce_ok} tp_reduce={tp_ok} gather={gather_ok} "
-    f"{'OK' if ok else 'FAIL'}",
-    flush=True,
+    f"{'OK' if ok else 'FAIL'}\n"
 )
+# One write per line: print() writes the text and the newline separately, and the
+# four torchrun processes share one stdout pipe.
+print(line, end="", flush=True)
