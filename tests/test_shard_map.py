@@ -844,3 +844,19 @@ def test_error_dtensor_argument_on_another_mesh():
     assert every_rank_equal(colofn.launch(program, world_size=4)).startswith(
         "  * args[0], where args[0] is bound to f's parameter 'w', is a DTensor on another mesh ("
     )
+
+
+def _in_place_program(x):
+    mesh = colofn.Mesh((2,), ("i",))
+
+    def body(b):
+        b.add_(1.0)  # mutating a block must not reach the other simulated ranks
+        return b
+
+    return colofn.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P())(x).to_local().tolist()
+
+
+def test_in_place_op_on_a_block_stays_on_its_rank_in_the_simulated_world():
+    x = torch.zeros(2)
+    assert colofn.launch(_in_place_program, x, world_size=2) == [[1.0, 1.0], [1.0, 1.0]]
+    assert x.tolist() == [0.0, 0.0]

@@ -25,6 +25,7 @@ from colofn.errors import SpecError, format_failures
 from colofn.mesh import Mesh, get_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
 from colofn.sharding import NamedSharding, local_block, spec_mesh_failures, spec_shape_failures
+from colofn.world import in_simulated_world
 
 __all__ = ["per_device", "shard_map"]
 
@@ -216,6 +217,10 @@ def _enter(x: torch.Tensor, spec: PartitionSpec, mesh: Mesh, comm: DistComm, che
             g = comm.all_gather(g, axes, d)
         return g
 
+    if in_simulated_world():
+        # Simulated ranks are threads sharing the caller's tensor: give each its own
+        # block, as a process of a real world has, so an in-place op stays local.
+        return op(x, lambda t: local_block(t, spec, mesh).clone(), bwd)
     return op(x, lambda t: local_block(t, spec, mesh), bwd)
 
 
