@@ -363,7 +363,7 @@ def _place_tree(tree: Any, shardings: Any, mesh: Mesh | None, where: str, sname:
         failures += _fit_failures(x, ns, p)
     if failures:
         raise ShardingError(format_failures(f"{where}: {len(failures)} argument(s) do not fit {sname}:", failures, fix=_FIX_SPEC))
-    out = [x if t is None else _put(x, t) for (_, x), t in zip(pairs, targets, strict=True)]
+    out = [_entry(x) if t is None else _put(_entry(x), t) for (_, x), t in zip(pairs, targets, strict=True)]
     return jt.unflatten(treedef, out)
 
 
@@ -400,6 +400,38 @@ def _from_global(x: torch.Tensor, s: NamedSharding) -> DTensor:
     local = local_block(x, s.spec, s.mesh).contiguous()
     placements = s.to_placements(x.ndim)
     return DTensor.from_local(local, s.mesh.device_mesh, placements, run_check=False, shape=x.shape, stride=x.contiguous().stride())
+
+
+class _GradAs(torch.autograd.Function):
+    """Identity forward; the backward lays the gradient out like the forward input.
+
+    DTensor leaves gradients in whatever layout the backward ops give (a
+    pending sum, another shard), so two programs can leave a parameter's
+    ``.grad`` in two layouts, and accumulating them then fails ("redistribute
+    from S(0) to P(sum) not supported"). Under jit a DTensor argument's
+    gradient always has the argument's own layout.
+    """
+
+    @staticmethod
+    def forward(x: DTensor) -> DTensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.mesh, ctx.placements = inputs[0].device_mesh, tuple(inputs[0].placements)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(g, DTensor) and (tuple(g.placements) != ctx.placements or g.device_mesh != ctx.mesh):
+            g = g.redistribute(ctx.mesh, ctx.placements)
+        return g
+
+
+def _entry(x: Any) -> Any:
+    """A DTensor argument as the body sees it: its gradient comes back in its own layout."""
+    if isinstance(x, DTensor) and x.requires_grad and torch.is_grad_enabled():
+        return _GradAs.apply(x)
+    return x
 
 
 def _put(x: Any, s: NamedSharding) -> Any:
