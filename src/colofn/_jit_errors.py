@@ -50,7 +50,7 @@ def _find_schema(chain: list[BaseException]) -> Any:
 
 
 _SKIP_DIRS = tuple(
-    os.path.dirname(m.__file__) + os.sep for m in (torch, functools) if getattr(m, "__file__", None)
+    os.path.dirname(f) + os.sep for f in (torch.__file__, functools.__file__) if f
 ) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 

@@ -413,7 +413,7 @@ class _GradAs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: DTensor) -> DTensor:  # type: ignore[override]
+    def forward(x: DTensor) -> torch.Tensor:  # type: ignore[override]
         return x.view_as(x)
 
     @staticmethod

@@ -98,13 +98,13 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
     except BaseException as e:
         if rank == 0 and tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        failures = _dcp_failures(e)
-        if failures is not None:  # DCP's own error type is a BaseException: make it an ordinary one
-            text = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
+        by_rank = _dcp_failures(e)
+        if by_rank is not None:  # DCP's own error type is a BaseException: make it an ordinary one
+            text = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(by_rank.items()))
             raise CheckpointSaveError(
-                f"colofn.checkpoint.save({path!r}) failed on rank(s) {sorted(failures)} ({text}); "
+                f"colofn.checkpoint.save({path!r}) failed on rank(s) {sorted(by_rank)} ({text}); "
                 f"{path} was left as it was",
-                failures,
+                by_rank,
             ) from e
         if hasattr(e, "add_note"):
             e.add_note(f"colofn.checkpoint.save({path!r}) did not complete; {path} was left as it was")
