@@ -290,9 +290,13 @@ def test_keyword_arguments_are_replicated():
 def _dtensor_limits_program(which):
     g = torch.Generator().manual_seed(0)
     with colofn.Mesh((colofn.process_count(),), ("i",)):
-        if which == "vocab_embedding":  # vocab-sharded table, then a row-sharded matmul
-            f = jit(lambda t, e, w: F.embedding(t, e) @ w, in_shardings=(P(), P("i"), P("i")))
-            return f(torch.randint(0, 4, (2, 2), generator=g), torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g))
+        if which == "vocab_embedding":  # vocab-sharded table, then a row-sharded matmul and a gelu
+            f = jit(lambda t, e, w: F.gelu(F.embedding(t, e) @ w), in_shardings=(P(), P("i"), P("i")))
+            e, w = torch.randn(4, 4, generator=g).requires_grad_(), torch.randn(4, 4, generator=g)
+            f(torch.randint(0, 4, (2, 2), generator=g), e, w).full_tensor().pow(2).sum().backward()
+            return e.grad
+        if which == "uneven_view":
+            return jit(lambda x: x.view(2, 3, 2), in_shardings=P(None, "i"))(torch.ones(2, 6))
         if which == "view":  # removing a (trivially) sharded dim of size 1
             return jit(lambda x: x.reshape(1, 2), in_shardings=P(None, "i"))(torch.ones(1, 1, 2))
         if which == "user_error":
@@ -315,12 +319,24 @@ def _dtensor_limits_program(which):
         return mix.grad
 
 
-def test_dtensor_failures_inside_its_redistributions_become_jit_errors():
+def test_vocab_sharded_embedding_is_settled_right_away():
+    # DTensor alone fails here twice: an IndexError reduce-scattering the lookup, and a bare
+    # AssertionError when the gelu's backward reduces the same pending sum a second time.
+    got = colofn.launch(_dtensor_limits_program, "vocab_embedding", world_size=2)
+    g = torch.Generator().manual_seed(0)
+    e, w = torch.randn(4, 4, generator=g).requires_grad_(), torch.randn(4, 4, generator=g)
+    t = torch.randint(0, 4, (2, 2), generator=g)  # drawn in the program's order
+    F.gelu(F.embedding(t, e) @ w).pow(2).sum().backward()
+    assert_trees_close(got, [e.grad, e.grad])
+
+
+def test_dtensor_failures_inside_its_dispatch_become_jit_errors():
     with pytest.raises(JitError) as e:
-        colofn.launch(_dtensor_limits_program, "vocab_embedding", world_size=2)
+        colofn.launch(_dtensor_limits_program, "uneven_view", world_size=2)
     text = str(e.value)
-    assert "DTensor failed to run aten.mm.default on these shardings (IndexError: The shape of the mask" in text
-    assert "limitation or bug of DTensor's sharding rules" in text and "F.embedding(t, e) @ w" in text
+    assert "DTensor failed to run aten.view.default on these shardings (RuntimeError: Cannot unflatten unevenly sharded tensor" in text
+    assert "limitation or bug of DTensor's sharding rules" in text and "x.view(2, 3, 2)" in text
+    assert "input 0: float32[2, 6] P(None, 'i') on mesh(i=2), placements (Shard(dim=1),)" in text
     with pytest.raises(JitError, match=r"cannot run aten.view.default on these shardings without moving data") as e:
         colofn.launch(_dtensor_limits_program, "view", world_size=1)
     assert "input 0: float32[1, 1, 2] P(None, 'i')" in str(e.value)

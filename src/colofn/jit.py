@@ -36,6 +36,7 @@ from typing import Any, TypeVar, overload
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.overrides import TorchFunctionMode
 
 from colofn import _jit_cache, _jit_errors
 from colofn import tree as jt
@@ -535,20 +536,69 @@ def _compiling() -> bool:
     return bool(torch.compiler.is_dynamo_compiling())
 
 
+_EMBEDDINGS = frozenset({torch.nn.functional.embedding, torch.embedding})
+
+
+def _mask_partial(p: Placement) -> bool:
+    return type(p).__name__ == "_MaskPartial"
+
+
+class _SettleEmbeddings(TorchFunctionMode):
+    """Reduce a vocab-sharded embedding's pending sum right away.
+
+    DTensor's embedding rule leaves its output as a ``_MaskPartial`` whose
+    mask is state used up by the first reduction. Consumed twice (an op's
+    forward and the same op's saved input in the backward) it fails with a bare
+    ``AssertionError``; reduce-scattered along the hidden dim it fails with an
+    IndexError (torch 2.13). One all-reduce right after the lookup avoids both.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _EMBEDDINGS and isinstance(out, DTensor) and any(_mask_partial(p) for p in out.placements):
+            settled = _redistribute(out, out.device_mesh, [Replicate() if _mask_partial(p) else p for p in out.placements])
+            out = _ReduceGrad.apply(settled) if settled.requires_grad and torch.is_grad_enabled() else settled
+        return out
+
+
+class _ReduceGrad(torch.autograd.Function):
+    """Identity forward; the backward reduces a pending-sum gradient to Replicate.
+
+    The backward of a redistribute from ``_MaskPartial`` accepts a replicated
+    gradient but not a ``Partial(sum)`` one ("Redistribution from one partial
+    type (P(sum)) to another (MaskP...) is unsupported").
+    """
+
+    @staticmethod
+    def forward(x: DTensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(g, DTensor) and any(isinstance(p, Partial) for p in g.placements):
+            g = g.redistribute(g.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in g.placements])
+        return g
+
+
 @contextmanager
 def _inside(mesh: Mesh | None) -> Iterator[None]:
-    """Implicit replication of plain tensors (saved and restored, per thread) and the ambient mesh."""
+    """Implicit replication of plain tensors (saved and restored, per thread), embeddings settled, the ambient mesh."""
     get = getattr(torch._C, "_get_dtensor_allow_implicit_replication", None)
     set_ = getattr(torch._C, "_set_dtensor_allow_implicit_replication", None)
     prev = get() if get is not None else False
     if set_ is not None:
         set_(True)
     try:
-        if mesh is not None and current_mesh() is not mesh:
-            with mesh:
+        with _SettleEmbeddings():
+            if mesh is not None and current_mesh() is not mesh:
+                with mesh:
+                    yield
+            else:
                 yield
-        else:
-            yield
     finally:
         if set_ is not None:
             set_(prev)
