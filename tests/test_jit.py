@@ -297,8 +297,11 @@ def _dtensor_limits_program(which):
             return e.grad
         if which == "uneven_view":
             return jit(lambda x: x.view(2, 3, 2), in_shardings=P(None, "i"))(torch.ones(2, 6))
-        if which == "view":  # removing a (trivially) sharded dim of size 1
-            return jit(lambda x: x.reshape(1, 2), in_shardings=P(None, "i"))(torch.ones(1, 1, 2))
+        if which == "size1_axis":  # a dim "sharded" over an axis of size 1 is laid out as replicated
+            x = torch.arange(6.0).reshape(1, 1, 6).requires_grad_()
+            y = jit(lambda x: x.reshape(1, 6) * 2, in_shardings=P(None, "i"))(x)
+            y.full_tensor().sum().backward()
+            return y.placements, x.grad
         if which == "user_error":
             return jit(lambda x, w: x @ w, in_shardings=(P("i"), P()))(torch.ones(4, 3), torch.ones(4, 5))
         h = torch.randn(2, 4, 4, dtype=torch.float64, generator=g)
@@ -330,6 +333,11 @@ def test_vocab_sharded_embedding_is_settled_right_away():
     assert_trees_close(got, [e.grad, e.grad])
 
 
+def test_a_mesh_axis_of_size_1_shards_nothing():
+    placements, grad = colofn.launch(_dtensor_limits_program, "size1_axis", world_size=1)[0]
+    assert placements == (Replicate(),) and torch.equal(grad, torch.full((1, 1, 6), 2.0))
+
+
 def test_dtensor_failures_inside_its_dispatch_become_jit_errors():
     with pytest.raises(JitError) as e:
         colofn.launch(_dtensor_limits_program, "uneven_view", world_size=2)
@@ -337,9 +345,6 @@ def test_dtensor_failures_inside_its_dispatch_become_jit_errors():
     assert "DTensor failed to run aten.view.default on these shardings (RuntimeError: Cannot unflatten unevenly sharded tensor" in text
     assert "limitation or bug of DTensor's sharding rules" in text and "x.view(2, 3, 2)" in text
     assert "input 0: float32[2, 6] P(None, 'i') on mesh(i=2), placements (Shard(dim=1),)" in text
-    with pytest.raises(JitError, match=r"cannot run aten.view.default on these shardings without moving data") as e:
-        colofn.launch(_dtensor_limits_program, "view", world_size=1)
-    assert "input 0: float32[1, 1, 2] P(None, 'i')" in str(e.value)
     # an error of the program itself (wrong shapes) is left as it is
     with pytest.raises(RuntimeError, match=r"must have same reduction dim, but got \[4, 3\] X \[4, 5\]") as e:
         colofn.launch(_dtensor_limits_program, "user_error", world_size=2)

@@ -396,10 +396,21 @@ class _Place(torch.autograd.Function):
         return (g.full_tensor() if isinstance(g, DTensor) else g), None
 
 
+def _trivial_replicated(placements: Sequence[Placement], device_mesh: Any) -> tuple[Placement, ...]:
+    """``placements`` with a shard along a mesh axis of size 1 written as Replicate (the same layout).
+
+    DTensor treats ``Shard`` on a size-1 axis as real sharding, and its
+    backward of a reshape then fails on the resulting strided shards ("KeyError:
+    1 ... Sharding propagation failed for aten.view"); the replicated form is
+    the same data on every rank and takes the plain rules.
+    """
+    return tuple(Replicate() if n == 1 and isinstance(p, Shard) else p for p, n in zip(placements, device_mesh.shape, strict=True))
+
+
 def _from_global(x: torch.Tensor, s: NamedSharding) -> DTensor:
     x = x.detach().to(s.mesh.device)
     local = local_block(x, s.spec, s.mesh).contiguous()
-    placements = s.to_placements(x.ndim)
+    placements = _trivial_replicated(s.to_placements(x.ndim), s.mesh.device_mesh)
     return DTensor.from_local(local, s.mesh.device_mesh, placements, run_check=False, shape=x.shape, stride=x.contiguous().stride())
 
 
@@ -430,14 +441,17 @@ class _GradAs(torch.autograd.Function):
 
 def _entry(x: Any) -> Any:
     """A DTensor argument as the body sees it: its gradient comes back in its own layout."""
-    if isinstance(x, DTensor) and x.requires_grad and torch.is_grad_enabled():
-        return _GradAs.apply(x)
-    return x
+    if not isinstance(x, DTensor):
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        x = _GradAs.apply(x)
+    trivial = _trivial_replicated(x.placements, x.device_mesh)
+    return x if trivial == tuple(x.placements) else _redistribute(x, x.device_mesh, trivial)
 
 
 def _put(x: Any, s: NamedSharding) -> Any:
     if isinstance(x, DTensor):
-        placements = s.to_placements(x.ndim)
+        placements = _trivial_replicated(s.to_placements(x.ndim), s.mesh.device_mesh)
         return x if tuple(x.placements) == placements else _redistribute(x, s.mesh.device_mesh, placements)
     if not isinstance(x, torch.Tensor):
         return x
@@ -481,13 +495,13 @@ def _redistribute(x: DTensor, device_mesh: Any, placements: Sequence[Placement])
 def _target_placements(x: DTensor, s: NamedSharding | PartitionSpec) -> tuple[Any, tuple[Placement, ...]]:
     """(device mesh, placements) that ``s`` means for DTensor ``x`` (a P means ``x``'s own mesh)."""
     if isinstance(s, NamedSharding):
-        return s.mesh.device_mesh, s.to_placements(x.ndim)
+        return s.mesh.device_mesh, _trivial_replicated(s.to_placements(x.ndim), s.mesh.device_mesh)
     names = x.device_mesh.mesh_dim_names or ()
     placements: list[Placement] = [Replicate() for _ in names]
     for d, entry in enumerate(s):
         for a in dim_axes(entry):
             placements[names.index(a)] = Shard(d)
-    return x.device_mesh, tuple(placements)
+    return x.device_mesh, _trivial_replicated(placements, x.device_mesh)
 
 
 def _constraint_failures(x: Any, s: NamedSharding | PartitionSpec, path: str) -> list[str]:
