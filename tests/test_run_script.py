@@ -92,8 +92,12 @@ def torchrun(*args: str) -> list[str]:
 
 
 def test_colofn_run_in_process(capfd: pytest.CaptureFixture[str]) -> None:
+    main_before = sys.modules["__main__"]
     assert cli.main(["run", "--devices", "4", str(SCRIPT)]) == 0
     check_verdicts(capfd.readouterr().out, "colofn_sim")
+    # The script ran as __main__ in its own namespace: the process's __main__ is
+    # untouched (else processes spawned later, e.g. a gloo world, re-run the script).
+    assert sys.modules["__main__"] is main_before
 
 
 @pytest.mark.gloo

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import runpy
+import builtins
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -11,8 +12,17 @@ from typing import Any
 
 
 def _run_script(path: str, argv: list[str]) -> None:
+    """Run the script as ``__main__`` in a namespace of its own.
+
+    Not ``runpy.run_path(run_name="__main__")``: that swaps the process-wide
+    ``sys.modules["__main__"]``, and simulated ranks are threads doing it at
+    once, which could leave the script installed as ``__main__`` (then every
+    process spawned later, say a gloo world, re-ran it on import).
+    """
     sys.argv = [path, *argv]
-    runpy.run_path(path, run_name="__main__")
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, {"__name__": "__main__", "__file__": os.path.abspath(path), "__builtins__": builtins, "__package__": None, "__spec__": None})
 
 
 class _WholeLines:
