@@ -12,6 +12,7 @@ A *world* is a set of ranks running the same program (multi-controller SPMD).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable
@@ -95,6 +96,7 @@ def initialize(backend: str | None = None, timeout: float | None = None) -> None
     """
     if dist.is_initialized():
         return
+    atexit.register(_leave_world)
     t = datetime.timedelta(seconds=DEFAULT_TIMEOUT if timeout is None else timeout)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -107,6 +109,22 @@ def initialize(backend: str | None = None, timeout: float | None = None) -> None
 
     path = os.path.join(tempfile.mkdtemp(prefix="colofn-single-"), "store")
     dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, timeout=t)
+
+
+def _leave_world() -> None:
+    """At exit, leave the world :func:`initialize` joined, all ranks together.
+
+    A process that exits with a live gloo group while a peer is still tearing
+    down can abort ("terminate called without an active exception"), which
+    torchrun reports as a failed run: synchronise, then destroy the group.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def process_index() -> int:

@@ -23,20 +23,11 @@ def train(cfg: TrainConfig) -> int:
 
     validate(cfg)
     if cfg.backend == "env":
-        import torch.distributed as dist
-
         from colofn.world import process_index
 
-        joined = not dist.is_initialized()
-        initialize()
+        initialize()  # joined worlds are left together at exit (world._leave_world)
         records = [rank_program(cfg)]
         me = process_index()
-        if joined:
-            # Leave the world we joined, together: a process that exits with a live gloo
-            # group can abort at interpreter exit ("terminate called without an active
-            # exception"), which torchrun reports as a failed run.
-            dist.barrier()
-            dist.destroy_process_group()
     else:
         records = launch(rank_program, cfg, world_size=cfg.world_size, backend=cfg.backend)  # type: ignore[arg-type]
         me = 0
