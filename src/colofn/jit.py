@@ -343,16 +343,17 @@ def _resolve(s: NamedSharding | PartitionSpec, mesh: Mesh | None, where: str) ->
     return NamedSharding(mesh, s)
 
 
-def _place_tree(tree: Any, shardings: Any, mesh: Mesh | None, where: str, sname: str, tname: str) -> Any:
-    """Lay a pytree of arguments out; every failure is collected before any communication."""
-    sh = jt.broadcast_prefix(shardings, tree, is_leaf=_is_sharding_leaf, prefix_name=sname, full_name=f"the {tname} tuple")
-    pairs, treedef = jt.flatten_with_path(tree)
+def _targets(
+    pairs: list[tuple[Any, Any]], shardings: list[Any], mesh: Mesh | None, where: str, label: str,
+    default: Callable[[Any], NamedSharding | None],
+) -> tuple[list[NamedSharding | None], list[str]]:
+    """The sharding each leaf goes to (``default(x)`` where none is given), and every reason one cannot."""
     failures: list[str] = []
     targets: list[NamedSharding | None] = []
-    for (path, x), s in zip(pairs, sh, strict=True):
-        p = tname + jt.keystr(path).replace("<root>", "")
+    for (path, x), s in zip(pairs, shardings, strict=True):
+        p = label + jt.keystr(path).replace("<root>", "")
         if s is None:
-            targets.append(NamedSharding(mesh, PartitionSpec()) if mesh is not None and _plain(x) else None)
+            targets.append(default(x))
             continue
         try:
             ns = _resolve(s, mesh, f"{where}, {p}")
@@ -362,6 +363,15 @@ def _place_tree(tree: Any, shardings: Any, mesh: Mesh | None, where: str, sname:
             continue
         targets.append(ns)
         failures += _fit_failures(x, ns, p)
+    return targets, failures
+
+
+def _place_tree(tree: Any, shardings: Any, mesh: Mesh | None, where: str, sname: str, tname: str) -> Any:
+    """Lay a pytree of arguments out; every failure is collected before any communication."""
+    sh = jt.broadcast_prefix(shardings, tree, is_leaf=_is_sharding_leaf, prefix_name=sname, full_name=f"the {tname} tuple")
+    pairs, treedef = jt.flatten_with_path(tree)
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    targets, failures = _targets(pairs, sh, mesh, where, tname, lambda x: replicated if _plain(x) else None)
     if failures:
         raise ShardingError(format_failures(f"{where}: {len(failures)} argument(s) do not fit {sname}:", failures, fix=_FIX_SPEC))
     out = [_entry(x) if t is None else _put(_entry(x), t) for (_, x), t in zip(pairs, targets, strict=True)]
@@ -621,21 +631,7 @@ def _inside(mesh: Mesh | None) -> Iterator[None]:
 def _layout_outputs(out: Any, out_shardings: Any, mesh: Mesh | None, where: str) -> Any:
     sh = jt.broadcast_prefix(out_shardings, out, is_leaf=_is_sharding_leaf, prefix_name="out_shardings", full_name="the result")
     pairs, treedef = jt.flatten_with_path(out)
-    failures: list[str] = []
-    targets: list[NamedSharding | None] = []
-    for (path, y), s in zip(pairs, sh, strict=True):
-        if s is None:
-            targets.append(None)
-            continue
-        p = "result" + jt.keystr(path).replace("<root>", "")
-        try:
-            ns = _resolve(s, mesh, f"{where}, {p}")
-        except (MeshError, ValueError) as e:
-            failures.append(str(e))
-            targets.append(None)
-            continue
-        targets.append(ns)
-        failures += _fit_failures(y, ns, p)
+    targets, failures = _targets(pairs, sh, mesh, where, "result", lambda y: None)
     if failures:
         raise ShardingError(format_failures(f"{where}: the result does not fit out_shardings:", failures, fix=_FIX_SPEC))
     outs = []
