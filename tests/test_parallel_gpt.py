@@ -100,10 +100,11 @@ DENSE = gpt.config("tiny", n_layers=L, seq_len=16)
 def test_data_parallel():
     c, _ = run(DENSE, Plan(dp="dp"), {"dp": 4})
     assert fwd(c, "all_reduce", ("dp",)) == 1  # the loss (summed losses and token counts in one)
+    # The parameters' gradient sums over dp are coalesced (shard_map buckets its arguments'
+    # pvary transposes): a few flat all_reduces, flushed as autograd finishes arguments,
+    # instead of one per use of each of the model's weights.
     n_leaves = len(tree.leaves(gpt.init(random.key(0), DENSE)))
-    assert (
-        bwd(c, "all_reduce", ("dp",)) == n_leaves + 1
-    )  # each replicated weight once per use; tied tok twice
+    assert 1 <= bwd(c, "all_reduce", ("dp",)) <= 3 < n_leaves
 
 
 def test_tensor_parallel_two_all_reduces_per_layer():

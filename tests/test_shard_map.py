@@ -370,7 +370,8 @@ def trace_of(rec):
 
 
 def test_comm_trace_data_parallel_step():
-    """One all_reduce of the loss forward, one all_reduce per parameter gradient backward."""
+    """One all_reduce of the loss forward; backward, every parameter gradient's sum over dp in
+    one coalesced all_reduce (the arguments' pvary transposes are bucketed), the same bytes."""
     params, x = mlp_params(), randn(8, 3, seed=9)
 
     def program():
@@ -391,18 +392,16 @@ def test_comm_trace_data_parallel_step():
     def ar(shape):  # ring all_reduce: 2 (n-1)/n of the bytes
         return 2 * (DP - 1) * math.prod(shape) * f // DP
 
+    n_params = sum(v.numel() for v in params.values())
     assert every_rank_equal(colofn.launch(program, world_size=DP)) == sorted(
-        [("all_reduce", ("dp",), (), "forward", ar(()))]
-        + [
-            ("all_reduce", ("dp",), tuple(v.shape), "backward", ar(v.shape))
-            for v in params.values()
-        ]
+        [("all_reduce", ("dp",), (), "forward", ar(())), ("all_reduce", ("dp",), (n_params,), "backward", ar((n_params,)))]
     )
 
 
 def test_comm_trace_megatron_layer():
     """Forward: exactly one all_reduce over tp of batch x d_model. Backward with DTensor parameters:
-    the DP gradient all_reduces, plus Megatron's "f" all_reduce over tp for the input gradient."""
+    the DP gradient sums (one coalesced all_reduce), plus Megatron's "f" all_reduce over tp for
+    the input gradient."""
     params, x = mlp_params(d_in=4, hidden=8, d_out=4, seed=3), randn(8, 4, seed=7)
 
     def program():
@@ -429,19 +428,10 @@ def test_comm_trace_megatron_layer():
     ]  # (batch/dp, d_model), 2(n-1)/n B with n=2
     assert bwd == sorted(
         {
-            (
-                "all_reduce",
-                ("dp",),
-                (4, 4),
-                "backward",
-            ): 2,  # w1 (d_model, hidden/tp), w2 (hidden/tp, d_model)
-            ("all_reduce", ("dp",), (4,), "backward"): 2,  # b1 block and b2
-            (
-                "all_reduce",
-                ("tp",),
-                (4, 4),
-                "backward",
-            ): 1,  # dx: Megatron's f (identity fwd, all_reduce bwd)
+            # the parameters' sums over dp, coalesced: w1 (4, 4) + w2 (4, 4) + b1 (4,) + b2 (4,) blocks
+            ("all_reduce", ("dp",), (40,), "backward"): 1,
+            # dx (4, 4): Megatron's f (identity forward, all_reduce over tp backward)
+            ("all_reduce", ("tp",), (16,), "backward"): 1,
         }.items()
     )
 

@@ -108,3 +108,67 @@ class DistComm:
         grp = self.group(axes)
         inverse = [(d, s) for s, d in perm]
         return op(x, lambda t: _comm.ppermute(t, grp, perm), lambda g: self.ppermute(g, axes, inverse))
+
+
+class GradBucket:
+    """Coalesces the gradient sums that ``pvary``'s transpose does for ``shard_map`` arguments.
+
+    With varying/invariant tracking, a replicated parameter used with per-shard
+    data is ``pvary``'d and its gradient ``psum``'d in the backward: one
+    blocking all-reduce per parameter. For the arguments of a ``shard_map`` call
+    those sums are instead *stashed* (the pvary's backward returns zeros) and
+    flushed when the first argument's own backward runs (autograd runs it only
+    after every use of that argument), as one flat all-reduce per (axes, dtype)
+    group, each stashed gradient added back to its argument's gradient. Every
+    use's gradient is still summed exactly once, over exactly the axes of its
+    pvary, so the result is unchanged; only the number of messages drops. With
+    ``create_graph=True`` the sums happen at once, differentiably.
+    """
+
+    def __init__(self, comm: DistComm) -> None:
+        self.comm = comm
+        self.owned: dict[int, int] = {}  # id(argument block) -> argument index
+        self.pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+        self.ready: dict[int, torch.Tensor] = {}
+
+    def enter(self, index: int, local: torch.Tensor) -> torch.Tensor:
+        """Wrap argument ``index``'s block so its backward adds the flushed sums."""
+        if not local.requires_grad:
+            return local
+        out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g))
+        self.owned[id(out)] = index
+        return out
+
+    def owns(self, t: torch.Tensor) -> bool:
+        return id(t) in self.owned
+
+    def pvary(self, t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+        index = self.owned[id(t)]
+        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g))
+
+    def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # create_graph: keep the sum differentiable
+            return self.comm.psum_raw_grad(g, axes)
+        self.pending.append((index, axes, g.detach()))
+        return torch.zeros_like(g)
+
+    def _finish(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        if self.pending:
+            self._flush()
+        extra = self.ready.pop(index, None)
+        return g if extra is None else g + extra
+
+    def _flush(self) -> None:
+        groups: dict[tuple[Any, ...], list[tuple[int, torch.Tensor]]] = {}
+        for index, axes, g in self.pending:  # insertion order: the same on every rank
+            groups.setdefault((axes, g.dtype, g.device), []).append((index, g))
+        self.pending = []
+        for (axes, _, _), items in groups.items():
+            flat = torch.cat([g.reshape(-1) for _, g in items])
+            total = _comm.all_reduce(flat, self.group(axes))
+            for (index, g), piece in zip(items, total.split([g.numel() for _, g in items]), strict=True):
+                piece = piece.view_as(g)
+                self.ready[index] = piece if index not in self.ready else self.ready[index] + piece
+
+    def group(self, axes: tuple[str, ...]) -> _comm.AxisGroup:
+        return self.comm.group(axes)

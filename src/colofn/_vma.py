@@ -41,6 +41,7 @@ class Context:
         self.coords = coords
         self.comm = comm  # the communication backend: real (torch.distributed) or the serial reference
         self.check_vma = check_vma
+        self.bucket: Any = None  # a _dist_comm.GradBucket for shard_map's arguments, if any
         # implicit pvary outputs by (id(operand), axes), the operand kept alive: a value used many
         # times with varying data is pvary'd once, so its gradient is psum'd once, not once per use
         self.pvary_cache: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -193,7 +194,11 @@ def _pvary_operands(ctx: Context, union: Vma, args: tuple[Any, ...], kwargs: dic
             axes = tuple(a_ for a_ in ctx.mesh_shape if a_ in missing)
             hit = ctx.pvary_cache.get((id(a), axes))
             if hit is None:
-                hit = ctx.pvary_cache[(id(a), axes)] = (a, _pvary_one(a, axes))
+                if ctx.bucket is not None and ctx.bucket.owns(a):  # an argument: coalesce its gradient sum
+                    out = ctx.set_vma(ctx.bucket.pvary(a, axes), ctx.vma(a) | set(axes))
+                else:
+                    out = _pvary_one(a, axes)
+                hit = ctx.pvary_cache[(id(a), axes)] = (a, out)
             return hit[1]
         if isinstance(a, list | tuple) and any(isinstance(x, torch.Tensor) for x in a):
             return type(a)(fix(x) for x in a) if not hasattr(a, "_fields") else a

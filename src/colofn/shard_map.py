@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from colofn import _vma
 from colofn import tree as jt
-from colofn._dist_comm import DistComm, op
+from colofn._dist_comm import DistComm, GradBucket, op
 from colofn.errors import SpecError, format_failures
 from colofn.mesh import Mesh, get_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
@@ -233,7 +233,11 @@ def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check
     leaves, specs, treedef = _check_inputs(f, mesh, in_specs, args)
     comm = DistComm(mesh, check_vma)
     ctx = _vma.Context(dict(mesh.shape), {a: mesh.axis_index(a) for a in mesh.axis_names}, comm, check_vma)
-    local = [ctx.set_vma(_enter(x, s, mesh, comm, check_vma), s.axes) for x, s in zip(leaves, specs, strict=True)]
+    local = [_enter(x, s, mesh, comm, check_vma) for x, s in zip(leaves, specs, strict=True)]
+    if check_vma:
+        ctx.bucket = GradBucket(comm)
+        local = [ctx.bucket.enter(i, t) for i, t in enumerate(local)]
+    local = [ctx.set_vma(t, s.axes) for t, s in zip(local, specs, strict=True)]
     with _vma.active(ctx):
         out = f(*jt.unflatten(treedef, local))
     return _exit(f, mesh, ctx, out_specs, out, check_vma, comm)
