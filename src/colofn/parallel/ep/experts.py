@@ -3,8 +3,8 @@
 :func:`grouped_mlp` is the math: rows grouped by expert into a padded
 ``[experts, rows, d]`` buffer and run through the stacked weights with one
 batched matmul each (``colofn.models.gpt.mlp`` broadcasts over the expert dim).
-One op per weight also means one gradient all-reduce per weight, issued in
-the same order on every rank whatever the routing.
+One op per weight also means one gradient sum per weight, issued in the same
+order on every rank whatever the routing.
 
 :func:`expert_parallel` adds the communication of expert parallelism (Lepikhin
 et al. 2020, GShard, arXiv:2006.16668, sec. 2.2; Fedus et al. 2021, Switch
