@@ -165,10 +165,7 @@ class GradBucket:
         self.pending = []
         for (axes, _, _), items in groups.items():
             flat = torch.cat([g.reshape(-1) for _, g in items])
-            total = _comm.all_reduce(flat, self.group(axes))
+            total = _comm.all_reduce(flat, self.comm.group(axes))
             for (index, g), piece in zip(items, total.split([g.numel() for _, g in items]), strict=True):
                 piece = piece.view_as(g)
                 self.ready[index] = piece if index not in self.ready else self.ready[index] + piece
-
-    def group(self, axes: tuple[str, ...]) -> _comm.AxisGroup:
-        return self.comm.group(axes)

@@ -24,7 +24,13 @@ from colofn._dist_comm import DistComm, GradBucket, op
 from colofn.errors import SpecError, format_failures
 from colofn.mesh import Mesh, get_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
-from colofn.sharding import NamedSharding, local_block, spec_mesh_failures, spec_shape_failures
+from colofn.sharding import (
+    NamedSharding,
+    from_local_block,
+    local_block,
+    spec_mesh_failures,
+    spec_shape_failures,
+)
 from colofn.world import in_simulated_world
 
 __all__ = ["per_device", "shard_map"]
@@ -326,17 +332,5 @@ def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, 
             tiled = tuple(a for a in mesh.axis_names if a in spec.axes and a not in ctx.vma(y))
             if tiled:
                 y = comm.pvary(y, tiled)
-        results.append(_assemble(y, spec, mesh))
+        results.append(from_local_block(y, spec, mesh))
     return jt.unflatten(treedef, results)
-
-
-def _assemble(y: torch.Tensor, spec: PartitionSpec, mesh: Mesh) -> DTensor:
-    shape = list(y.shape)
-    for d, entry in enumerate(spec):
-        shape[d] *= math.prod(mesh.shape[a] for a in dim_axes(entry))
-    stride, step = [1] * len(shape), 1  # contiguous strides of the global shape
-    for d in reversed(range(len(shape))):
-        stride[d], step = step, step * max(shape[d], 1)
-    placements = NamedSharding(mesh, spec).to_placements(y.ndim)
-    return DTensor.from_local(y.contiguous(), mesh.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride))
-

@@ -18,6 +18,7 @@ __all__ = [
     "NamedSharding",
     "check_spec",
     "device_put",
+    "from_local_block",
     "gather",
     "local_block",
     "sharding_of",
@@ -153,6 +154,20 @@ def local_block(x: torch.Tensor, spec: PartitionSpec, mesh: Mesh) -> torch.Tenso
         size = x.shape[d] // n
         x = x.narrow(d, idx * size, size)
     return x
+
+
+def from_local_block(block: torch.Tensor, spec: PartitionSpec, mesh: Mesh) -> DTensor:
+    """The DTensor whose block on this rank is ``block`` under ``spec`` (no communication)."""
+    shape = list(block.shape)
+    for d, entry in enumerate(spec):
+        shape[d] *= math.prod(mesh.shape[a] for a in dim_axes(entry))
+    stride, step = [1] * len(shape), 1  # contiguous strides of the global shape
+    for d in reversed(range(len(shape))):
+        stride[d], step = step, step * max(shape[d], 1)
+    placements = NamedSharding(mesh, spec).to_placements(block.ndim)
+    return DTensor.from_local(
+        block.contiguous(), mesh.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
+    )
 
 
 def _as_sharding(s: Any, mesh: Mesh | None, path: str) -> tuple[NamedSharding | None, list[str]]:

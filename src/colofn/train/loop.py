@@ -93,15 +93,17 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
         + (f", ZeRO-{cfg.zero}" if cfg.zero is not None else "")
         + (f", schedule {cfg.schedule} x {cfg.num_microbatches} microbatches" if cfg.pp > 1 else "")
         + (f", resumed at step {start}" if start else ""))
+    per_rank: list[Any] | None = None
     for step in range(start, cfg.steps):
         batch = data.sample_batch(random.fold_in(key, step), stream, cfg.batch_size, mcfg.seq_len)
         t0 = time.perf_counter()
         loss = trainer.step(batch)
         dt = time.perf_counter() - t0
-        per_rank = [trainer.local_bytes()]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            per_rank = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(per_rank, trainer.local_bytes())
+        if per_rank is None:  # the sizes of what a rank holds do not change between steps
+            per_rank = [trainer.local_bytes()]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                per_rank = [None] * dist.get_world_size()
+                dist.all_gather_object(per_rank, trainer.local_bytes())
         single = checker.step(batch) if checker else None
         record["steps"].append(step + 1)
         record["loss"].append(loss)

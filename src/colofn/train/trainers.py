@@ -40,7 +40,7 @@ from colofn.parallel import (
 )
 from colofn.parallel.gpt import local_loss, stage_forward
 from colofn.partition_spec import P, PartitionSpec
-from colofn.sharding import NamedSharding, gather, local_block
+from colofn.sharding import from_local_block, gather, local_block
 
 Tree = Any
 
@@ -160,17 +160,7 @@ class PipelineTrainer:
         return float(result.loss)
 
     def _global(self, tree: Tree, s: int) -> Tree:
-        def full(x: torch.Tensor, spec: PartitionSpec) -> torch.Tensor:
-            sh = NamedSharding(self.mesh, spec)
-            shape = list(x.shape)
-            for d in range(len(spec)):
-                for a in spec.dim_axes(d):
-                    shape[d] *= self.mesh.shape[a]
-            dt = DTensor.from_local(x, self.mesh.device_mesh, sh.to_placements(x.ndim), run_check=False,
-                                    shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
-            return dt.full_tensor()
-
-        return jt.map(full, tree, self.specs[s])
+        return jt.map(lambda x, spec: from_local_block(x, spec, self.mesh).full_tensor(), tree, self.specs[s])
 
     def export(self) -> tuple[Tree, AdamState]:
         from colofn.pipeline import gather_stages
