@@ -850,3 +850,22 @@ def test_in_place_op_on_a_block_stays_on_its_rank_in_the_simulated_world():
     x = torch.zeros(2)
     assert colofn.launch(_in_place_program, x, world_size=2) == [[1.0, 1.0], [1.0, 1.0]]
     assert x.tolist() == [0.0, 0.0]
+
+
+def _per_device_errors():
+    mesh = colofn.Mesh((2,), ("dp",))
+    out = []
+    for specs in [(P("zz"),), ("dp",)]:
+        try:
+            colofn.per_device(lambda x: x, mesh=mesh, in_specs=specs)(torch.ones(2))
+        except colofn.errors.SpecError as e:
+            out.append(str(e))
+    return out
+
+
+def test_per_device_rejects_bad_in_specs_before_running():
+    msgs = colofn.launch(_per_device_errors, world_size=2)[0]
+    assert msgs == [
+        "per_device of '<lambda>': in_specs entries [P('zz')] are not P(...) of axes of Mesh(dp=2)",
+        "per_device of '<lambda>': in_specs entries ['dp'] are not P(...) of axes of Mesh(dp=2)",
+    ]
