@@ -29,7 +29,7 @@ def _state(w, b):
     return {
         "params": {"w": w, "b": b, "emb": E.clone()},
         "opt": {"step": 100, "cfg": {"lr": 0.1, "name": "adam", "nesterov": False, "betas": (0.9, 0.99)}},
-        "dtype": torch.bfloat16,  # not JSON: pickled into the manifest
+        "dtype": torch.bfloat16,  # not JSON: stored tagged, {"dtype": "bfloat16"}
     }
 
 
@@ -85,8 +85,10 @@ def test_save_on_one_mesh_load_on_others(tmp_path):
         "path": "['params']['w']", "kind": "tensor", "shape": [8, 8], "dtype": "float32",
         "sharding": "mesh(dp=2, tp=2) {dp: Shard(0), tp: Shard(1)}",
     }
-    assert by_path["['opt']['step']"] == {"path": "['opt']['step']", "kind": "json", "value": 100}
-    assert by_path["['dtype']"]["kind"] == "pickle" and manifest["world_size"] == 4
+    assert by_path["['opt']['step']"] == {"path": "['opt']['step']", "kind": "value", "value": 100}
+    assert by_path["['dtype']"] == {"path": "['dtype']", "kind": "value", "value": {"dtype": "bfloat16"}}
+    assert manifest["world_size"] == 4 and manifest["version"] == 2
+    assert manifest["tree"]["keys"] == ["params", "opt", "dtype"]  # data, in insertion order
 
 
 def _save_partial(path):
@@ -109,7 +111,7 @@ def test_overwrite_and_unsaveable_leaves(tmp_path):
     checkpoint.save(path, {"x": torch.zeros(2), "n": 3}, overwrite=True)
     assert checkpoint.load(path)["n"] == 3 and torch.equal(checkpoint.load(path)["x"], torch.zeros(2))
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary or old directory left behind
-    with pytest.raises(TreeTypeError, match=r"\['f'\]: a function that cannot be pickled"):
+    with pytest.raises(TreeTypeError, match=r"\['f'\]: a function is not a plain value a checkpoint can store"):
         checkpoint.save(tmp_path / "other", {"f": lambda: 0, "x": torch.ones(1)})
     assert not (tmp_path / "other").exists()
 
@@ -239,8 +241,8 @@ def test_damaged_data_files(saved):
         checkpoint.load(saved)
     (saved / data).write_bytes(blob)
     meta = (saved / ".metadata").read_bytes()
-    (saved / ".metadata").write_bytes(b"\0" * len(meta))  # same size; without verify DCP itself fails
-    with pytest.raises(CheckpointError, match=r"ck is corrupt: reading its tensor data failed"):
+    (saved / ".metadata").write_bytes(b"\0" * len(meta))  # same size; without verify its reader fails
+    with pytest.raises(CheckpointError, match=r"ck is corrupt or not safe to read: its DCP metadata .metadata cannot be read"):
         checkpoint.load(saved, verify=False)
     os.remove(saved / data)
     with pytest.raises(CheckpointError, match=rf"\* {data}: missing"):

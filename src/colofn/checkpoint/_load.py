@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Placement
 
 from colofn import tree as jt
-from colofn.checkpoint import _manifest
+from colofn.checkpoint import _dcp, _manifest
 from colofn.checkpoint._comm import all_gather, world
 from colofn.errors import CheckpointError, TreeError, format_failures
 from colofn.mesh import current_mesh
@@ -63,8 +63,11 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
     path = os.path.abspath(os.fspath(path))
     content = _manifest.read(path)
     leaves: list[_manifest.Leaf] = content["leaves"]
-    treedef = _manifest.decode_treedef(content.get("treedef", ""))
-    targets, out_def = _match(path, content, leaves, treedef, like)
+    pickled = [leaf.path for leaf in leaves if leaf.kind == "pickle"]
+    if pickled:
+        raise _manifest.legacy_error(path, f"the values of {', '.join(pickled[:3])}{' ...' if len(pickled) > 3 else ''}")
+    treedef, why = _manifest.decode_tree(content)
+    targets, out_def = _match(path, content, leaves, treedef, why, like)
     _check_files(path, content["files"], verify)
     state: dict[str, torch.Tensor] = {}
     for leaf, t in zip(leaves, targets, strict=True):
@@ -74,11 +77,14 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
+        _dcp.read_metadata(path)  # a crafted or damaged index is named here, before DCP's collectives
         try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not dist.is_initialized())
+            dcp.load(state, storage_reader=_dcp.SafeReader(path), no_dist=not dist.is_initialized())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported with the path
             inner = [w[0] if isinstance(w, tuple) else w for w in getattr(e, "failures", {}).values()]
             cause = inner[0] if inner and isinstance(inner[0], BaseException) else e
+            if isinstance(cause, CheckpointError):
+                raise CheckpointError(str(cause)) from e
             text = f"{type(cause).__name__}: " + str(cause).strip().split("\n")[0][:300]
             raise CheckpointError(
                 f"Checkpoint {path} is corrupt: reading its tensor data failed ({text}); "
@@ -88,15 +94,17 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
     return jt.unflatten(out_def, values)
 
 
-def _match(path: str, content: dict[str, Any], leaves: list[_manifest.Leaf], treedef: Any, like: Any) -> tuple[list[_Target], Any]:
+def _match(path: str, content: dict[str, Any], leaves: list[_manifest.Leaf], treedef: Any, why: str, like: Any) -> tuple[list[_Target], Any]:
     """One target per saved leaf, and the tree structure to return; every mismatch named."""
     saved_paths = [leaf.path for leaf in leaves]
+    if treedef is None and like is None:
+        if content["version"] < _manifest.VERSION:
+            raise _manifest.legacy_error(path, "its tree structure")
+        raise CheckpointError(
+            f"Checkpoint {path}: its tree structure ({content.get('structure')}) cannot be rebuilt "
+            f"here: {why}; pass like= with the whole structure (a template for every leaf)"
+        )
     if like is None:
-        if treedef is None:
-            raise CheckpointError(
-                f"Checkpoint {path}: its tree structure ({content.get('structure')}) has node types "
-                "that cannot be rebuilt here; pass like= with the structure"
-            )
         return [_Target("value" if leaf.kind != "tensor" else "tensor") for leaf in leaves], treedef
     if treedef is not None:
         skeleton = jt.unflatten(treedef, range(len(leaves)))
@@ -111,11 +119,14 @@ def _match(path: str, content: dict[str, Any], leaves: list[_manifest.Leaf], tre
         pairs, out_def = jt.flatten_with_path(like, is_leaf=_like_leaf)
         like_paths = [jt.keystr(p) for p, _ in pairs]
         if like_paths != saved_paths:
+            if content["version"] < _manifest.VERSION:
+                raise _manifest.legacy_error(path, "its tree structure")
             missing = [p for p in saved_paths if p not in like_paths]
             extra = [p for p in like_paths if p not in saved_paths]
             raise CheckpointError(
                 format_failures(
-                    f"Checkpoint {path} does not match like:",
+                    f"Checkpoint {path} does not match like (its structure cannot be rebuilt here: {why}, "
+                    "so like must give every leaf):",
                     [f"in the checkpoint, not in like: {p}" for p in missing] + [f"in like, not in the checkpoint: {p}" for p in extra],
                 )
             )
@@ -178,13 +189,7 @@ def _allocate(leaf: _manifest.Leaf, t: _Target) -> torch.Tensor:
 
 def _check_files(path: str, files: dict[str, Any], verify: bool) -> None:
     """Every data file present with its size; with ``verify`` its hash (each rank a share)."""
-    failures = []
-    for name, want in sorted(files.items()):
-        f = os.path.join(path, name)
-        if not os.path.isfile(f):
-            failures.append(f"{name}: missing")
-        elif os.path.getsize(f) != want["size"]:
-            failures.append(f"{name}: {os.path.getsize(f)} bytes, the manifest says {want['size']} (truncated or replaced)")
+    failures = _manifest.damaged_files(path, files)
     if not failures and verify:
         rank, size = world()
         names = sorted(files)

@@ -1,31 +1,33 @@
 """The completion marker of a checkpoint: a JSON manifest of the tree it holds.
 
 A checkpoint directory is complete exactly when it holds :data:`MARKER`. The
-manifest records the tree structure, every leaf's path and kind (tensor: shape,
-dtype, sharding when saved; value: the value itself) and every data file's
-size and SHA-256, so a load can name the leaf or the file that is wrong.
+manifest records the tree structure (as data: :mod:`colofn._treecodec`), every
+leaf's path and kind (tensor: shape, dtype, sharding when saved; value: the
+value itself, as data) and every data file's size and SHA-256, so a load can
+name the leaf or the file that is wrong. Nothing in it is a pickle; manifests
+of version 1 (colofn before safe loading) held pickles, which are never read
+here: :func:`legacy_error` says how to convert them.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Shard
 
+from colofn import _treecodec as codec
 from colofn import tree as jt
 from colofn.errors import CheckpointError, CheckpointNotFoundError
 
 MARKER = "colofn_checkpoint.json"
 FORMAT = "colofn.checkpoint"
-VERSION = 1
-_JSON_TYPES = (bool, int, float, str)
+VERSION = 2
+LEGACY_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Leaf:
     """One leaf of a saved tree, as the manifest records it."""
 
     path: str
-    kind: str  # "tensor" | "json" | "pickle"
+    kind: str  # "tensor" | "value" | legacy "json" / "pickle" (version 1)
     shape: tuple[int, ...] = ()
     dtype: str = ""
     value: Any = None
@@ -48,17 +50,26 @@ class Leaf:
         return {"path": self.path, "kind": self.kind, "value": self.value}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Leaf:
-        if d["kind"] == "tensor":
-            return cls(d["path"], "tensor", tuple(int(s) for s in d["shape"]), str(d["dtype"]), sharding=d.get("sharding", ""))
-        if d["kind"] not in ("json", "pickle"):
-            raise ValueError(f"unknown leaf kind {d['kind']!r}")
+    def from_json(cls, d: dict[str, Any], version: int) -> Leaf:
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+            raise ValueError(f"a leaf entry {str(d)[:80]} has no path")
+        if d.get("kind") == "tensor":
+            shape = d["shape"]
+            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+                raise ValueError(f"the leaf {d['path']} has the shape {shape!r}")
+            dtype_of(str(d["dtype"]))
+            return cls(d["path"], "tensor", tuple(shape), str(d["dtype"]), sharding=str(d.get("sharding", "")))
+        kinds = ("value",) if version >= VERSION else ("json", "pickle")
+        if d.get("kind") not in kinds:
+            raise ValueError(f"the leaf {d['path']} has the kind {d.get('kind')!r}, not one of {['tensor', *kinds]}")
+        if d["kind"] == "value":
+            codec.decode_value(d["value"])  # checked now, so a bad value is a corrupt manifest
         return cls(d["path"], d["kind"], value=d["value"])
 
     def python_value(self) -> Any:
-        if self.kind == "pickle":
-            return pickle.loads(base64.b64decode(self.value))
-        return self.value
+        if self.kind == "pickle":  # never reached: load refuses such checkpoints first
+            raise AssertionError("a legacy pickled value")
+        return codec.decode_value(self.value) if self.kind == "value" else self.value
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -92,15 +103,11 @@ def describe(tree: Any) -> tuple[list[Leaf], Any, dict[str, torch.Tensor], list[
         if isinstance(x, torch.Tensor):
             leaves.append(Leaf(p, "tensor", tuple(x.shape), dtype_name(x.dtype), sharding=sharding_text(x) if isinstance(x, DTensor) else ""))
             state[p] = x.detach()
-        elif isinstance(x, _JSON_TYPES) and json.loads(json.dumps(x)) == x and type(json.loads(json.dumps(x))) is type(x):
-            leaves.append(Leaf(p, "json", value=x))
         else:
             try:
-                blob = pickle.dumps(x)
-            except Exception as e:  # noqa: BLE001 - reported with the leaf path
-                failures.append(f"{p}: a {type(x).__name__} that cannot be pickled ({e})")
-                continue
-            leaves.append(Leaf(p, "pickle", value=base64.b64encode(blob).decode("ascii")))
+                leaves.append(Leaf(p, "value", value=codec.encode_value(x)))
+            except codec.Unencodable as e:
+                failures.append(f"{p}: {e}")
     return leaves, treedef, state, failures
 
 
@@ -108,20 +115,35 @@ def has_partial(x: torch.Tensor) -> bool:
     return isinstance(x, DTensor) and any(isinstance(p, Partial) for p in x.placements)
 
 
-def encode_treedef(treedef: Any) -> str:
+def encode_tree(treedef: Any) -> tuple[Any, str]:
+    """(the structure as data, "") or (None, why not): a node type outside the registry."""
     try:
-        return base64.b64encode(pickle.dumps(treedef)).decode("ascii")
-    except Exception:  # noqa: BLE001 - a node type that cannot be pickled: like must then be a full tree
-        return ""
+        return codec.encode_structure(treedef), ""
+    except codec.Unencodable as e:
+        return None, str(e)
 
 
-def decode_treedef(text: str) -> Any:
-    if not text:
-        return None
+def decode_tree(content: dict[str, Any]) -> tuple[Any, str]:
+    """(treedef, "") or (None, why it cannot be rebuilt here); legacy manifests give (None, ...)."""
+    if content["version"] < VERSION:
+        return None, "it was written by an older colofn, whose structure this one does not read"
+    if content.get("tree") is None:
+        return None, content.get("tree_note") or "it has node types outside the registry"
     try:
-        return pickle.loads(base64.b64decode(text))
-    except Exception:  # noqa: BLE001 - a node type not importable here: like must then be a full tree
-        return None
+        return codec.decode_structure(content["tree"]), ""
+    except codec.Unavailable as e:
+        return None, f"it needs {e}"
+
+
+def legacy_error(path: str, what: str) -> CheckpointError:
+    """The refusal of a version-1 checkpoint, with the command that converts one the user trusts."""
+    return CheckpointError(
+        f"Checkpoint {path} was written by an older colofn (manifest version {LEGACY_VERSION}), which "
+        f"stored {what} as pickles; colofn does not unpickle checkpoint files, since a crafted pickle "
+        "runs code. If you trust this checkpoint (you or your job wrote it), convert it once with "
+        f"`colofn checkpoint convert --trust {path}` (or colofn.checkpoint.convert(path, trust=True)); "
+        "or load it with like= a full tree (every leaf given) when it holds no pickled values"
+    )
 
 
 def file_digest(path: str) -> dict[str, Any]:
@@ -140,13 +162,15 @@ def data_files(directory: str) -> list[str]:
 
 
 def manifest(leaves: list[Leaf], treedef: Any, files: dict[str, Any], world_size: int) -> dict[str, Any]:
+    tree, note = encode_tree(treedef)
     return {
         "format": FORMAT,
         "version": VERSION,
         "world_size": world_size,
         "torch": torch.__version__,
         "structure": str(treedef),
-        "treedef": encode_treedef(treedef),
+        "tree": tree,
+        **({"tree_note": note} if note else {}),
         "leaves": [leaf.to_json() for leaf in leaves],
         "files": files,
     }
@@ -196,19 +220,39 @@ def read(path: str) -> dict[str, Any]:
             "earlier one: colofn.checkpoint.latest(parent_dir) finds the newest complete checkpoint"
         )
     try:
-        with open(marker) as f:
+        with open(marker, encoding="utf-8") as f:
             content = json.load(f)
-        if content.get("format") != FORMAT or not isinstance(content.get("leaves"), list):
-            raise ValueError(f"format {content.get('format')!r} is not {FORMAT!r}")
-        if int(content.get("version", 0)) > VERSION:
-            raise ValueError(f"version {content['version']} is newer than this colofn reads ({VERSION})")
-        content["leaves"] = [Leaf.from_json(d) for d in content["leaves"]]
+        if not isinstance(content, dict) or content.get("format") != FORMAT or not isinstance(content.get("leaves"), list):
+            raise ValueError(f"format {content.get('format') if isinstance(content, dict) else None!r} is not {FORMAT!r}")
+        version = content.get("version", 0)
+        if type(version) is not int or version < LEGACY_VERSION:
+            raise ValueError(f"version {version!r} is not one colofn writes")
+        if version > VERSION:
+            raise ValueError(f"version {version} is newer than this colofn reads ({VERSION})")
+        content["leaves"] = [Leaf.from_json(d, version) for d in content["leaves"]]
         files = content.get("files")
-        if not isinstance(files, dict):
-            raise ValueError("it has no list of data files")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"Checkpoint {path} is corrupt: its manifest {MARKER} cannot be read ({type(e).__name__}: {e})") from None
+        if not isinstance(files, dict) or not all(
+            isinstance(n, str) and n == os.path.basename(n) and isinstance(v, dict) and type(v.get("size")) is int
+            and isinstance(v.get("sha256"), str) for n, v in files.items()
+        ):
+            raise ValueError("it has no valid list of data files")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt: its manifest {MARKER} cannot be read ({type(e).__name__}: {str(e)[:300]})"
+        ) from None
     return content
+
+
+def damaged_files(path: str, files: dict[str, Any]) -> list[str]:
+    """One line per data file that is missing or whose size differs from the manifest (cheap: no reads)."""
+    out = []
+    for name, want in sorted(files.items()):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            out.append(f"{name}: missing")
+        elif os.path.getsize(f) != want["size"]:
+            out.append(f"{name}: {os.path.getsize(f)} bytes, the manifest says {want['size']} (truncated or replaced)")
+    return out
 
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
