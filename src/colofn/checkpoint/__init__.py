@@ -22,9 +22,10 @@
 (10, (Replicate(), Replicate()), [6.0, 7.0])
 """
 
+from colofn.checkpoint._convert import convert
 from colofn.checkpoint._latest import latest
 from colofn.checkpoint._load import load
 from colofn.checkpoint._manifest import MARKER, is_complete
 from colofn.checkpoint._save import save
 
-__all__ = ["MARKER", "is_complete", "latest", "load", "save"]
+__all__ = ["MARKER", "convert", "is_complete", "latest", "load", "save"]

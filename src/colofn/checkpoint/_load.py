@@ -66,8 +66,7 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
     pickled = [leaf.path for leaf in leaves if leaf.kind == "pickle"]
     if pickled:
         raise _manifest.legacy_error(path, f"the values of {', '.join(pickled[:3])}{' ...' if len(pickled) > 3 else ''}")
-    treedef, why = _manifest.decode_tree(content)
-    targets, out_def = _match(path, content, leaves, treedef, why, like)
+    targets, out_def = _match(path, content, leaves, content["_treedef"], content["_tree_why"], like)
     _check_files(path, content["files"], verify)
     state: dict[str, torch.Tensor] = {}
     for leaf, t in zip(leaves, targets, strict=True):
@@ -101,7 +100,7 @@ def _match(path: str, content: dict[str, Any], leaves: list[_manifest.Leaf], tre
         if content["version"] < _manifest.VERSION:
             raise _manifest.legacy_error(path, "its tree structure")
         raise CheckpointError(
-            f"Checkpoint {path}: its tree structure ({content.get('structure')}) cannot be rebuilt "
+            f"Checkpoint {path}: the tree structure in its manifest {_manifest.MARKER} ({content.get('structure')}) cannot be rebuilt "
             f"here: {why}; pass like= with the whole structure (a template for every leaf)"
         )
     if like is None:

@@ -124,11 +124,11 @@ def encode_tree(treedef: Any) -> tuple[Any, str]:
 
 
 def decode_tree(content: dict[str, Any]) -> tuple[Any, str]:
-    """(treedef, "") or (None, why it cannot be rebuilt here); legacy manifests give (None, ...)."""
+    """(treedef, "") or (None, why it cannot be rebuilt here); a ``ValueError`` when it is not a structure."""
     if content["version"] < VERSION:
         return None, "it was written by an older colofn, whose structure this one does not read"
     if content.get("tree") is None:
-        return None, content.get("tree_note") or "it has node types outside the registry"
+        return None, str(content.get("tree_note") or "it has node types outside the registry")
     try:
         return codec.decode_structure(content["tree"]), ""
     except codec.Unavailable as e:
@@ -138,8 +138,8 @@ def decode_tree(content: dict[str, Any]) -> tuple[Any, str]:
 def legacy_error(path: str, what: str) -> CheckpointError:
     """The refusal of a version-1 checkpoint, with the command that converts one the user trusts."""
     return CheckpointError(
-        f"Checkpoint {path} was written by an older colofn (manifest version {LEGACY_VERSION}), which "
-        f"stored {what} as pickles; colofn does not unpickle checkpoint files, since a crafted pickle "
+        f"Checkpoint {path} was written by an older colofn: its manifest {MARKER} (version "
+        f"{LEGACY_VERSION}) stores {what} as pickles; colofn does not unpickle checkpoint files, since a crafted pickle "
         "runs code. If you trust this checkpoint (you or your job wrote it), convert it once with "
         f"`colofn checkpoint convert --trust {path}` (or colofn.checkpoint.convert(path, trust=True)); "
         "or load it with like= a full tree (every leaf given) when it holds no pickled values"
@@ -230,6 +230,9 @@ def read(path: str) -> dict[str, Any]:
         if version > VERSION:
             raise ValueError(f"version {version} is newer than this colofn reads ({VERSION})")
         content["leaves"] = [Leaf.from_json(d, version) for d in content["leaves"]]
+        content["_treedef"], content["_tree_why"] = decode_tree(content)  # underscored: not in the file
+        if content["_treedef"] is not None and content["_treedef"].num_leaves != len(content["leaves"]):
+            raise ValueError(f"its structure has {content['_treedef'].num_leaves} leaves and it lists {len(content['leaves'])}")
         files = content.get("files")
         if not isinstance(files, dict) or not all(
             isinstance(n, str) and n == os.path.basename(n) and isinstance(v, dict) and type(v.get("size")) is int
