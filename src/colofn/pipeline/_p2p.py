@@ -4,8 +4,9 @@ A message is the list of a pytree's tensor leaves, one ``isend``/``irecv`` per
 leaf, each with its own tag (:func:`~colofn.pipeline._program.wire_tag`), so
 matching never depends on posting order. When the receiver does not know the
 shapes yet (the first step for an input signature) an activation message is
-preceded by its metadata: the pickled tree structure, shapes and dtypes, as a
-size (one int64) and the bytes (uint8).
+preceded by its metadata: the tree structure, shapes and dtypes as plain
+integers (:mod:`colofn.pipeline._wire_meta`; no pickle), as a size (one int64)
+and the int64s.
 
 The receives of an action are posted in one :func:`torch.distributed.batch_isend_irecv`
 (ahead of time once shapes are known) and waited for before it; the sends
@@ -19,7 +20,6 @@ gradients).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from colofn import tracing as ct
 from colofn._comm import AxisGroup
 from colofn.errors import ShapeError
+from colofn.pipeline import _wire_meta
 from colofn.pipeline._program import Msg, Slot, wire_tag
 from colofn.pipeline.comm import Payload
 from colofn.tree import PyTreeSpec
@@ -84,7 +85,7 @@ class Wire:
         ops = []
         for msg, leaves, meta in items:
             if meta is not None:
-                raw = torch.frombuffer(bytearray(pickle.dumps(meta)), dtype=torch.uint8)
+                raw = _wire_meta.encode(meta)
                 size = torch.tensor([raw.numel()], dtype=torch.int64, device=self.device)
                 ops.append(self._op(True, msg, Slot.META_SIZE, 0, size))
                 ops.append(self._op(True, msg, Slot.META, 0, raw.to(self.device)))
@@ -112,11 +113,11 @@ class Wire:
         if unknown:
             sizes = {i: torch.empty(1, dtype=torch.int64, device=self.device) for i in unknown}
             self._wait([self._op(False, items[i][0], Slot.META_SIZE, 0, sizes[i]) for i in unknown])
-            raws = {i: torch.empty(int(sizes[i].item()), dtype=torch.uint8, device=self.device)
+            raws = {i: torch.empty(int(sizes[i].item()), dtype=torch.int64, device=self.device)
                     for i in unknown}
             self._wait([self._op(False, items[i][0], Slot.META, 0, raws[i]) for i in unknown])
             for i in unknown:
-                metas[i] = pickle.loads(raws[i].cpu().numpy().tobytes())
+                metas[i] = _wire_meta.decode(raws[i])
         pending = self.post_recv([(msg, meta) for (msg, _), meta in zip(items, metas, strict=True)
                                   if meta is not None])
         pending.wait()
