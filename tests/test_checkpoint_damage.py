@@ -187,3 +187,42 @@ def test_a_full_disk_is_said_so(tmp_path, monkeypatch):
     assert text.startswith(f"colofn.checkpoint.save('{tmp_path}/step_1') failed on rank 0 while finishing the save "
                            f"(OSError: [Errno 28] No space left on device); the file system of {tmp_path} is full (")
     assert failures == {0: "OSError"} and os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- colofn train --resume
+
+
+def test_train_resume_takes_the_same_safe_paths(tmp_path, capsys):
+    """--resume DIR falls back past a truncated newest checkpoint (warning); a crafted one is refused."""
+    import pickle
+
+    from colofn.train import TrainConfig, parse_mesh, train
+
+    def run(out, **kw):
+        return train(TrainConfig(mesh=tuple(parse_mesh("dp=2").items()), out=str(out), steps=2, warmup=1, check=False, **kw))
+
+    assert run(tmp_path / "a", checkpoint_every=1) == 0
+    ckpts = tmp_path / "a" / "checkpoints"
+    newest = ckpts / "step_000002"
+    name = _data_file(newest)
+    (newest / name).write_bytes((newest / name).read_bytes()[:100])
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=rf"skipping the damaged checkpoint {newest}: {name}: 100 bytes"):
+        assert run(tmp_path / "b", resume=str(ckpts)) == 0
+    assert "resumed at step 1" in capsys.readouterr().out
+    first = ckpts / "step_000001"
+    (first / ".metadata").write_bytes(pickle.dumps(_Plant(str(tmp_path / "pwned"))))
+    content = json.loads((first / checkpoint.MARKER).read_text())
+    content["files"][".metadata"] = _manifest.file_digest(str(first / ".metadata"))  # sealed, as an attacker would
+    (first / checkpoint.MARKER).write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=r"step_000001 is corrupt or not safe to read: its DCP metadata .metadata cannot be read"):
+        run(tmp_path / "c", resume=str(first))
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Plant:
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.mkdir, (self.flag,))
