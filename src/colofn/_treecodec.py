@@ -195,10 +195,10 @@ def _encode(x: Any, where: str) -> Any:
     if optree.is_namedtuple_class(t):
         return {"node": "namedtuple", "type": _type_name(t), "fields": list(t._fields),
                 "children": [_encode(getattr(x, f), f"{where}.{f}") for f in t._fields]}
-    if dataclasses.is_dataclass(x) and _registered(t):
-        children, meta, entries, _ = optree.tree_flatten_one_level(x, namespace=jt.NAMESPACE)
+    if dataclasses.is_dataclass(t) and _registered(t):
+        children, meta, entries, _ = optree.tree_flatten_one_level(x, namespace=jt.NAMESPACE)  # type: ignore[arg-type]
         try:
-            meta_data = [encode_value(m) for m in (meta or ())]
+            meta_data = [encode_value(m) for m in (meta or ())]  # type: ignore[attr-defined]
         except Unencodable as e:
             raise Unencodable(f"{where}: a meta field of {t.__qualname__}: {e}") from None
         return {"node": "dataclass", "type": _type_name(t), "meta": meta_data,
@@ -270,10 +270,11 @@ def _decode(d: Any, depth: int) -> Any:
     if kind == "namedtuple":
         cls = _find_class(d.get("type"))
         fields = d.get("fields")
-        if not optree.is_namedtuple_class(cls) or list(cls._fields) != fields:
+        here = list(getattr(cls, "_fields", ()))
+        if not optree.is_namedtuple_class(cls) or here != fields:
             raise Unavailable(f"the NamedTuple {d.get('type')} (here it is not a NamedTuple with fields {fields})")
-        if len(children) != len(cls._fields):
-            raise ValueError(f"a NamedTuple node with {len(children)} children for {len(cls._fields)} fields")
+        if len(children) != len(here):
+            raise ValueError(f"a NamedTuple node with {len(children)} children for {len(here)} fields")
         return cls(*children)
     if kind == "dataclass":
         cls = _find_class(d.get("type"))

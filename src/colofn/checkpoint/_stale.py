@@ -79,7 +79,7 @@ def is_dead(info: Any) -> bool:
 
 def remove_dead(parent: str) -> list[str]:
     """Remove the temporary directories in ``parent`` whose save is provably dead; their names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
