@@ -213,3 +213,14 @@ def test_legacy_without_pickled_values_loads_with_a_full_like_and_a_crafted_one_
     with pytest.raises(CheckpointError, match=r"convert --trust"):
         checkpoint.load(plain)
     assert checkpoint.load(plain, like={"w": torch.empty(2), "step": 0})["step"] == 3
+
+
+def test_a_node_outside_the_registry_is_saved_and_needs_a_full_like(tmp_path):
+    tree = {"d": collections.defaultdict(lambda: 0, {"k": torch.ones(2)}), "step": 1}
+    checkpoint.save(tmp_path / "ck", tree)
+    assert _manifest_of(tmp_path / "ck")["tree"] is None
+    with pytest.raises(CheckpointError, match=r"cannot be rebuilt here: tree\['d'\]: a defaultdict whose factory .* is not one of "
+                       r"\['dict', 'float', 'int', 'list', 'set', 'str', 'tuple'\]; pass like= with the whole structure"):
+        checkpoint.load(tmp_path / "ck")
+    got = checkpoint.load(tmp_path / "ck", like={"d": {"k": torch.empty(2)}, "step": 0})
+    assert torch.equal(got["d"]["k"], torch.ones(2)) and got["step"] == 1
