@@ -3,8 +3,9 @@
 * :func:`save` writes a tree atomically: the directory appears, with its
   completion marker, only once every rank has written its shards.
 * :func:`load` reads it into the shardings of ``like``: another mesh, another
-  world size, or plain full tensors.
-* :func:`latest` finds the newest complete checkpoint in a directory of steps.
+  world size, or plain full tensors. It never runs code from the files.
+* :func:`latest` finds the newest complete, undamaged checkpoint in a directory of steps.
+* :func:`convert` rewrites a checkpoint of the older, pickled format (files you trust).
 
 >>> import colofn, tempfile, torch
 >>> from colofn import P

@@ -54,11 +54,17 @@ def load(path: str | os.PathLike[str], like: Any = None, *, verify: bool = True)
     Returns:
       A new pytree with the saved structure (``like`` is not modified).
 
+    Nothing in the files is run: the manifest is JSON data, DCP's
+    ``.metadata`` is read with a restricted unpickler and the tensors with
+    ``torch.load(weights_only=True)`` (see ``docs/security.md``).
+
     Raises:
       CheckpointNotFoundError: no directory at ``path``.
-      CheckpointError: the checkpoint is incomplete (no marker), its manifest or
-        a data file is corrupt or missing, or ``like`` does not match it (each
-        mismatching leaf path named).
+      CheckpointError: the checkpoint is incomplete (no marker); its manifest,
+        ``.metadata`` or a data file is corrupt, missing or crafted (the file
+        named); it is of the older pickled format (the message gives the
+        conversion command); or ``like`` does not match it (each mismatching
+        leaf path named).
     """
     path = os.path.abspath(os.fspath(path))
     content = _manifest.read(path)

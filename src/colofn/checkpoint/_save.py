@@ -47,8 +47,9 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
     file system all ranks share. The save is atomic: ``path`` appears, complete
     with its marker, only when every rank has written its data; a failure on any
     rank leaves ``path`` as it was. Plain values (step counters, config
-    entries) go into the manifest: JSON when they are bool/int/float/str,
-    pickled otherwise. Pending reductions (``Partial`` DTensors) are reduced first.
+    entries: bool, int, float, str, bytes, ``torch.dtype``, ``torch.device``)
+    and the tree structure go into the manifest as JSON data, never pickles.
+    Pending reductions (``Partial`` DTensors) are reduced first.
 
     Args:
       path: the checkpoint directory to create (its parent is created if missing).
@@ -57,9 +58,9 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
         The old one is renamed aside, the new one renamed in, then the old removed.
 
     Raises:
-      CheckpointError: ``path`` exists (without ``overwrite``).
-      TreeTypeError: a leaf that can be neither saved as a tensor nor pickled.
-      CheckpointError: the ranks were given different paths (raised on every rank).
+      TreeTypeError: a leaf that is neither a tensor nor a plain value (its path named).
+      CheckpointError: ``path`` exists (without ``overwrite``), or the ranks
+        were given different paths (raised on every rank).
       CheckpointSaveError: the directory cannot be created (its parent is a
         file or not writable) or writing failed on some rank (a full disk is
         said so); ``path`` is untouched; ``failures`` maps ranks to their
