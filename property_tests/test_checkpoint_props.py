@@ -1,15 +1,18 @@
 """Checkpoint round trips across random pairs of meshes and world sizes are exact.
 
 A random tree of tensors (random shapes, dtypes and specs; some plain) and
-plain values is saved on one random mesh and loaded on another, each tensor
-into a random spec of the new mesh or as a plain tensor; every global value
-must come back bit for bit.
+plain values (random bools, ints, floats, strings, bytes and dtypes inside a
+NamedTuple and lists: stored as JSON data) is saved on one random mesh and
+loaded on another, each tensor into a random spec of the new mesh or as a
+plain tensor; every global value must come back bit for bit, every plain
+value and node type exactly.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from typing import NamedTuple
 
 import torch
 from hypothesis import given
@@ -20,6 +23,15 @@ from colofn import checkpoint
 from colofn.testing.strategies import mesh_shapes, specs_for
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int64, torch.float64)
+
+
+class Extra(NamedTuple):
+    values: list
+    note: object
+
+
+plain = st.one_of(st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=False), st.text(max_size=6),
+                  st.binary(max_size=6), st.sampled_from(DTYPES))
 
 
 @st.composite
@@ -35,7 +47,8 @@ def cases(draw):
         spec_b = draw(st.none() | specs_for(mesh_b, ndim))
         leaves[f"t{k}"] = (shape, dtype, spec_a, spec_b)
     step = draw(st.integers(0, 10**9))
-    return mesh_a, mesh_b, leaves, step, draw(st.integers(0, 2**16))
+    extra = Extra(draw(st.lists(plain, max_size=3)), draw(st.none() | plain))
+    return mesh_a, mesh_b, leaves, (step, extra), draw(st.integers(0, 2**16))
 
 
 def _values(leaves, seed):
@@ -51,27 +64,30 @@ def _mesh(shape):
     return colofn.Mesh(tuple(shape.values()), tuple(shape))
 
 
-def _save(path, mesh_shape, leaves, values, step):
+def _save(path, mesh_shape, leaves, values, step_extra):
+    step, extra = step_extra
     with _mesh(mesh_shape):
-        tree = {"tensors": {k: v if leaves[k][2] is None else colofn.device_put(v, leaves[k][2]) for k, v in values.items()}, "step": step}
+        tree = {"tensors": {k: v if leaves[k][2] is None else colofn.device_put(v, leaves[k][2]) for k, v in values.items()}, "step": step, "extra": extra}
         checkpoint.save(path, tree)
 
 
 def _load(path, mesh_shape, leaves):
     with _mesh(mesh_shape):
-        like = {"tensors": {k: torch.empty(shape, dtype=dt) if spec is None else spec for k, (shape, dt, _, spec) in leaves.items()}, "step": 0}
+        like = {"tensors": {k: torch.empty(shape, dtype=dt) if spec is None else spec for k, (shape, dt, _, spec) in leaves.items()},
+                "step": 0, "extra": colofn.P()}  # a prefix leaf: the plain values' structure comes from the checkpoint
         state = checkpoint.load(path, like)
-        return state["step"], {k: colofn.gather(v) for k, v in state["tensors"].items()}
+        return (state["step"], state["extra"]), {k: colofn.gather(v) for k, v in state["tensors"].items()}
 
 
 @given(cases())
 def test_round_trip_across_meshes_is_exact(case):
-    mesh_a, mesh_b, leaves, step, seed = case
+    mesh_a, mesh_b, leaves, step_extra, seed = case
     values = _values(leaves, seed)
     with tempfile.TemporaryDirectory() as d:
-        path = f"{d}/step_{step}"
-        colofn.launch(_save, path, mesh_a, leaves, values, step, world_size=math.prod(mesh_a.values()))
-        for got_step, got in colofn.launch(_load, path, mesh_b, leaves, world_size=math.prod(mesh_b.values())):
-            assert got_step == step
+        path = f"{d}/step_{step_extra[0]}"
+        colofn.launch(_save, path, mesh_a, leaves, values, step_extra, world_size=math.prod(mesh_a.values()))
+        for got_step_extra, got in colofn.launch(_load, path, mesh_b, leaves, world_size=math.prod(mesh_b.values())):
+            assert got_step_extra == step_extra and type(got_step_extra[1]) is Extra
+            assert [type(v) for v in got_step_extra[1].values] == [type(v) for v in step_extra[1].values]
             for k, v in values.items():
                 assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
