@@ -183,7 +183,8 @@ def test_a_full_disk_is_said_so(tmp_path, monkeypatch):
 
     monkeypatch.undo()
     monkeypatch.setattr(_manifest, "write_marker", write_marker)  # rank 0 finishing the save
-    text, failures = colofn.launch(_save_in_world, str(tmp_path / "step_1"), world_size=2)[0]
+    (text, failures), (text1, failures1) = colofn.launch(_save_in_world, str(tmp_path / "step_1"), world_size=2)
+    assert text1 == text and failures1 == {0: "RuntimeError"}  # rank 1 raises the same text (the OSError stays on rank 0)
     assert text.startswith(f"colofn.checkpoint.save('{tmp_path}/step_1') failed on rank 0 while finishing the save "
                            f"(OSError: [Errno 28] No space left on device); the file system of {tmp_path} is full (")
     assert failures == {0: "OSError"} and os.listdir(tmp_path) == []

@@ -91,26 +91,24 @@ def save(path: str | os.PathLike[str], tree: Any, *, overwrite: bool = False) ->
         names = _manifest.data_files(tmp)
         mine = {n: _manifest.file_digest(os.path.join(tmp, n)) for n in names[rank::size]}
         gathered = all_to_rank0(mine)
-        outcome: str | None = None
+        outcome: dict[str, Any] | None = None
         failed: BaseException | None = None
         if rank == 0:
-            assert gathered is not None and tmp is not None
+            assert gathered is not None
             files = {k: v for part in gathered for k, v in part.items()}
             try:
                 _finalize(tmp, path, overwrite, _manifest.manifest(leaves, treedef, files, size))
+            except OSError as e:  # the marker or the renames: a full disk, a vanished directory, ...
+                failed = e
+                outcome = {"text": f"colofn.checkpoint.save({path!r}) failed on rank 0 while finishing the save "
+                           f"({type(e).__name__}: {e}){_disk_hint(e, parent)}; {path} was left as it was"}
             except BaseException as e:  # noqa: BLE001 - reported to every rank below
-                outcome, failed = f"{type(e).__name__}: {e}", e
+                failed, outcome = e, {"text": f"colofn.checkpoint.save({path!r}) failed on rank 0: {type(e).__name__}: {e}"}
         outcome = broadcast(outcome)
-        if rank == 0 and isinstance(failed, OSError):
-            raise CheckpointSaveError(
-                f"colofn.checkpoint.save({path!r}) failed on rank 0 while finishing the save "
-                f"({type(failed).__name__}: {failed}){_disk_hint(failed, parent)}; {path} was left as it was",
-                {0: failed},
-            ) from failed
-        if rank == 0 and failed is not None:
+        if rank == 0 and failed is not None and not isinstance(failed, OSError):
             raise failed
         if outcome is not None:
-            raise CheckpointSaveError(f"colofn.checkpoint.save({path!r}) failed on rank 0: {outcome}", {0: RuntimeError(outcome)})
+            raise CheckpointSaveError(outcome["text"], {0: failed if failed is not None else RuntimeError(outcome["text"])}) from failed
     except BaseException as e:
         if rank == 0 and tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
