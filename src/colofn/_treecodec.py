@@ -63,7 +63,6 @@ __all__ = [
     "decode_value",
     "encode_structure",
     "encode_value",
-    "is_plain_value",
 ]
 
 FACTORIES: dict[str, Any] = {"list": list, "dict": dict, "int": int, "float": float, "str": str, "set": set, "tuple": tuple}
@@ -94,11 +93,6 @@ _LEAF = _Leaf()
 
 
 # ----------------------------------------------------------------------------- plain values
-
-
-def is_plain_value(x: Any) -> bool:
-    """Whether :func:`encode_value` stores ``x``."""
-    return type(x) in (bool, int, float, str, bytes) or isinstance(x, torch.dtype | torch.device)
 
 
 def encode_value(x: Any) -> Any:
@@ -132,11 +126,14 @@ def decode_value(d: Any) -> Any:
             if tag == "bytes":
                 return base64.b64decode(v.encode("ascii"), validate=True)
             if tag == "dtype":
-                dtype = getattr(torch, v, None) if v.isidentifier() else None
+                dtype = vars(torch).get(v)  # no module __getattr__: nothing is imported
                 if isinstance(dtype, torch.dtype):
                     return dtype
             if tag == "device":
-                return torch.device(v)
+                try:
+                    return torch.device(v)
+                except RuntimeError:  # torch's error for a malformed device string
+                    pass
     raise ValueError(f"{_short(d)} is not a stored plain value")
 
 

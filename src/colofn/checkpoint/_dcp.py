@@ -67,8 +67,8 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # vars: no lazy imports
+            return vars(torch)[name]
         if (module, name) == ("torch.serialization", "_get_layout"):
             return _get_layout
         raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of DCP's metadata")

@@ -77,7 +77,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    d = getattr(torch, name, None)
+    d = vars(torch).get(name)  # not getattr: torch lazily imports submodules by name
     if not isinstance(d, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return d
