@@ -133,3 +133,20 @@ def test_unregistered_nodes_and_values_are_refused_with_their_path():
         codec.encode_value({1})
     with pytest.raises(ValueError, match=r"is not a stored plain value"):
         codec.decode_value({"dtype": "Tensor"})  # a torch attribute that is not a dtype
+
+
+json_data = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.sampled_from(["*", "dict", "list", "tuple", "namedtuple", "dataclass", "defaultdict", "os:system", "builtins:int"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["node", "children", "keys", "type", "fields", "meta", "factory", "dtype", "bytes", "float", "device"]), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(json_data)
+def test_arbitrary_json_decodes_to_a_structure_or_a_value_error(data):
+    """What a crafted manifest can hold: decoding gives a structure/value or a ValueError, nothing else."""
+    for decode in (codec.decode_structure, codec.decode_value):
+        try:
+            decode(data)
+        except ValueError:
+            pass
