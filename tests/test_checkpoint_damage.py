@@ -142,6 +142,13 @@ def test_a_parent_that_is_a_file_or_read_only(tmp_path, monkeypatch):
             f"{tmp_path}/ro is not writable (permission denied); nothing was written")
     assert got == [(want, {0: "PermissionError"})] * 2  # every rank raises the same error
 
+    def read_only_fs(prefix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_fs)
+    with pytest.raises(CheckpointSaveError, match=r"ro is not writable \(a read-only file system\); nothing was written$"):
+        checkpoint.save(tmp_path / "ro" / "step_1", {"w": torch.ones(2)})
+
 
 class _FullDisk(contextlib.AbstractContextManager):
     """A stream that accepts ``room`` bytes, then fails as a full disk does."""
