@@ -45,7 +45,7 @@ def convert(path: str | os.PathLike[str], *, trust: bool = False) -> str:
             "(command line: --trust) only if you trust its files"
         )
     failures: list[str] = []
-    leaves = [_convert_leaf(leaf, failures) for leaf in content["leaves"]]
+    leaves = [_convert_leaf(path, leaf, failures) for leaf in content["leaves"]]
     treedef = _unpickle(content.get("treedef"), path, "its tree structure")
     if failures:
         raise CheckpointError(format_failures(f"colofn.checkpoint.convert: {path} has values that cannot be stored as data:", failures))
@@ -65,10 +65,10 @@ def _unpickle(text: Any, path: str, what: str) -> Any:
         raise CheckpointError(f"colofn.checkpoint.convert: {path}: {what} cannot be unpickled here ({type(e).__name__}: {e})") from None
 
 
-def _convert_leaf(leaf: _manifest.Leaf, failures: list[str]) -> _manifest.Leaf:
+def _convert_leaf(path: str, leaf: _manifest.Leaf, failures: list[str]) -> _manifest.Leaf:
     if leaf.kind == "tensor":
         return leaf
-    value = _unpickle(leaf.value, "", leaf.path) if leaf.kind == "pickle" else leaf.value
+    value = _unpickle(leaf.value, path, f"the value of {leaf.path}") if leaf.kind == "pickle" else leaf.value
     try:
         return _manifest.Leaf(leaf.path, "value", value=codec.encode_value(value))
     except codec.Unencodable as e:
