@@ -224,3 +224,11 @@ def test_a_node_outside_the_registry_is_saved_and_needs_a_full_like(tmp_path):
         checkpoint.load(tmp_path / "ck")
     got = checkpoint.load(tmp_path / "ck", like={"d": {"k": torch.empty(2)}, "step": 0})
     assert torch.equal(got["d"]["k"], torch.ones(2)) and got["step"] == 1
+
+
+def test_convert_names_an_old_value_that_cannot_be_stored_as_data(tmp_path):
+    checkpoint.save(tmp_path / "old", {"w": torch.ones(2), "s": "placeholder"})
+    _make_legacy(tmp_path / "old", {"w": torch.ones(2), "s": {1, 2}})  # version 1 pickled any value, a set too
+    with pytest.raises(CheckpointError, match=r"has values that cannot be stored as data:\n  \* \['s'\]: a set is not a plain value"):
+        checkpoint.convert(tmp_path / "old", trust=True)
+    assert _manifest_of(tmp_path / "old")["version"] == 1  # left as it was
