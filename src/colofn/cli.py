@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -123,9 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _first_on_sys_path(directory: str) -> Iterator[None]:
+    """Put ``directory`` first on ``sys.path`` for the block; restore ``sys.path`` after.
+
+    Rank threads share this ``sys.path``, and gloo ranks (spawned) start with a
+    copy of it, so every rank imports from ``directory``.
+    """
+    saved = list(sys.path)
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    # Import as Python would: `python script.py` puts the script's directory first
+    # on sys.path, `python -m` the working directory (where `--schedule
+    # module:function` and the like are found). The `colofn` script has neither.
+    first = os.path.dirname(os.path.abspath(args.script)) if args.command == "run" else os.getcwd()
+    with _first_on_sys_path(first):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
