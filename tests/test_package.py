@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -58,3 +59,31 @@ def test_python_dash_m_colofn_is_the_colofn_command(monkeypatch, capsys):
     else:
         raise AssertionError("python -m colofn did not exit")
     assert "colofn train: error: the run cannot start:" in capsys.readouterr().err
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's "Try it" section, one per ```bash block."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Try it", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_ci_runs_the_readme_commands_as_written():
+    first, second = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    # The install part of the first command, exactly; its run part with fewer steps.
+    install, run = first.split(" && ")
+    assert install == "pip install torch==2.13.0 -e ."
+    assert re.search(r"^\s*" + re.escape(install) + r"\s*$", ci, re.M), "the README's install is not in .ci/run"
+    short = re.sub(r"--steps \d+", "--steps 3", run)
+    assert short != run and re.search(r"^\s*" + re.escape(short) + r"\s*$", ci, re.M), (
+        f".ci/run does not run {short!r}"
+    )
+    # The second command, exactly.
+    assert re.search(r"^\s*" + re.escape(second) + r"\s*$", ci, re.M), f".ci/run does not run {second!r}"
+    # Each in a fresh virtual environment of its own.
+    assert "python -m venv" in ci and "mktemp -d" in ci
+    lines = ci.splitlines()
+    for command in (install, second):
+        at = next(i for i, ln in enumerate(lines) if ln.strip() == command)
+        assert any(ln.startswith("fresh_env ") for ln in lines[at - 3 : at]), f"{command!r} is not run in a fresh env"
