@@ -102,6 +102,12 @@ def test_bad_types_and_choices_are_argparse_errors(no_world, capsys):
         assert "colofn train: error: argument" in capsys.readouterr().err
 
 
+def test_resume_needs_a_complete_checkpoint(no_world, capsys):
+    (no_world / "ckpts" / "step_000002").mkdir(parents=True)  # a save that never finished: no marker
+    assert cli.main(["train", "--resume", "ckpts"]) == 2
+    assert "--resume ckpts: no complete checkpoint there" in capsys.readouterr().err
+
+
 def test_torchrun_world_size_must_match_the_mesh(no_world, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

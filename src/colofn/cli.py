@@ -105,14 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a script on N simulated devices (or real gloo processes)")
     p.add_argument("--devices", "-n", type=int, required=True, help="number of ranks")
     p.add_argument("--backend", choices=("sim", "gloo"), default="sim", help="sim: threads (default); gloo: processes")
-    p.add_argument("--timeout", type=float, default=None, help="seconds a rank may wait in one collective")
-    p.add_argument("script")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a rank may wait in one collective (default: $COLOFN_TIMEOUT or 120)")
+    p.add_argument("script", help="the Python script every rank runs (its directory comes first on sys.path)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a small model trained with data x tensor parallelism on simulated devices")
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--devices", type=int, default=4, help="simulated devices, a dp x tp mesh (default 4)")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     p.set_defaults(func=cmd_demo)
 
     for module in ("colofn.pipeline.cli", "colofn.train.cli"):

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any, Literal
 
+from colofn import checkpoint
 from colofn.errors import ConfigError, format_failures
 from colofn.models import gpt
 from colofn.parallel import Plan, check_batch, check_plan
@@ -214,6 +215,8 @@ def _check_paths(cfg: TrainConfig) -> list[str]:
     failures = []
     if cfg.resume is not None and not os.path.isdir(cfg.resume):
         failures.append(f"--resume {cfg.resume}: no such directory (give a checkpoint directory or a directory of them)")
+    elif cfg.resume is not None and not checkpoint.is_complete(cfg.resume) and checkpoint.latest(cfg.resume) is None:
+        failures.append(f"--resume {cfg.resume}: no complete checkpoint there (looked for step_* directories with a marker)")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         failures.append(f"--out {cfg.out} is a file: give a directory (it is created if missing)")
     return failures
