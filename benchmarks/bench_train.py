@@ -117,7 +117,8 @@ STRATEGIES = [
 
 def train_config(s: Strategy, world: int) -> TrainConfig:
     cfg = TrainConfig(preset="small", mesh=s.meshes[world], batch_size=BATCH, lr=LR, zero=s.zero, sp=s.sp,  # type: ignore[arg-type]
-                      schedule="1f1b", microbatches=MICROBATCHES, experts=s.experts)
+                      schedule="1f1b", experts=s.experts,
+                      microbatches=MICROBATCHES if "pp" in dict(s.meshes[world]) else None)
     validate(cfg)
     return cfg
 

@@ -21,7 +21,7 @@ from colofn import cli
 
 SCRIPT = Path(__file__).parent / "scripts" / "world_script.py"
 VERDICT = re.compile(
-    r"^VERDICT rank=(\d) world=4 dp=(\d) tp=(\d) backend=(\S+) block=True all_reduce=True "
+    r"^VERDICT rank=(\d) world=4 dp=(\d) tp=(\d) backend=(\S+) early_index=True block=True all_reduce=True "
     r"tp_reduce=True gather=True OK$",
     re.M,
 )

@@ -3,9 +3,20 @@
 Write a model once as a pure function over a parameter pytree, say with
 ``PartitionSpec``s on a named ``Mesh`` where every tensor lives, and run it on
 simulated devices (threads) or on a real ``torch.distributed`` job.
+
+The subpackages ``models``, ``optim``, ``parallel``, ``pipeline``, ``testing``
+and ``zero`` are attributes of ``colofn`` imported on first use (PEP 562), as
+``jax.sharding`` is after ``import jax``: ``import colofn`` stays light.
+
+>>> import colofn
+>>> colofn.optim.sgd(0.1).__class__.__name__
+'GradientTransformation'
 """
 
-from colofn import checkpoint, errors, random, tree, zero
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from colofn import checkpoint, errors, random, tree
 from colofn.collectives import (
     all_gather,
     all_to_all,
@@ -27,7 +38,13 @@ from colofn.sharding import NamedSharding, device_put, gather, sharding_of
 from colofn.tracing import CommRecord, comm_trace
 from colofn.world import initialize, launch, process_count, process_index
 
+if TYPE_CHECKING:
+    from colofn import models, optim, parallel, pipeline, testing, zero
+
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("models", "optim", "parallel", "pipeline", "testing", "zero")
+"""Subpackages imported on first attribute access (:func:`__getattr__`)."""
 
 __all__ = [
     "Jitted",
@@ -65,4 +82,20 @@ __all__ = [
     "sharding_of",
     "tree",
     "zero",
+    "models",
+    "optim",
+    "parallel",
+    "pipeline",
+    "testing",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a subpackage on first access: ``colofn.pipeline`` after only ``import colofn``."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"colofn.{name}")  # sets the attribute: later lookups skip this
+    raise AttributeError(f"module 'colofn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

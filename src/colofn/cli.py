@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -104,14 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a script on N simulated devices (or real gloo processes)")
     p.add_argument("--devices", "-n", type=int, required=True, help="number of ranks")
     p.add_argument("--backend", choices=("sim", "gloo"), default="sim", help="sim: threads (default); gloo: processes")
-    p.add_argument("--timeout", type=float, default=None, help="seconds a rank may wait in one collective")
-    p.add_argument("script")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a rank may wait in one collective (default: $COLOFN_TIMEOUT or 120)")
+    p.add_argument("script", help="the Python script every rank runs (its directory comes first on sys.path)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a small model trained with data x tensor parallelism on simulated devices")
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--devices", type=int, default=4, help="simulated devices, a dp x tp mesh (default 4)")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     p.set_defaults(func=cmd_demo)
 
     for module in ("colofn.pipeline.cli", "colofn.train.cli", "colofn.checkpoint.cli"):
@@ -123,9 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _first_on_sys_path(directory: str) -> Iterator[None]:
+    """Put ``directory`` first on ``sys.path`` for the block; restore ``sys.path`` after.
+
+    Rank threads share this ``sys.path``, and gloo ranks (spawned) start with a
+    copy of it, so every rank imports from ``directory``.
+    """
+    saved = list(sys.path)
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    # Import as Python would: `python script.py` puts the script's directory first
+    # on sys.path, `python -m` the working directory (where `--schedule
+    # module:function` and the like are found). The `colofn` script has neither.
+    first = os.path.dirname(os.path.abspath(args.script)) if args.command == "run" else os.getcwd()
+    with _first_on_sys_path(first):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

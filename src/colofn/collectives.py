@@ -26,6 +26,7 @@ import torch
 
 from colofn import _vma
 from colofn import tree as jt
+from colofn._perm import check_perm
 from colofn.errors import ShapeError, SpecError
 
 __all__ = [
@@ -297,14 +298,7 @@ def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> An
     ctx = _ctx("ppermute")
     axes = _axes(ctx, axis_name, "ppermute")
     n = _size(ctx, axes)
-    pairs = [tuple(p) for p in perm]
-    bad = [p for p in pairs if len(p) != 2 or not all(isinstance(i, int) and 0 <= i < n for i in p)]
-    srcs, dsts = [p[0] for p in pairs], [p[1] for p in pairs]
-    if bad or len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts):
-        raise SpecError(
-            f"ppermute over {axes} (size {n}): perm must be (source, destination) pairs of indices in "
-            f"[0, {n}) with no source or destination repeated; got {list(perm)}"
-        )
+    pairs = check_perm(perm, axes, n)
 
     def one(t: torch.Tensor) -> torch.Tensor:
         with _vma.suspended():

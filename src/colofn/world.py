@@ -127,11 +127,30 @@ def _leave_world() -> None:
         dist.destroy_process_group()
 
 
+def _in_world() -> bool:
+    """Whether this process is in a world, joining the one ``torchrun`` started first if need be.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) a process that has not joined
+    yet joins now, as :func:`initialize` does, so that it never answers as a
+    world of one while its peers are ranks of a larger world.
+    """
+    if dist.is_initialized():
+        return True
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        initialize()
+        return True
+    return False
+
+
 def process_index() -> int:
-    """This rank's index in the world (0 outside any world)."""
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This rank's index in the world (0 outside any world).
+
+    Under ``torchrun``, called before any :class:`~colofn.Mesh`, it joins the
+    world first (as :func:`initialize` does), or raises if it cannot.
+    """
+    return dist.get_rank() if _in_world() else 0
 
 
 def process_count() -> int:
-    """The number of ranks in the world (1 outside any world)."""
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """The number of ranks in the world (1 outside any world; under ``torchrun`` it joins first)."""
+    return dist.get_world_size() if _in_world() else 1

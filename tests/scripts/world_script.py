@@ -8,14 +8,20 @@
 Each rank prints one line starting with ``VERDICT``.
 """
 
+import os
+
 import torch
 import torch.distributed as dist
 
 import colofn
 from colofn import P
 
+# Under torchrun, even ranks ask process_index() before any Mesh, odd ranks build
+# the Mesh first: either joins the world (it once answered 0 on every rank).
+early = colofn.process_index() if int(os.environ.get("RANK", "0")) % 2 == 0 else None
 mesh = colofn.Mesh((2, 2), ("dp", "tp"))  # joins the world (initialize) when needed
 r, n = colofn.process_index(), colofn.process_count()
+early_ok = early in (None, r)
 dp, tp = mesh.axis_index("dp"), mesh.axis_index("tp")
 
 x = torch.arange(32.0).reshape(4, 8)
@@ -34,9 +40,9 @@ tp_ok = torch.equal(row, x[2 * dp : 2 * dp + 2].sum(1))
 back = colofn.gather(xs)
 gather_ok = torch.equal(back["x"], x) and torch.equal(back["b"], torch.ones(8))
 
-ok = n == 4 and block_ok and allreduce_ok and tp_ok and gather_ok
+ok = n == 4 and early_ok and block_ok and allreduce_ok and tp_ok and gather_ok
 line = (
-    f"VERDICT rank={r} world={n} dp={dp} tp={tp} backend={dist.get_backend()} "
+    f"VERDICT rank={r} world={n} dp={dp} tp={tp} backend={dist.get_backend()} early_index={early_ok} "
     f"block={block_ok} all_reduce={allreduce_ok} tp_reduce={tp_ok} gather={gather_ok} "
     f"{'OK' if ok else 'FAIL'}\n"
 )

@@ -230,12 +230,13 @@ def check_batch(
         failures.append(f"tokens must be [batch, seq], got shape {tuple(shape)}")
     else:
         b, s = shape
-        nb = math.prod(size[a] for a in plan.batch_axes)
+        # An axis the mesh lacks counts as size 1 here: check_plan reports it.
+        nb = math.prod(size.get(a, 1) for a in plan.batch_axes)
         if b % nb:
             failures.append(
                 f"batch {b} is not divisible by the {nb} ranks of {plan.batch_axes} it is split over"
             )
-        if plan.seq_axis is not None and s % size[plan.seq_axis]:
+        if plan.seq_axis is not None and s % size.get(plan.seq_axis, 1):
             n = size[plan.seq_axis]
             failures.append(
                 f"seq {s} is not divisible by sp={n} (sp={plan.sp!r} splits the sequence over "

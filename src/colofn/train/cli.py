@@ -9,31 +9,45 @@ import sys
 from colofn.errors import ColofnError
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Append ``(default: X)`` to each flag's help, unless the help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "train",
         help="train a GPT on the shipped corpus with any composition of dp/tp/sp/ep/pp and ZeRO",
         description="Train a GPT preset on N simulated devices (or real processes under torchrun), "
-        "with strategies composed on one mesh, optionally checked step by step against one device.",
+        "with strategies composed on one mesh, optionally checked step by step against one device. "
+        "Every flag is checked against the others before any world starts (exit code 2).",
+        formatter_class=_HelpWithDefaults,
     )
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, gpt2-124m (default tiny)")
-    p.add_argument("--mesh", default="dp=2,tp=2", help="axes and sizes, e.g. pp=2,dp=2,tp=2 (axes: pp dp sp tp ep)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over dp")
-    p.add_argument("--sp", default="none", help="sequence parallelism: none, megatron (over tp), ulysses or ring (over sp)")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, gpt2-124m")
+    p.add_argument("--mesh", default="dp=2,tp=2",
+                   help="axes and sizes, e.g. pp=2,dp=2,tp=2 (axes: pp dp sp tp ep); the run has prod(sizes) devices")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps to train (>= 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch in sequences per step, split over dp (and ep)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (warmup, then cosine decay to lr/10)")
+    p.add_argument("--warmup", type=int, default=5, help="steps of linear learning-rate warmup from 0 (>= 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters and of the batches")
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over dp (default: no ZeRO)")
+    p.add_argument("--sp", default="none", choices=("none", "megatron", "ulysses", "ring"),
+                   help="sequence parallelism: none, megatron (over tp), ulysses or ring (over sp)")
     p.add_argument("--schedule", default="1f1b", help="pipeline schedule (with pp): gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv, dualpipev, or module:function")
-    p.add_argument("--microbatches", type=int, default=None)
-    p.add_argument("--experts", type=int, default=0, help="mixture-of-experts with N experts (use ep=N in --mesh to split them)")
-    p.add_argument("--check", action="store_true", help="train the single-device model alongside and print the difference per step")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="microbatches per step (with pp; each dp rank's batch must divide by it; default: 2 x pp)")
+    p.add_argument("--experts", type=int, default=0, help="mixture-of-experts with N experts (use ep=N in --mesh to split them; 0: dense)")
+    p.add_argument("--check", action="store_true", help="train the single-device model alongside and print the difference per step (default: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every K steps (0: never)")
-    p.add_argument("--resume", default=None, help="a checkpoint directory, or a directory of them (the newest is used)")
+    p.add_argument("--resume", default=None, help="a checkpoint directory, or a directory of them (the newest is used; default: start fresh)")
     p.add_argument("--out", default="colofn-train-out", help="where checkpoints, the loss curve and the report go")
     p.add_argument("--backend", choices=("sim", "gloo", "env"), default=None,
-                   help="sim: threads (default); gloo: local processes; env: the world torchrun started")
+                   help="sim: threads; gloo: local processes; env: the world torchrun started "
+                   "(default: env under torchrun, else sim)")
     p.set_defaults(func=run)
 
 
@@ -52,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         )
         return train(cfg)
     except ColofnError as e:
-        print(f"colofn train: error: {e}", file=sys.stderr)
+        print(f"colofn train: error: {str(e).removeprefix('colofn train: ')}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any, Literal
 
+from colofn import checkpoint
 from colofn.errors import ConfigError, format_failures
 from colofn.models import gpt
 from colofn.parallel import Plan, check_batch, check_plan
@@ -119,16 +120,9 @@ def validate(cfg: TrainConfig) -> None:
     """Raise one ``ConfigError`` listing every problem with ``cfg``, before any work."""
     failures: list[str] = []
     m = cfg.mesh_shape
-    for name in ("steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            failures.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.checkpoint_every < 0:
-        failures.append(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
-    if not cfg.lr > 0:
-        failures.append(f"--lr must be > 0, got {cfg.lr}")
-    env_world = os.environ.get("WORLD_SIZE")
-    if cfg.backend == "env" and env_world is not None and int(env_world) != cfg.world_size:
-        failures.append(f"--mesh {m} has {cfg.world_size} devices but torchrun started {env_world} processes")
+    failures += _check_numbers(cfg)
+    failures += _check_paths(cfg)
+    failures += _check_backend(cfg)
     try:
         mcfg = cfg.model_config()
     except ConfigError as e:
@@ -149,7 +143,11 @@ def validate(cfg: TrainConfig) -> None:
             failures.append("--zero shards over the dp axis: add dp=N to --mesh")
         if cfg.pp > 1 or "ep" in m or cfg.sp in ("ulysses", "ring"):
             failures.append("--zero composes with dp, tp and --sp megatron only (not pp, ep, ulysses or ring) in this release")
-    if cfg.pp > 1:
+    if cfg.pp == 1 and cfg.microbatches is not None:
+        failures.append(f"--microbatches {cfg.microbatches} splits the batch of a pipeline: add pp=N to --mesh, or drop the flag")
+    if cfg.pp == 1 and cfg.schedule != "1f1b":
+        failures.append(f"--schedule {cfg.schedule} is a pipeline schedule: add pp=N to --mesh, or drop the flag")
+    if cfg.pp > 1 and cfg.num_microbatches >= 1:
         from colofn.pipeline import SCHEDULES, get_schedule
 
         try:
@@ -171,10 +169,11 @@ def validate(cfg: TrainConfig) -> None:
                         f"has {layers} layers: the layers must split evenly into stages (pick another schedule, "
                         "pp size or preset)"
                     )
+    if cfg.pp > 1:
         if cfg.experts:
             failures.append("--experts with pp is not supported in this release (the balancing loss of middle stages)")
         local_batch = cfg.batch_size // max(1, m.get("dp", 1) * (m.get("ep", 1) if "ep" in m else 1))
-        if local_batch % cfg.num_microbatches:
+        if cfg.num_microbatches >= 1 and local_batch % cfg.num_microbatches:
             failures.append(
                 f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local_batch} = "
                 f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
@@ -188,3 +187,54 @@ def validate(cfg: TrainConfig) -> None:
                 failures.append(str(e))
     if failures:
         raise ConfigError(format_failures("colofn train: the run cannot start:", failures))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(cfg: TrainConfig) -> list[str]:
+    """Each numeric flag on its own: type and range."""
+    failures = []
+    bounds = {"steps": 1, "batch_size": 1, "warmup": 0, "checkpoint_every": 0, "microbatches": 1}
+    for name, low in bounds.items():
+        value = getattr(cfg, name)
+        if name == "microbatches" and value is None:
+            continue
+        if not _is_int(value) or value < low:
+            failures.append(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    if not _is_int(cfg.seed):
+        failures.append(f"--seed must be an integer, got {cfg.seed!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        failures.append(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    return failures
+
+
+def _check_paths(cfg: TrainConfig) -> list[str]:
+    """``--resume`` must exist; ``--out`` must be (or become) a directory."""
+    failures = []
+    if cfg.resume is not None and not os.path.isdir(cfg.resume):
+        failures.append(f"--resume {cfg.resume}: no such directory (give a checkpoint directory or a directory of them)")
+    elif cfg.resume is not None and not checkpoint.is_complete(cfg.resume) and checkpoint.latest(cfg.resume) is None:
+        failures.append(f"--resume {cfg.resume}: no complete checkpoint there (looked for step_* directories with a marker)")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        failures.append(f"--out {cfg.out} is a file: give a directory (it is created if missing)")
+    return failures
+
+
+def _check_backend(cfg: TrainConfig) -> list[str]:
+    """``--backend env`` needs the variables torchrun sets, and a mesh of their world size."""
+    if cfg.backend not in ("sim", "gloo", "env"):
+        return [f"--backend {cfg.backend!r} is unknown; choose sim, gloo or env"]
+    if cfg.backend != "env":
+        return []
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is None or "RANK" not in os.environ:
+        return ["--backend env joins the world torchrun started, but RANK and WORLD_SIZE are not set: "
+                "run under torchrun, or pass --backend sim or gloo"]
+    if not env_world.isdigit():
+        return [f"WORLD_SIZE={env_world!r} is not a number of processes"]
+    if int(env_world) != cfg.world_size:
+        return [f"--mesh {cfg.mesh_shape} has {cfg.world_size} devices but torchrun started {env_world} processes: "
+                f"make the mesh sizes multiply to {env_world}"]
+    return []
