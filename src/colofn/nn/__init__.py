@@ -15,11 +15,17 @@
 
 from colofn.nn._functionalize import from_state_dict, functionalize, to_state_dict, write_params
 from colofn.nn._guard import ModuleSharingError
+from colofn.nn._plan import ModulePlan, Parallelized, Rewrite, parallelize, take_chunk
 
 __all__ = [
+    "ModulePlan",
     "ModuleSharingError",
+    "Parallelized",
+    "Rewrite",
     "from_state_dict",
     "functionalize",
+    "parallelize",
+    "take_chunk",
     "to_state_dict",
     "write_params",
 ]

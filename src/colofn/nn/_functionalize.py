@@ -30,7 +30,10 @@ _INDEX = re.compile(r"\d+")
 
 
 def from_state_dict(flat: Mapping[str, Any]) -> Params:
-    """Dotted names (``model.layers.0.mlp.up_proj.weight``) -> a nested pytree; numbered children become lists.
+    """Dotted names (``model.layers.0.mlp.up_proj.weight``) -> a nested pytree.
+
+    Numbered children ``0..n-1`` become lists; numbered children with gaps (a
+    ``Sequential`` whose activation has no parameters) become int dict keys.
 
     >>> tree = from_state_dict({"layers.0.w": 1, "layers.1.w": 2, "head.b": 3})
     >>> tree
@@ -57,7 +60,7 @@ def _listify(node: Any) -> Any:
     keys = list(out)
     if keys and all(_INDEX.fullmatch(k) for k in keys) and sorted(map(int, keys)) == list(range(len(keys))):
         return [out[str(i)] for i in range(len(keys))]
-    return out
+    return {int(k) if _INDEX.fullmatch(k) else k: v for k, v in out.items()}  # children 0, 2 (1 has none)
 
 
 def to_state_dict(params: Any) -> dict[str, Any]:
@@ -199,6 +202,8 @@ def functionalize(module: nn.Module, *, buffers: bool = False) -> tuple[Callable
     >>> jt_shapes = {k: tuple(v.shape) for k, v in params[0].items()}
     >>> jt_shapes
     {'weight': (4, 3), 'bias': (4,)}
+    >>> sorted(params)
+    [0, 2]
     >>> x = torch.ones(5, 3)
     >>> torch.equal(apply(params, x), net(x))
     True
