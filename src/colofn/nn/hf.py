@@ -39,7 +39,7 @@ from colofn.parallel.plan import PlanError
 from colofn.partition_spec import P, PartitionSpec
 from colofn.shard_map import shard_map
 
-__all__ = ["batch", "causal_lm_loss", "encoder", "gpt2", "llama", "make_loss", "plan_for"]
+__all__ = ["PRESETS", "batch", "batch_specs", "build", "causal_lm_loss", "config", "encoder", "gpt2", "llama", "make_loss", "plan_for"]
 
 _ANY = r"(?:.*\.)?"
 IGNORE = -100
@@ -108,7 +108,9 @@ def gpt2(config: Any, *, dp: str | tuple[str, ...] | None = None, tp: str | None
     )
     rewrites: tuple[tuple[str, Rewrite], ...] = ()
     packed: tuple[tuple[str, int, int], ...] = ()
-    if tp is not None:
+    if tp is None:
+        rules = ()  # the packed layout and its specs exist for tp only
+    else:
         packed = ((rf"{_ANY}attn\.c_attn\.(weight|bias)", -1, 3),)
         rewrites = (
             (rf"{_ANY}wte", Rewrite("vocab_embed")),
@@ -225,3 +227,53 @@ def make_loss(model: nn.Module, plan: ModulePlan, mesh: Mesh | None = None) -> t
     par = parallelize(model, plan, mesh)
     mapped = shard_map(causal_lm_loss(par), mesh=par.mesh, in_specs=(par.specs, batch_specs(plan)), out_specs=P())
     return mapped, par
+
+
+# ----------------------------------------------------------------------------- models from configs (no download)
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "llama": {
+        "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+        "small": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128),
+    },
+    "gpt2": {
+        "tiny": dict(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=64),
+        "small": dict(vocab_size=256, n_embd=128, n_layer=4, n_head=8, n_positions=128),
+    },
+}
+"""Size presets of ``colofn train --hf llama|gpt2`` (a byte-level vocabulary of 256)."""
+
+_NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": dict(attention_dropout=0.0)}
+
+
+def config(kind: str, preset: str = "tiny", **overrides: Any) -> Any:
+    """A ``transformers`` config for ``kind`` (``"llama"``, ``"gpt2"``) at ``preset`` size, dropout off.
+
+    Needs ``transformers`` (``pip install colofn[hf]``); nothing is downloaded.
+    """
+    import transformers
+
+    if kind not in PRESETS:
+        raise PlanError(f"unknown Hugging Face model kind {kind!r}; the kinds are {', '.join(PRESETS)}")
+    if preset not in PRESETS[kind]:
+        raise PlanError(f"unknown {kind} preset {preset!r}; the presets are {', '.join(PRESETS[kind])}")
+    cls = transformers.LlamaConfig if kind == "llama" else transformers.GPT2Config
+    values = {**PRESETS[kind][preset], **_NO_DROPOUT[kind], "bos_token_id": None, "eos_token_id": None,
+              "pad_token_id": None, **overrides}
+    return cls(**values)
+
+
+def build(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM (``LlamaForCausalLM`` / ``GPT2LMHeadModel``) from ``config``, randomly initialised from ``seed``."""
+    import transformers
+
+    cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[config.model_type]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)  # HF initialises from torch's global generator
+        model = cls(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(dtype)
