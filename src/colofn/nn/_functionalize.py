@@ -111,8 +111,11 @@ class _Functional:
             self.names += [n for n, _ in module.named_buffers()]
         self.expected = set(self.names)
         # the buffers apply keeps as constants (shared read-only between threads)
-        self.constants = {} if buffers else dict(module.named_buffers())
-        self.template = _skeleton(module, self.constants.values())
+        self.constants = {} if buffers else {n: b.detach().clone() for n, b in module.named_buffers()}
+        self.template = _skeleton(module, ())
+        accessor = torch.nn.utils._named_member_accessor.NamedMemberAccessor(self.template)
+        for n, b in self.constants.items():
+            accessor.set_tensor(n, b)
         if prepare is not None:
             prepare(self.template)
         self.local = threading.local()
@@ -178,7 +181,8 @@ def functionalize(module: nn.Module, *, buffers: bool = False) -> tuple[Callable
     follows the module tree: ``params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]``
     (numbered children such as ``nn.ModuleList`` entries become lists). Its
     leaves are the module's parameters, detached (they share memory with the
-    module until you replace them). Tied parameters appear once, at their first name.
+    module until you replace them), and with ``buffers=True`` copies of its
+    buffers. Tied parameters appear once, at their first name.
 
     ``apply`` never mutates ``module``: every thread calls its own copy of the
     module with parameters on the ``meta`` device, so it is safe to call from
@@ -190,7 +194,8 @@ def functionalize(module: nn.Module, *, buffers: bool = False) -> tuple[Callable
         (``train()``/``eval()``) at this call is the mode ``apply`` runs in.
       buffers: also put the buffers in ``params`` (pass them explicitly, for
         modules whose forward updates them, like batch norm's running stats).
-        Without it buffers are constants of ``apply``, read-only.
+        Without it buffers are constants of ``apply`` (copied once), read-only:
+        a forward that writes into one raises.
 
     Returns:
       ``(apply, params)``. :func:`write_params` writes a pytree back into a module.
@@ -215,7 +220,8 @@ def functionalize(module: nn.Module, *, buffers: bool = False) -> tuple[Callable
     named = dict(module.named_parameters())
     if buffers:
         named.update(dict(module.named_buffers()))
-    return fn, from_state_dict({n: named[n].detach() for n in fn.names})
+    buffer_names = {n for n, _ in module.named_buffers()}
+    return fn, from_state_dict({n: named[n].detach().clone() if n in buffer_names else named[n].detach() for n in fn.names})
 
 
 def write_params(module: nn.Module, params: Any) -> nn.Module:
