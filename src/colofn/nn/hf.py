@@ -24,6 +24,7 @@ reduce-scatter. The embedding and the final norm stay on whole sequences.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -265,15 +266,22 @@ def config(kind: str, preset: str = "tiny", **overrides: Any) -> Any:
     return cls(**values)
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 def build(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM (``LlamaForCausalLM`` / ``GPT2LMHeadModel``) from ``config``, randomly initialised from ``seed``."""
+    """A causal LM (``LlamaForCausalLM`` / ``GPT2LMHeadModel``) from ``config``, randomly initialised from ``seed``.
+
+    The same ``seed`` gives the same weights in every rank, thread or process.
+    """
     import transformers
 
     cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[config.model_type]
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)  # HF initialises from torch's global generator
-        model = cls(config)
-    finally:
-        torch.random.set_rng_state(state)
+    with _GLOBAL_RNG:  # HF initialises from torch's global generator, which simulated ranks (threads) share
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            model = cls(config)
+        finally:
+            torch.random.set_rng_state(state)
     return model.to(dtype)

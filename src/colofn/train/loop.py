@@ -76,6 +76,10 @@ def _fmt_bytes(n: float) -> str:
 
 def rank_program(cfg: TrainConfig) -> dict[str, Any]:
     """Train on this rank; rank 0 prints progress. Returns the run's record (losses, timings, memory)."""
+    if cfg.hf is not None:
+        from colofn.train import hf_loop
+
+        return hf_loop.rank_program(cfg)
     mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     mcfg = cfg.model_config()
     opt = make_optimizer(cfg)
