@@ -50,7 +50,8 @@ def setups(draw):
                     intermediate_size=tp * draw(st.integers(1, 4)), num_hidden_layers=layers,
                     max_position_embeddings=16, tie_word_embeddings=draw(st.booleans()))
     else:
-        over.update(n_embd=heads * head_dim, n_head=heads, n_layer=layers, n_positions=16)
+        over.update(n_embd=heads * head_dim, n_head=heads, n_layer=layers, n_positions=16,
+                    tie_word_embeddings=draw(st.booleans()))
     cfg = hf.config(kind, **over)
     seed = draw(st.integers(0, 2**16))
     return kind, cfg, {"dp": dp, "tp": tp}, sp, dp * draw(st.integers(1, 2)), seq, seed

@@ -10,8 +10,15 @@ import colofn
 from colofn import P, optim, zero
 from colofn import tree as jt
 from colofn.errors import TreeError
-from colofn.nn import ModulePlan, ModuleSharingError, functionalize, parallelize, to_state_dict, write_params
-from colofn.nn import hf
+from colofn.nn import (
+    ModulePlan,
+    ModuleSharingError,
+    functionalize,
+    hf,
+    parallelize,
+    to_state_dict,
+    write_params,
+)
 from colofn.parallel import PlanError
 from colofn.testing import assert_trees_close
 

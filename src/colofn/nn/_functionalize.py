@@ -217,7 +217,7 @@ def functionalize(module: nn.Module, *, buffers: bool = False) -> tuple[Callable
     [5.0, 5.0]
     """
     fn = _Functional(module, buffers=buffers)
-    named = dict(module.named_parameters())
+    named: dict[str, torch.Tensor] = dict(module.named_parameters())
     if buffers:
         named.update(dict(module.named_buffers()))
     buffer_names = {n for n, _ in module.named_buffers()}
@@ -241,7 +241,7 @@ def write_params(module: nn.Module, params: Any) -> nn.Module:
     from torch.distributed.tensor import DTensor
 
     flat = to_state_dict(params)
-    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     targets.update(dict(module.named_buffers(remove_duplicate=False)))
     unknown = sorted(set(flat) - set(targets))
     if unknown:

@@ -164,7 +164,7 @@ def _product(m: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     return F.linear(x, weight)
 
 
-def _row(plan: ModulePlan, m: nn.Module) -> Callable[..., torch.Tensor]:
+def _row(plan: ModulePlan, m: Any) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = tp_regions.leave(_product(m, x, m.weight), plan.region)
         return y if m.bias is None else y + m.bias
@@ -172,7 +172,7 @@ def _row(plan: ModulePlan, m: nn.Module) -> Callable[..., torch.Tensor]:
     return forward
 
 
-def _packed(m: nn.Module) -> Callable[..., torch.Tensor]:
+def _packed(m: Any) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = x @ m.weight.flatten(-2)
         return y if m.bias is None else y + m.bias.flatten(-2)
@@ -180,7 +180,7 @@ def _packed(m: nn.Module) -> Callable[..., torch.Tensor]:
     return forward
 
 
-def _vocab_embed(plan: ModulePlan, m: nn.Module) -> Callable[..., torch.Tensor]:
+def _vocab_embed(plan: ModulePlan, m: Any) -> Callable[..., torch.Tensor]:
     assert plan.tp is not None
     axis = plan.tp
 
@@ -289,8 +289,8 @@ def _failures(plan: ModulePlan, module: nn.Module, params: Any, mesh_shape: Mapp
                 break
     if plan.rules and not used:
         out.append(f"no rule of {plan.name} matches a parameter of {type(module).__name__}: is this the model the plan is for?")
-    names = [n for n, _ in module.named_modules()]
-    if plan.rewrites and not any(re.fullmatch(p, n) for p, _ in plan.rewrites for n in names):
+    modules = [n for n, _ in module.named_modules()]
+    if plan.rewrites and not any(re.fullmatch(p, n) for p, _ in plan.rewrites for n in modules):
         out.append(f"no rewrite of {plan.name} matches a submodule of {type(module).__name__}")
     return out
 

@@ -13,7 +13,6 @@ colofn's, so the stage code knows each supported architecture's wiring
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import torch

@@ -25,6 +25,7 @@ reduce-scatter. The embedding and the final norm stay on whole sequences.
 from __future__ import annotations
 
 import threading
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,6 +107,7 @@ def gpt2(config: Any, *, dp: str | tuple[str, ...] | None = None, tp: str | None
         (rf"{_ANY}mlp\.c_fc\.weight", P(None, tp)),  # column parallel splits dim 1
         (rf"{_ANY}mlp\.c_fc\.bias", P(tp)),
         (rf"{_ANY}mlp\.c_proj\.weight", P(tp)),
+        (r"lm_head\.weight", P(tp)),  # untied (tie_word_embeddings=False): vocabulary-parallel logits
     )
     rewrites: tuple[tuple[str, Rewrite], ...] = ()
     packed: tuple[tuple[str, int, int], ...] = ()
@@ -150,7 +152,7 @@ def encoder(*, dp: str | tuple[str, ...] | None = None, tp: str | None = None, s
 
 def plan_for(model: nn.Module, *, dp: str | tuple[str, ...] | None = None, tp: str | None = None, sp: bool = False) -> ModulePlan:
     """The shipped plan for ``model``: by ``model.config.model_type`` (``"llama"``, ``"gpt2"``), or an encoder stack."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     failures = []
     if kind == "llama":
@@ -284,4 +286,4 @@ def build(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             model = cls(config)
         finally:
             torch.random.set_rng_state(state)
-    return model.to(dtype)
+    return typing.cast(nn.Module, model).to(dtype)

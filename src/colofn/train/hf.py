@@ -13,6 +13,7 @@ the last 10% held out); the report gives the held-out loss.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from colofn.nn import _stages, functionalize, hf, parallelize, to_state_dict
 from colofn.nn._plan import ModulePlan, Parallelized
 from colofn.optim.adam import AdamState
 from colofn.partition_spec import P
-from colofn.sharding import from_local_block, gather, local_block
+from colofn.sharding import from_local_block, local_block
 from colofn.train.trainers import nbytes
 
 HELD_OUT = 0.1
@@ -34,8 +35,26 @@ SEQ_LEN = 32
 Tree = Any
 
 
+_LOADED: dict[tuple[str, str, int], Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(spec: str, preset: str, seed: int) -> Any:
-    """The model of ``--hf``: a kind with a preset (untied, so every mesh and pipeline fits), or a local directory."""
+    """The model of ``--hf``: a kind with a preset (untied, so every mesh and pipeline fits), or a local directory.
+
+    Loaded once per process: simulated ranks (threads) share it, read-only
+    (colofn never mutates it), and ``from_pretrained`` is not thread-safe (it
+    builds on the ``meta`` device by patching ``nn.Module`` globally).
+    """
+    key = (spec, preset, seed)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = _load(spec, preset, seed)
+        return _LOADED[key]
+
+
+def _load(spec: str, preset: str, seed: int) -> Any:
     if os.path.isdir(spec):
         import transformers
 
