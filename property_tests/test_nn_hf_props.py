@@ -25,10 +25,10 @@ pytest.importorskip("transformers")
 import colofn  # noqa: E402
 from colofn import optim  # noqa: E402
 from colofn import tree as jt  # noqa: E402
-from colofn.nn import hf, to_state_dict  # noqa: E402
+from colofn.nn import functionalize, hf, to_state_dict  # noqa: E402
 from colofn.testing import assert_trees_close  # noqa: E402
 
-EXAMPLES = max(2, settings.default.max_examples // 2)
+EXAMPLES = max(2, settings.default.max_examples // 4)  # 3 under the quick profile, 75 under long
 RTOL, ATOL = 1e-5, 1e-8
 
 
@@ -118,3 +118,57 @@ def test_hf_model_under_plan_equals_one_device(check, setup):
     if steps:
         assert_trees_close(got["params"], ref_params, rtol=RTOL, atol=ATOL,
                            what=f"{kind} params after {steps} AdamW steps on {axes} sp={sp}")
+
+
+@st.composite
+def pipeline_setups(draw):
+    kind = draw(st.sampled_from(["llama", "gpt2"]))
+    schedule = draw(st.sampled_from(["gpipe", "1f1b"]))
+    other = draw(st.sampled_from([("dp", 2), ("tp", 2), (None, 1)]))
+    tp = other[1] if other[0] == "tp" else 1
+    sp = tp > 1 and draw(st.booleans())
+    heads, layers = 2 * draw(st.sampled_from([1, 2])), 2 * draw(st.integers(1, 2))
+    over: dict = {"vocab_size": 2 * draw(st.integers(3, 6)), "tie_word_embeddings": False}
+    if kind == "llama":
+        over.update(hidden_size=heads * 2, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                    intermediate_size=4, num_hidden_layers=layers, max_position_embeddings=16)
+        if over["num_key_value_heads"] % tp:
+            over["num_key_value_heads"] = heads
+    else:
+        over.update(n_embd=heads * 2, n_head=heads, n_layer=layers, n_positions=16)
+    mesh = {"pp": 2, **({other[0]: other[1]} if other[0] else {})}
+    return kind, hf.config(kind, **over), mesh, sp, schedule, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=max(2, EXAMPLES - 1))
+@given(setup=pipeline_setups())
+def test_hf_pipeline_over_layers_trains_like_one_device(setup):
+    """pp=2 (model.layers cut into 2 stages) with dp or tp (+ Megatron-SP): two AdamW steps equal one device."""
+    from colofn.train import hf as hft
+
+    kind, cfg, shape, sp, schedule, seed = setup
+    model = hf.build(cfg, seed=seed, dtype=torch.float64)
+    ids = torch.randint(0, cfg.vocab_size, (4, 4), generator=torch.Generator().manual_seed(seed))
+    b = hf.batch(ids)
+
+    def program():
+        mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
+        plan = hf.plan_for(model, dp="dp" if "dp" in shape else None, tp="tp" if "tp" in shape else None, sp=sp)
+        opt = optim.adamw(1e-2, weight_decay=0.01)
+        _, params = functionalize(model)
+        trainer = hft.Pipelined(model, plan, mesh, opt, params, opt.init(params), schedule, 2)
+        losses = [trainer.step(b) for _ in range(2)]
+        return losses, to_state_dict(trainer.export()[0])
+
+    losses, params = colofn.launch(program, world_size=math.prod(shape.values()))[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    ref_losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = _loss64(model, ids)
+        loss.backward()
+        opt.step()
+        ref_losses.append(float(loss))
+    assert losses == pytest.approx(ref_losses, rel=RTOL)
+    assert_trees_close(params, {n: p.detach() for n, p in model.named_parameters()}, rtol=RTOL, atol=ATOL,
+                       what=f"{kind} params after 2 pipelined AdamW steps on {shape} sp={sp} {schedule}")
