@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from colofn import checkpoint, data, optim, random, zero
+from colofn import data, optim, random, zero
 from colofn import tree as jt
-from colofn.errors import CheckpointError, ConfigError
+from colofn.errors import ConfigError
 from colofn.mesh import Mesh
 from colofn.nn import _stages, functionalize, hf, parallelize, to_state_dict
 from colofn.nn._plan import ModulePlan, Parallelized
@@ -235,14 +235,9 @@ class SingleDevice:
 def initial_state(cfg: Any, model: Any, opt: optim.GradientTransformation) -> tuple[int, Tree, AdamState]:
     _, params = functionalize(model)
     params = jt.map(lambda t: t.detach().clone(), params)
-    state = opt.init(params)
-    if not cfg.resume:
-        return 0, params, state
-    path = cfg.resume if checkpoint.is_complete(cfg.resume) else checkpoint.latest(cfg.resume)
-    if path is None:
-        raise CheckpointError(f"--resume {cfg.resume}: no complete checkpoint there (looked for step_* directories with a marker)")
-    loaded = checkpoint.load(path, like={"step": 0, "params": params, "opt_state": tuple(state)})
-    return int(loaded["step"]), loaded["params"], AdamState(*loaded["opt_state"])
+    from colofn.train.loop import resume
+
+    return resume(cfg, params, opt.init(params))
 
 
 def eval_loss(model: Any, params: Tree, held_out: torch.Tensor, seq: int, key: torch.Tensor, batches: int = 4) -> float:
