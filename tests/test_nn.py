@@ -181,3 +181,24 @@ def test_plan_errors_list_every_problem_before_communication():
 
     with pytest.raises(PlanError, match="no rule of plan matches a parameter of Sequential"):
         colofn.launch(program3, world_size=1)
+
+
+def test_functionalized_module_under_jit_equals_one_device():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    apply, params = functionalize(net)
+    x = torch.randn(6, 4)
+
+    def program():
+        with colofn.Mesh((2,), ("dp",)):
+            f = colofn.jit(lambda p, x: apply(p, x).square().mean(), in_shardings=(P(), P("dp")))
+            ps = jt.map(lambda t: t.detach().requires_grad_(), params)
+            out = f(ps, x)
+            grads = torch.autograd.grad(out.to_local(), jt.leaves(ps))
+            return float(out.full_tensor()), [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+
+    loss, grads = colofn.launch(program, world_size=2)[0]
+    ps = jt.map(lambda t: t.detach().requires_grad_(), params)
+    ref = apply(ps, x).square().mean()
+    assert abs(loss - float(ref)) < 1e-6
+    assert_trees_close(grads, list(torch.autograd.grad(ref, jt.leaves(ps))), rtol=1e-5, atol=1e-7)
