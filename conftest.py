@@ -5,6 +5,8 @@
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Hugging Face models are built from configs; never reach the hub
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

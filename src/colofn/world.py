@@ -73,6 +73,9 @@ def launch(
         raise WorldError(f"launch needs timeout > 0 seconds, got {timeout!r}")
     if backend == "sim":
         from colofn._world import sim
+        from colofn.nn import _guard
+
+        _guard.install()  # report one nn.Module reparametrized by two ranks at once
 
         return sim.run(fn, args, kwargs, world_size, t)
     from colofn._world import procs

@@ -48,6 +48,13 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--backend", choices=("sim", "gloo", "env"), default=None,
                    help="sim: threads; gloo: local processes; env: the world torchrun started "
                    "(default: env under torchrun, else sim)")
+    p.add_argument("--hf", default=None, metavar="KIND|DIR",
+                   help="train a Hugging Face causal LM instead of colofn's GPT: llama or gpt2 (size from --preset "
+                        "tiny/small, random init), or a local directory with config.json and safetensors weights "
+                        "(needs colofn[hf]; default: none)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="train on the bytes of this text file (byte-level tokens, last 10%% held out for the eval loss; "
+                        "default: the shipped corpus)")
     p.set_defaults(func=run)
 
 
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed, zero=args.zero,
             sp=args.sp, schedule=args.schedule, microbatches=args.microbatches, check=args.check,
             checkpoint_every=args.checkpoint_every, resume=args.resume, out=args.out, backend=backend,
-            experts=args.experts,
+            experts=args.experts, hf=args.hf, data=args.data,
         )
         return train(cfg)
     except ColofnError as e:

@@ -67,6 +67,8 @@ class TrainConfig:
     out: str = "colofn-train-out"
     backend: str = "sim"
     experts: int = 0
+    hf: str | None = None
+    data: str | None = None
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -123,6 +125,12 @@ def validate(cfg: TrainConfig) -> None:
     failures += _check_numbers(cfg)
     failures += _check_paths(cfg)
     failures += _check_backend(cfg)
+    if cfg.hf is not None or cfg.data is not None:
+        failures += hf_failures(cfg)
+        if cfg.hf is not None:
+            if failures:
+                raise ConfigError(format_failures("colofn train: the run cannot start:", failures))
+            return
     try:
         mcfg = cfg.model_config()
     except ConfigError as e:
@@ -238,3 +246,53 @@ def _check_backend(cfg: TrainConfig) -> list[str]:
         return [f"--mesh {cfg.mesh_shape} has {cfg.world_size} devices but torchrun started {env_world} processes: "
                 f"make the mesh sizes multiply to {env_world}"]
     return []
+
+
+HF_KINDS = ("llama", "gpt2")
+"""The model kinds ``--hf`` builds from a size preset (``--preset tiny`` or ``small``)."""
+
+
+def hf_failures(cfg: TrainConfig) -> list[str]:
+    """The problems of a ``--hf`` / ``--data`` run (the model's own plan checks run in the ranks, before any communication)."""
+    out: list[str] = []
+    m = cfg.mesh_shape
+    if cfg.data is not None and not os.path.isfile(cfg.data):
+        out.append(f"--data {cfg.data}: no such file")
+    elif cfg.data is not None and os.path.getsize(cfg.data) < 1024:
+        out.append(f"--data {cfg.data}: {os.path.getsize(cfg.data)} bytes; give at least 1 KB of text (10% is held out)")
+    if cfg.hf is None:
+        return out
+    if cfg.hf not in HF_KINDS and not os.path.isdir(cfg.hf):
+        out.append(f"--hf {cfg.hf!r} is neither a kind ({', '.join(HF_KINDS)}) nor a directory with config.json and safetensors weights")
+    if cfg.hf in HF_KINDS and cfg.preset not in ("tiny", "small"):
+        out.append(f"--hf {cfg.hf} presets are tiny and small, not {cfg.preset!r}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        out.append("--hf needs transformers: pip install 'colofn[hf]'")
+    if cfg.experts or "ep" in m:
+        out.append("--hf models have no mixture-of-experts plan: drop --experts and ep from --mesh")
+    if cfg.sp in ("ulysses", "ring") or "sp" in m:
+        out.append("--hf supports --sp none or megatron (over tp), not ulysses/ring or an sp axis")
+    if cfg.sp == "megatron" and "tp" not in m:
+        out.append("--sp megatron splits the sequence over the tp axis: add tp=N to --mesh")
+    if cfg.zero is not None:
+        if cfg.zero not in (0, 1, 2, 3):
+            out.append(f"--zero {cfg.zero}: the stages are 0, 1, 2, 3")
+        if "dp" not in m:
+            out.append("--zero shards over the dp axis: add dp=N to --mesh")
+        if cfg.pp > 1:
+            out.append("--zero with pp is not supported in this release; drop one of them")
+    if cfg.batch_size % m.get("dp", 1):
+        out.append(f"--batch-size {cfg.batch_size} is not divisible by dp={m.get('dp', 1)}")
+    if cfg.pp > 1:
+        from colofn.pipeline import make_schedule
+
+        try:
+            make_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches)
+        except Exception as e:  # noqa: BLE001 - the schedule's own message says why
+            out.append(f"--schedule {cfg.schedule} with pp={cfg.pp}, {cfg.num_microbatches} microbatches: {e}")
+        local = cfg.batch_size // max(1, m.get("dp", 1))
+        if local % cfg.num_microbatches:
+            out.append(f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local})")
+    return out

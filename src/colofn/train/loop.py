@@ -28,7 +28,11 @@ def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
 def initial_state(cfg: TrainConfig, mcfg: gpt.GPTConfig, opt: optim.GradientTransformation) -> tuple[int, Any, AdamState]:
     """``(step, global params, global AdamW state)``: fresh, or from ``--resume``."""
     params = gpt.init(random.key(cfg.seed), mcfg)
-    state = opt.init(params)
+    return resume(cfg, params, opt.init(params))
+
+
+def resume(cfg: TrainConfig, params: Any, state: AdamState) -> tuple[int, Any, AdamState]:
+    """``(0, params, state)``, or the step, params and AdamW state of ``--resume`` (loaded like ``params``)."""
     if not cfg.resume:
         return 0, params, state
     path = cfg.resume if checkpoint.is_complete(cfg.resume) else checkpoint.latest(cfg.resume)
@@ -76,6 +80,10 @@ def _fmt_bytes(n: float) -> str:
 
 def rank_program(cfg: TrainConfig) -> dict[str, Any]:
     """Train on this rank; rank 0 prints progress. Returns the run's record (losses, timings, memory)."""
+    if cfg.hf is not None:
+        from colofn.train import hf_loop
+
+        return hf_loop.rank_program(cfg)
     mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     mcfg = cfg.model_config()
     opt = make_optimizer(cfg)
@@ -86,16 +94,26 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
     del params, state
     stream = data.encode(data.text())
     key = random.key(cfg.seed + 1)
+    header = (f"colofn train: {cfg.preset} ({gpt.count_params(mcfg):,} params) on {mesh}, plan {cfg.plan()}"
+              + (f", ZeRO-{cfg.zero}" if cfg.zero is not None else "")
+              + (f", schedule {cfg.schedule} x {cfg.num_microbatches} microbatches" if cfg.pp > 1 else "")
+              + (f", resumed at step {start}" if start else ""))
+    record = run_steps(cfg, trainer, checker, lambda step: data.sample_batch(random.fold_in(key, step), stream, cfg.batch_size, mcfg.seq_len),
+                       cfg.batch_size * mcfg.seq_len, start, header)
+    record["config"] = dataclasses.asdict(cfg)
+    record["mesh"] = str(mesh)
+    return record
+
+
+def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_per_step: int, start: int, header: str) -> dict[str, Any]:
+    """Steps ``start..cfg.steps`` of ``trainer`` (and ``checker``, on rank 0 with ``--check``) on ``sample(step)``; rank 0 prints progress."""
+    me = process_index()
     record: dict[str, Any] = {"steps": [], "loss": [], "single": [], "tokens_per_s": [], "bytes_per_rank": []}
-    tokens_per_step = cfg.batch_size * mcfg.seq_len
     say = (lambda text: print(text, flush=True)) if me == 0 else (lambda text: None)
-    say(f"colofn train: {cfg.preset} ({gpt.count_params(mcfg):,} params) on {mesh}, plan {cfg.plan()}"
-        + (f", ZeRO-{cfg.zero}" if cfg.zero is not None else "")
-        + (f", schedule {cfg.schedule} x {cfg.num_microbatches} microbatches" if cfg.pp > 1 else "")
-        + (f", resumed at step {start}" if start else ""))
+    say(header)
     per_rank: list[Any] | None = None
     for step in range(start, cfg.steps):
-        batch = data.sample_batch(random.fold_in(key, step), stream, cfg.batch_size, mcfg.seq_len)
+        batch = sample(step)
         t0 = time.perf_counter()
         loss = trainer.step(batch)
         dt = time.perf_counter() - t0
@@ -119,8 +137,4 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
             path = os.path.join(cfg.out, "checkpoints", f"step_{step + 1:06d}")
             checkpoint.save(path, {"step": step + 1, "params": p, "opt_state": tuple(s)}, overwrite=True)
             say(f"  saved {path}")
-    record["config"] = dataclasses.asdict(cfg)
-    record["mesh"] = str(mesh)
     return record
-
-

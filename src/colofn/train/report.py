@@ -62,13 +62,15 @@ def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
     lines = [
         "# colofn train report",
         "",
-        f"- model: `{cfg['preset']}`, mesh: {html.escape(record['mesh'])}, ZeRO: {cfg['zero']}, sp: {cfg['sp']}"
+        f"- model: `{('hf:' + cfg['hf']) if cfg.get('hf') else cfg['preset']}`, mesh: {html.escape(record['mesh'])}, ZeRO: {cfg['zero']}, sp: {cfg['sp']}"
         + (f", schedule {cfg['schedule']}" if "pp" in dict(cfg["mesh"]) else ""),
         f"- steps {record['steps'][0] if record['steps'] else 0}..{record['steps'][-1] if record['steps'] else 0}: "
         f"loss {record['loss'][0]:.4f} -> {record['loss'][-1]:.4f}" if record["loss"] else "- no steps run",
         f"- throughput: median {sorted(tps)[len(tps) // 2]:,.0f} tokens/s" if tps else "",
         f"- params + optimizer state per rank (bytes): {mem}",
     ]
+    if record.get("eval_loss") is not None:
+        lines.append(f"- held-out loss (the last 10% of the data, never trained on): {record['eval_loss']:.4f}")
     if diffs:
         lines.append(f"- checked against single-device training: max |loss difference| {max(diffs):.2e} over {len(diffs)} steps")
     lines += ["", "![loss curve](loss_curve.svg)", ""]
