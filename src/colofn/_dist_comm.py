@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from colofn import _comm, _vma
 from colofn.mesh import Mesh
+from colofn.world import in_simulated_world
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,12 +75,39 @@ def op(x: torch.Tensor, fwd: Fn, bwd: Fn, *, lin: Fn | None = None, name: str = 
     transform or forward-mode AD always the ``autograd.Function`` (so ``vmap``
     raises and ``jvp`` carries tangents instead of dropping them).
     """
-    if (x.requires_grad and torch.is_grad_enabled()) or _transforms_active() or fwAD._current_level >= 0:
+    transforms = _transforms_active()
+    if transforms or fwAD._current_level >= 0:
+        if _forward_mode(transforms) and in_simulated_world():
+            raise NotImplementedError(
+                f"forward-mode differentiation (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+                f"through colofn's {name} is not supported in the simulated world: torch's forward-AD "
+                "levels are shared by every thread of a process, so thread ranks running it at once corrupt "
+                "each other's tangents. Use reverse mode (torch.func.grad/vjp of a grad, or "
+                "torch.autograd.grad with create_graph=True; a Hessian-vector product is grad of "
+                "<grad, v>), or run on a real world (colofn.launch(..., backend='gloo'))"
+            )
+        return _Op.apply(x, name, fwd, bwd, lin)
+    if x.requires_grad and torch.is_grad_enabled():
         return _Op.apply(x, name, fwd, bwd, lin)
     return fwd(x)
 
 
 _transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _forward_mode(transforms: bool) -> bool:
+    if fwAD._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() if transforms else None
+    return any(ci.key() == torch._C._functorch.TransformType.Jvp for ci in stack or ())
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s value as a plain tensor, outside every ``torch.func`` level and autograd graph."""
+    x = x.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x.detach()
 
 
 class DistComm:
@@ -144,15 +172,16 @@ class DistComm:
         """pmax/pmin: the derivative goes to the holders of the extreme, split evenly between ties."""
         grp = self.group(axes)
         red = dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.MIN
-        out = _comm.all_reduce(x, grp, red)
-        if not (x.requires_grad and torch.is_grad_enabled()) and not _transforms_active() and fwAD._current_level < 0:
-            return out
+        with torch._C._DisableFuncTorch():  # constants at every torch.func level: the selection is one
+            base = _plain(x)
+            out = _comm.all_reduce(base, grp, red)
         shares: list[torch.Tensor] = []
 
         def share() -> torch.Tensor:  # 1/ties at the holders of the extreme, 0 elsewhere (counted once, when needed)
             if not shares:
-                mask = (x.detach() == out).to(x.dtype)
-                shares.append(mask / _comm.all_reduce(mask, grp))
+                with torch._C._DisableFuncTorch():
+                    mask = (base == out).to(x.dtype)
+                    shares.append(mask / _comm.all_reduce(mask, grp))
             return shares[0]
 
         def bwd(g: torch.Tensor) -> torch.Tensor:  # the selection's transpose
