@@ -7,8 +7,6 @@ again, and grad-of-grad equals the single-device computation.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.func import grad, grad_and_value, hessian, jvp, vmap
