@@ -329,7 +329,7 @@ class GradBucket:
         """Wrap argument ``index``'s block so its backward adds the flushed sums."""
         if not local.requires_grad:
             return local
-        out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g))
+        out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g), lin=_same)
         self.owned[id(out)] = index
         return out
 
@@ -338,7 +338,7 @@ class GradBucket:
 
     def pvary(self, t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
         index = self.owned[id(t)]
-        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g))
+        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g), lin=lambda u: self.comm.pvary(u, axes), name="pvary")
 
     def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # create_graph: keep the sum differentiable

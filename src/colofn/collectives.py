@@ -1,8 +1,10 @@
 """Named-axis collectives for use inside ``shard_map``.
 
 Each takes a pytree of local tensors and an ``axis_name`` (one mesh axis or a
-tuple of them, the first major), maps over the tree, and is differentiable
-(``torch.autograd`` and ``torch.func.grad``/``vjp``). Semantics follow JAX's
+tuple of them, the first major; ``()`` is a group of one rank), maps over the
+tree, and is differentiable to any order (``torch.autograd``, ``create_graph=True``,
+``torch.func.grad``/``vjp``, and ``jvp`` on real worlds): its backward is its
+transpose, itself a differentiable collective. Semantics follow JAX's
 ``shard_map`` with ``check_vma=True``; see ``docs/shard_map.md`` for the table of
 inputs, outputs and transposes.
 
