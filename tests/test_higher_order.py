@@ -55,10 +55,10 @@ ISSUE_CASES = {
         lambda w, x: colofn.psum((colofn.ppermute(x * w, "t", [(0, 1), (1, 0)]) * x).sum() ** 2, "t"),
         lambda w, x: ((_blocks(x).flip(0) * w * _blocks(x)).sum((1, 2)) ** 2).sum(),
     ),
-    "all_to_all": (
-        lambda w, x: colofn.psum((colofn.all_to_all(x * w, "t", 0, 1, tiled=True).tanh() * x.T.repeat(1, 1)[:, :1].sum()).sum() ** 2, "t"),
+    "all_to_all": (  # rank r receives row r of every rank's block, side by side
+        lambda w, x: colofn.psum(((colofn.all_to_all(x * w, "t", 0, 1, tiled=True).tanh() * x.sum()).sum()) ** 2, "t"),
         lambda w, x: sum(
-            ((torch.cat([(_blocks(x)[s] * w)[1 * r : 1 * r + 1] for s in range(2)], 1).tanh() * _blocks(x)[r][0].sum()).sum() ** 2)
+            ((torch.cat([_blocks(x)[s][r] * w for s in range(2)]).tanh() * _blocks(x)[r].sum()).sum()) ** 2
             for r in range(2)
         ),
     ),
