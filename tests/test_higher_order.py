@@ -198,17 +198,24 @@ def _forward_mode_on_gloo() -> list[torch.Tensor]:
     def body(w, x):
         return jvp(lambda w: f(w, x), (w,), (v,))[1], jvp(grad(lambda w: f(w, x)), (w,), (v,))[1]
 
-    out = colofn.shard_map(body, mesh=colofn.Mesh((2,), ("t",)), in_specs=(P(), P("t")), out_specs=(P(), P()))(w, x)
-    return [o.full_tensor() for o in out]
+    mesh = colofn.Mesh((2,), ("t",))
+    out = colofn.shard_map(body, mesh=mesh, in_specs=(P(), P("t")), out_specs=(P(), P()))(w, x)
+    # and reverse over reverse: the gradient of the body's gradient (issue 11's program)
+    wl = w.clone().requires_grad_()
+    gw = colofn.shard_map(lambda w, x: grad(lambda w: f(w, x))(w), mesh=mesh, in_specs=(P(), P("t")), out_specs=P())(wl, x)
+    (hv,) = torch.autograd.grad((gw.full_tensor() * v).sum(), wl)
+    return [o.full_tensor() for o in out] + [hv]
 
 
 @pytest.mark.gloo
-def test_forward_mode_and_forward_over_reverse_hvp_on_gloo():
-    """Where torch's forward AD works (one rank per process), jvp through collectives is exact."""
+def test_forward_mode_and_second_order_on_gloo():
+    """Where torch's forward AD works (one rank per process), jvp through collectives is exact; and
+    reverse over reverse through gloo's collectives equals it."""
     w, x = _data(5)
     v = torch.tensor([0.5, 1.0, -1.0], dtype=torch.float64)
     single = lambda w: (x * w).sum() ** 2 + (_blocks(x) * w).sum(2).amax(0).sum() ** 3  # noqa: E731
     want = [jvp(single, (w,), (v,))[1], jvp(grad(single), (w,), (v,))[1]]
+    want.append(want[1])  # the Hessian is symmetric: H v by forward over reverse and by reverse over reverse
     for got in colofn.launch(_forward_mode_on_gloo, world_size=2, backend="gloo", timeout=120):
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b)
