@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import grad, grad_and_value, hessian, jvp, vmap
+import torch._dynamo  # noqa: F401  (torch.func imports it lazily: two thread ranks doing so at once see it half-made)
+from torch.func import grad, grad_and_value, hessian, jacrev, jvp, vmap
 
 import colofn
 from colofn import P
@@ -175,7 +176,7 @@ def test_unsupported_transforms_raise_naming_the_collective(transform):
             return jvp(f, (w,), (torch.ones_like(w),))[1]
         if transform == "hessian":
             return hessian(f)(w).sum()
-        return vmap(lambda r: colofn.psum(r, "t"))(x).sum()
+        return vmap(lambda r: colofn.all_gather(r, "t"))(x).sum()
 
     def program():
         sm = colofn.shard_map(body, mesh=colofn.Mesh((2,), ("t",)), in_specs=(P(), P("t")), out_specs=P())
@@ -185,9 +186,47 @@ def test_unsupported_transforms_raise_naming_the_collective(transform):
 
     text = colofn.launch(program, world_size=2)[0]
     if transform == "vmap":
-        assert text.startswith("colofn.psum under torch.func.vmap is not supported")
+        assert text.startswith("colofn.all_gather under torch.func.vmap is not supported")
     else:
         assert "forward-mode differentiation" in text and "simulated world" in text and "through colofn's " in text
+
+
+VMAP_CASES = {  # body of (w, x) on t=2 (w: P(), x: P("t")), out spec, single-device value
+    "vmap psum": (lambda w, x: vmap(lambda r: colofn.psum(r * w, "t"))(x), P(), lambda w, x: _blocks(x).sum(0) * w),
+    "vmap ppermute": (
+        lambda w, x: vmap(lambda c: colofn.ppermute(c, "t", [(0, 1), (1, 0)]), in_dims=1, out_dims=1)(x),
+        P("t"),
+        lambda w, x: _blocks(x).flip(0).reshape(4, 3),
+    ),
+    "jacrev psum": (
+        lambda w, x: jacrev(lambda w: colofn.pmean(torch.tanh(x @ w), "t"))(w),
+        P(),
+        lambda w, x: jacrev(lambda w: torch.tanh(_blocks(x) @ w).mean(0))(w),
+    ),
+    "jacrev pmax": (
+        lambda w, x: jacrev(lambda w: colofn.pmax(torch.tanh(x @ w), "t"))(w),
+        P(),
+        lambda w, x: jacrev(lambda w: torch.tanh(_blocks(x) @ w).amax(0))(w),
+    ),
+    "hessian by jacrev of jacrev": (
+        lambda w, x: jacrev(jacrev(lambda w: colofn.psum((torch.tanh(x @ w) ** 2).sum(), "t")))(w),
+        P(),
+        lambda w, x: hessian(lambda w: (torch.tanh(x @ w) ** 2).sum())(w),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAP_CASES))
+def test_vmap_and_jacrev_through_collectives(name):
+    """psum, pvary, pbroadcast and ppermute batch under vmap (the batch dim rides along), so jacrev
+    and reverse-mode Hessians work on thread ranks too, and differentiate again."""
+    body, out_spec, single = VMAP_CASES[name]
+    w, x = _data(6)
+
+    def parallel(w, x):
+        return colofn.shard_map(body, mesh=colofn.Mesh((2,), ("t",)), in_specs=(P(), P("t")), out_specs=out_spec)(w, x)
+
+    assert_equivalent(parallel, single, w, x, world_size=2)
 
 
 def _forward_mode_on_gloo() -> list[torch.Tensor]:

@@ -56,12 +56,21 @@ class _Op(torch.autograd.Function):
             return ctx.lin(t)
 
     @staticmethod
-    def vmap(info: Any, in_dims: Any, x: torch.Tensor, name: str, *_: Any) -> Any:
-        raise NotImplementedError(
-            f"colofn.{name} under torch.func.vmap is not supported: a collective cannot be batched "
-            "by vmap here. Move the vmap out of the shard_map body, or put the batch into the "
-            "tensor (a leading dim) and call the collective once"
-        )
+    def vmap(info: Any, in_dims: Any, x: torch.Tensor, name: str, fwd: Fn, bwd: Fn, lin: Fn | None) -> Any:
+        if name not in _BATCHABLE:
+            raise NotImplementedError(
+                f"colofn.{name} under torch.func.vmap is not supported: its dims or its selection would "
+                "need a batching rule (psum, pmean, pvary, pbroadcast and ppermute have one). Move the "
+                "vmap out of the shard_map body, or put the batch into the tensor (a leading dim) and "
+                "call the collective once"
+            )
+        # elementwise across ranks and blind to the shape: the same op on the whole batch, batch dim kept
+        return _Op.apply(x, name, fwd, bwd, lin), in_dims[0]
+
+
+# collectives whose raw op and transposes work on any shape, position by position (so a vmap
+# batch dim just rides along); gathers, scatters and all_to_all name dims, pmax/pmin keep a selection
+_BATCHABLE = frozenset({"psum", "pvary", "pbroadcast", "ppermute"})
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -338,7 +347,7 @@ class GradBucket:
 
     def pvary(self, t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
         index = self.owned[id(t)]
-        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g), lin=lambda u: self.comm.pvary(u, axes), name="pvary")
+        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g), lin=lambda u: self.comm.pvary(u, axes), name="pvary of a shard_map argument")
 
     def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # create_graph: keep the sum differentiable
