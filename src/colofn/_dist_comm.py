@@ -4,7 +4,9 @@ Each method is a forward op from :mod:`colofn._comm` paired with its transpose
 (the table in ``docs/shard_map.md``), glued by one ``autograd.Function`` with
 ``setup_context`` so it works under ``torch.autograd`` and
 ``torch.func.grad``/``vjp``. The transposes are themselves these differentiable
-ops, so higher-order gradients work too.
+ops, so higher-order gradients work too; forward mode (``jvp``) applies the op
+to the tangent, and ``vmap`` batches the shape-blind ones (psum, pvary,
+pbroadcast, ppermute). What cannot work raises, naming the collective.
 """
 
 from __future__ import annotations
