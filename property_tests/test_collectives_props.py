@@ -63,6 +63,13 @@ def test_reductions(setup, name):
     check(lambda v: op(torch.sin(v) * 2, axes), mesh_shape, x, spec, without(spec, axes), dtype)
 
 
+@given(setups(), st.data())
+def test_pbroadcast(setup, data):
+    mesh_shape, spec, x, axes, dtype = setup
+    source = data.draw(st.integers(0, math.prod(mesh_shape[a] for a in axes) - 1), label="source")
+    check(lambda v: colofn.pbroadcast(torch.sin(v) * 2, axes, source), mesh_shape, x, spec, without(spec, axes), dtype)
+
+
 @given(setups(), st.booleans(), st.booleans())
 def test_all_gather(setup, tiled, invariant):
     mesh_shape, spec, x, axes, dtype = setup

@@ -2,7 +2,8 @@
 
 Each example draws a mesh, an input spec and dtype, and a program of 2-4 steps
 on a 2-D local block: elementwise math, matmul with a replicated weight (passed
-as a ``P()`` argument or captured by closure), psum, pmean, all_gather (varying
+as a ``P()`` argument or captured by closure), psum, pmean, pmax/pmin,
+pbroadcast, all_gather (varying
 or invariant), psum_scatter, ppermute, all_to_all, and steps that mix the value
 with an invariant one (its pmean) or a varying one (the axis index), so that
 implicit pvary decides the gradients. The program's output spec names exactly
@@ -37,6 +38,8 @@ KINDS = (
     "matmul",
     "psum",
     "pmean",
+    "pmax",
+    "pbroadcast",
     "all_gather",
     "psum_scatter",
     "ppermute",
@@ -102,6 +105,12 @@ def programs(draw, check_vma: bool):
         elif kind in ("psum", "pmean"):
             steps.append(Step(kind, axes))
             vary -= set(axes)
+        elif kind == "pmax":  # pmax or pmin
+            steps.append(Step(kind, axes, draw(st.sampled_from(["max", "min"]))))
+            vary -= set(axes)
+        elif kind == "pbroadcast":
+            steps.append(Step(kind, axes, draw(st.integers(0, n - 1))))
+            vary -= set(axes)
         elif kind == "all_gather":
             if r * n > MAX_ROWS:
                 continue
@@ -156,6 +165,10 @@ def body_of(prog: Program, closure: dict[int, torch.Tensor]):
                 v = colofn.psum(v, s.axes)
             elif s.kind == "pmean":
                 v = colofn.pmean(v, s.axes)
+            elif s.kind == "pmax":
+                v = (colofn.pmax if s.option == "max" else colofn.pmin)(v, s.axes)
+            elif s.kind == "pbroadcast":
+                v = colofn.pbroadcast(v, s.axes, s.option)
             elif s.kind == "all_gather":
                 v = colofn.all_gather(v, s.axes, axis_dim=0, tiled=True, to=s.option)
             elif s.kind in ("psum_scatter", "all_to_all"):
@@ -212,9 +225,9 @@ def check(prog: Program, x: torch.Tensor, weights: list[torch.Tensor]) -> None:
 
 
 @st.composite
-def cases(draw, check_vma: bool):
+def cases(draw, check_vma: bool, low_precision: bool = True):
     prog, shape = draw(programs(check_vma))
-    dtype = draw(dtypes())
+    dtype = draw(dtypes(low_precision))
     x = draw(tensors(shape, dtype))
     weights = [
         draw(tensors(s, torch.float64)).div(math.sqrt(s[0])).to(dtype) for s in prog.weight_shapes

@@ -183,3 +183,37 @@ def ppermute(x: torch.Tensor, g: AxisGroup, perm: Sequence[tuple[int, int]]) -> 
         for w in dist.batch_isend_irecv(ops):
             w.wait()
     return out
+
+
+def broadcast(x: torch.Tensor, g: AxisGroup, source: int) -> torch.Tensor:
+    """The block of group index ``source``, on every rank of the group.
+
+    Recorded as a pipelined (chain) broadcast moves it: every rank but the
+    source receives ``B`` bytes and every rank but the last of the chain
+    (group index ``source - 1``) sends ``B``; no rank moves more than ``B``.
+    """
+    out = x.detach().clone().contiguous()
+    if g.size > 1:
+        nbytes = x.numel() * x.element_size()
+        last = (source - 1) % g.size
+        _rec("broadcast", g, x, _phase(), sent=0 if g.index == last else nbytes, received=0 if g.index == source else nbytes)
+        dist.broadcast(out, src=g.ranks[source], group=g.group)
+    return out
+
+
+def reduce(x: torch.Tensor, g: AxisGroup, dest: int) -> torch.Tensor:
+    """The sum over the group at group index ``dest``; zeros on the other ranks.
+
+    Recorded as a pipelined (chain) reduce moves it: every rank but ``dest``
+    sends ``B`` bytes and every rank but the first of the chain (group index
+    ``dest + 1``) receives ``B``.
+    """
+    out = x.detach().clone().contiguous()
+    if g.size > 1:
+        nbytes = x.numel() * x.element_size()
+        first = (dest + 1) % g.size
+        _rec("reduce", g, x, _phase(), sent=0 if g.index == dest else nbytes, received=0 if g.index == first else nbytes)
+        dist.reduce(out, dst=g.ranks[dest], group=g.group)
+        if g.index != dest:
+            out.zero_()
+    return out

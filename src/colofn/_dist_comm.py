@@ -4,7 +4,9 @@ Each method is a forward op from :mod:`colofn._comm` paired with its transpose
 (the table in ``docs/shard_map.md``), glued by one ``autograd.Function`` with
 ``setup_context`` so it works under ``torch.autograd`` and
 ``torch.func.grad``/``vjp``. The transposes are themselves these differentiable
-ops, so higher-order gradients work too.
+ops, so higher-order gradients work too; forward mode (``jvp``) applies the op
+to the tangent, and ``vmap`` batches the shape-blind ones (psum, pvary,
+pbroadcast, ppermute). What cannot work raises, naming the collective.
 """
 
 from __future__ import annotations
@@ -13,36 +15,122 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from colofn import _comm
+from colofn import _comm, _vma
 from colofn.mesh import Mesh
+from colofn.world import in_simulated_world
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Op(torch.autograd.Function):
-    """``forward(x) = fwd(x)``; ``backward(g) = bwd(g)``, both plain callables."""
+    """``forward(x) = fwd(x)``; ``backward(g) = bwd(g)``; forward mode: ``jvp(t) = lin(t)``.
+
+    ``bwd`` is the transpose and ``lin`` the op itself, both differentiable (built
+    with :func:`op` again), so the graph a backward pass records can be
+    differentiated again with the collectives it needs.
+    """
 
     @staticmethod
-    def forward(x: torch.Tensor, fwd: Callable[[torch.Tensor], torch.Tensor], bwd: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(x: torch.Tensor, name: str, fwd: Fn, bwd: Fn, lin: Fn | None) -> torch.Tensor:
         return fwd(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.bwd = inputs[2]
+        _, ctx.name, _, ctx.bwd, ctx.lin = inputs
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        return ctx.bwd(g), None, None
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        with _vma.suspended():  # the transposes are typed by construction: no implicit pvary in here
+            return ctx.bwd(g), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor, *_: Any) -> torch.Tensor:
+        if ctx.lin is None:
+            raise NotImplementedError(
+                f"forward-mode differentiation (torch.func.jvp, torch.autograd.forward_ad) through "
+                f"colofn's {ctx.name} is not supported; use reverse mode (torch.func.grad/vjp, "
+                "torch.autograd.grad with create_graph=True) for this value"
+            )
+        with _vma.suspended():
+            return ctx.lin(t)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, x: torch.Tensor, name: str, fwd: Fn, bwd: Fn, lin: Fn | None) -> Any:
+        if name not in _BATCHABLE:
+            raise NotImplementedError(
+                f"colofn.{name} under torch.func.vmap is not supported: its dims or its selection would "
+                "need a batching rule (psum, pmean, pvary, pbroadcast and ppermute have one). Move the "
+                "vmap out of the shard_map body, or put the batch into the tensor (a leading dim) and "
+                "call the collective once"
+            )
+        # elementwise across ranks and blind to the shape: the same op on the whole batch, batch dim kept
+        return _Op.apply(x, name, fwd, bwd, lin), in_dims[0]
 
 
-def op(x: torch.Tensor, fwd: Callable[[torch.Tensor], torch.Tensor], bwd: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return fwd(x)
-    return _Op.apply(x, fwd, bwd)
+# collectives whose raw op and transposes work on any shape, position by position (so a vmap
+# batch dim just rides along); gathers, scatters and all_to_all name dims, pmax/pmin keep a selection
+_BATCHABLE = frozenset({"psum", "pvary", "pbroadcast", "ppermute"})
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t.view_as(t)
+
+
+def op(x: torch.Tensor, fwd: Fn, bwd: Fn, *, lin: Fn | None = None, name: str = "shard_map") -> torch.Tensor:
+    """``fwd(x)``, differentiable with transpose ``bwd`` (and ``lin``, the op itself, for forward mode).
+
+    Plain ``fwd(x)`` when nothing differentiates it; under a ``torch.func``
+    transform or forward-mode AD always the ``autograd.Function`` (so ``vmap``
+    raises and ``jvp`` carries tangents instead of dropping them).
+    """
+    transforms = _transforms_active()
+    if transforms or fwAD._current_level >= 0:
+        if _forward_mode(transforms) and in_simulated_world():
+            raise NotImplementedError(
+                f"forward-mode differentiation (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+                f"through colofn's {name} is not supported in the simulated world: torch's forward-AD "
+                "levels are shared by every thread of a process, so thread ranks running it at once corrupt "
+                "each other's tangents. Use reverse mode (torch.func.grad/vjp of a grad, or "
+                "torch.autograd.grad with create_graph=True; a Hessian-vector product is grad of "
+                "<grad, v>), or run on a real world (colofn.launch(..., backend='gloo'))"
+            )
+        return _Op.apply(x, name, fwd, bwd, lin)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Op.apply(x, name, fwd, bwd, lin)
+    return fwd(x)
+
+
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _forward_mode(transforms: bool) -> bool:
+    if fwAD._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() if transforms else None
+    return any(ci.key() == torch._C._functorch.TransformType.Jvp for ci in stack or ())
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s value as a plain tensor, outside every ``torch.func`` level and autograd graph."""
+    x = x.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x.detach()
 
 
 class DistComm:
-    """Communication for one ``shard_map`` call on ``mesh``."""
+    """Communication for one ``shard_map`` call on ``mesh``.
+
+    Every method is a differentiable collective whose backward is its transpose,
+    itself one of these methods, so gradients of any order are exact. With
+    ``check_vma`` a cotangent has the varying/invariant type of its primal, so
+    ``psum``'s transpose is ``pvary`` (no communication) and ``pvary``'s is
+    ``psum``; without it (every device's copy its own variable) ``psum``'s
+    transpose is ``psum``.
+    """
 
     def __init__(self, mesh: Mesh, check_vma: bool) -> None:
         self.mesh = mesh
@@ -53,48 +141,116 @@ class DistComm:
 
     # value-preserving marks
     def pvary(self, x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
-        return op(x, lambda t: t.view_as(t), lambda g: self.psum_raw_grad(g, axes))
+        """Invariant -> varying, no data moves; transpose: the psum to invariant."""
+        return op(x, _same, lambda g: self._psum_invariant(g, axes), lin=lambda t: self.pvary(t, axes), name="pvary")
+
+    def _psum_invariant(self, x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+        """Varying -> invariant sum; transpose: pvary."""
+        grp = self.group(axes)
+        return op(
+            x,
+            lambda t: _comm.all_reduce(t, grp),
+            lambda g: self.pvary(g, axes),
+            lin=lambda t: self._psum_invariant(t, axes),
+            name="psum",
+        )
 
     def psum_raw_grad(self, g: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+        """Sum the gradient of a value replicated along ``axes`` (a shard_map argument's, say).
+
+        The sum is one global value: its cotangent is the same on every rank, so
+        the transpose is the identity (``pvary`` under tracking).
+        """
+        if self.check_vma:
+            return self._psum_invariant(g, axes)
         grp = self.group(axes)
-        return op(g, lambda t: _comm.all_reduce(t, grp), lambda h: h)
+        return op(g, lambda t: _comm.all_reduce(t, grp), _same, lin=lambda t: self.psum_raw_grad(t, axes), name="psum")
 
     # reductions
     def psum(self, x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
-        grp = self.group(axes)
         if self.check_vma:
-            return op(x, lambda t: _comm.all_reduce(t, grp), lambda g: g.view_as(g))
-        return op(x, lambda t: _comm.all_reduce(t, grp), lambda g: self.psum(g, axes))
+            return self._psum_invariant(x, axes)
+        grp = self.group(axes)
+        return op(
+            x,
+            lambda t: _comm.all_reduce(t, grp),
+            lambda g: self.psum(g, axes),
+            lin=lambda t: self.psum(t, axes),
+            name="psum",
+        )
 
     def pextreme(self, x: torch.Tensor, axes: tuple[str, ...], kind: str) -> torch.Tensor:
+        """pmax/pmin: the derivative goes to the holders of the extreme, split evenly between ties."""
         grp = self.group(axes)
         red = dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.MIN
-        out = _comm.all_reduce(x, grp, red)
+        with torch._C._DisableFuncTorch():  # constants at every torch.func level: the selection is one
+            base = _plain(x)
+            out = _comm.all_reduce(base, grp, red)
+        shares: list[torch.Tensor] = []
 
-        def bwd(g: torch.Tensor) -> torch.Tensor:
-            if not self.check_vma:
-                g = self.psum(g, axes)
-            mask = (x.detach() == out).to(g.dtype)
-            count = _comm.all_reduce(mask, grp)
-            return g * mask / count
+        def share() -> torch.Tensor:  # 1/ties at the holders of the extreme, 0 elsewhere (counted once, when needed)
+            if not shares:
+                with torch._C._DisableFuncTorch():
+                    mask = (base == out).to(x.dtype)
+                    shares.append(mask / _comm.all_reduce(mask, grp))
+            return shares[0]
 
-        return op(x, lambda t: out.clone(), bwd)
+        def bwd(g: torch.Tensor) -> torch.Tensor:  # the selection's transpose
+            return (self.pvary(g, axes) if self.check_vma else self.psum(g, axes)) * share()
+
+        def lin(t: torch.Tensor) -> torch.Tensor:  # the selection: the holders' tangents, averaged
+            return self.psum(t * share(), axes)
+
+        return op(x, lambda t: out.clone(), bwd, lin=lin, name=f"p{kind}")
 
     # gathers and scatters (tiled)
     def all_gather(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
         grp = self.group(axes)
-        return op(x, lambda t: _comm.all_gather(t, grp, dim), lambda g: self.reduce_scatter(g, axes, dim))
+        return op(
+            x,
+            lambda t: _comm.all_gather(t, grp, dim),
+            lambda g: self.reduce_scatter(g, axes, dim),
+            lin=lambda t: self.all_gather(t, axes, dim),
+            name="all_gather",
+        )
 
     def all_gather_invariant(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
         if not self.check_vma:
             return self.all_gather(x, axes, dim)
+        return self.gather_blocks(x, axes, dim)
+
+    def gather_blocks(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
+        """Varying blocks -> the one (invariant) whole; transpose: this rank's block (:meth:`take_block`)."""
         grp = self.group(axes)
-        block = x.shape[dim]
-        return op(x, lambda t: _comm.all_gather(t, grp, dim), lambda g: g.narrow(dim, grp.index * block, block))
+        return op(
+            x,
+            lambda t: _comm.all_gather(t, grp, dim),
+            lambda g: self.take_block(g, axes, dim),
+            lin=lambda t: self.gather_blocks(t, axes, dim),
+            name="all_gather",
+        )
+
+    def take_block(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
+        """An invariant whole -> this rank's block of ``dim`` (no communication); transpose: :meth:`gather_blocks`."""
+        grp = self.group(axes)
+        block = x.shape[dim] // grp.size
+        return op(
+            x,
+            lambda t: t.narrow(dim, grp.index * block, block).clone(),
+            lambda g: self.gather_blocks(g, axes, dim),
+            lin=lambda t: self.take_block(t, axes, dim),
+            name="all_gather",
+        )
 
     def reduce_scatter(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
         grp = self.group(axes)
-        return op(x, lambda t: _comm.reduce_scatter(t, grp, dim), lambda g: self.all_gather(g, axes, dim))
+        return op(
+            x,
+            lambda t: _comm.reduce_scatter(t, grp, dim),
+            lambda g: self.all_gather(g, axes, dim),
+            lin=lambda t: self.reduce_scatter(t, axes, dim),
+            name="psum_scatter",
+        )
 
     def all_to_all(self, x: torch.Tensor, axes: tuple[str, ...], split: int, concat: int) -> torch.Tensor:
         grp = self.group(axes)
@@ -102,12 +258,61 @@ class DistComm:
             x,
             lambda t: _comm.all_to_all(t, grp, split, concat),
             lambda g: self.all_to_all(g, axes, concat, split),
+            lin=lambda t: self.all_to_all(t, axes, split, concat),
+            name="all_to_all",
         )
 
     def ppermute(self, x: torch.Tensor, axes: tuple[str, ...], perm: Sequence[tuple[int, int]]) -> torch.Tensor:
         grp = self.group(axes)
         inverse = [(d, s) for s, d in perm]
-        return op(x, lambda t: _comm.ppermute(t, grp, perm), lambda g: self.ppermute(g, axes, inverse))
+        return op(
+            x,
+            lambda t: _comm.ppermute(t, grp, perm),
+            lambda g: self.ppermute(g, axes, inverse),
+            lin=lambda t: self.ppermute(t, axes, perm),
+            name="ppermute",
+        )
+
+    # broadcast and its transposes
+    def pbroadcast(self, x: torch.Tensor, axes: tuple[str, ...], source: int) -> torch.Tensor:
+        """The block of group index ``source`` on every rank; transpose: the cotangent delivered to ``source``.
+
+        Under tracking the cotangent of the (invariant) result is one value, so
+        the transpose keeps it at ``source`` and zeros elsewhere with no
+        communication; without tracking every rank's cotangent counts, and the
+        transpose is a sum delivered to ``source`` (a reduce).
+        """
+        grp = self.group(axes)
+        bwd = (lambda g: self.keep_at(g, axes, source)) if self.check_vma else (lambda g: self.reduce_to(g, axes, source))
+        return op(
+            x,
+            lambda t: _comm.broadcast(t, grp, source),
+            bwd,
+            lin=lambda t: self.pbroadcast(t, axes, source),
+            name="pbroadcast",
+        )
+
+    def keep_at(self, x: torch.Tensor, axes: tuple[str, ...], source: int) -> torch.Tensor:
+        """``x`` at group index ``source``, zeros elsewhere (no communication); transpose: :meth:`pbroadcast`."""
+        grp = self.group(axes)
+        return op(
+            x,
+            lambda t: t.detach().clone() if grp.index == source else torch.zeros_like(t),
+            lambda g: self.pbroadcast(g, axes, source),
+            lin=lambda t: self.keep_at(t, axes, source),
+            name="pbroadcast",
+        )
+
+    def reduce_to(self, x: torch.Tensor, axes: tuple[str, ...], dest: int) -> torch.Tensor:
+        """The sum over ``axes`` at group index ``dest``, zeros elsewhere; transpose: :meth:`pbroadcast`."""
+        grp = self.group(axes)
+        return op(
+            x,
+            lambda t: _comm.reduce(t, grp, dest),
+            lambda g: self.pbroadcast(g, axes, dest),
+            lin=lambda t: self.reduce_to(t, axes, dest),
+            name="pbroadcast",
+        )
 
 
 class GradBucket:
@@ -135,7 +340,7 @@ class GradBucket:
         """Wrap argument ``index``'s block so its backward adds the flushed sums."""
         if not local.requires_grad:
             return local
-        out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g))
+        out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g), lin=_same)
         self.owned[id(out)] = index
         return out
 
@@ -144,7 +349,7 @@ class GradBucket:
 
     def pvary(self, t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
         index = self.owned[id(t)]
-        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g))
+        return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g), lin=lambda u: self.comm.pvary(u, axes), name="pvary of a shard_map argument")
 
     def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # create_graph: keep the sum differentiable

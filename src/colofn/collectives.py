@@ -1,8 +1,10 @@
 """Named-axis collectives for use inside ``shard_map``.
 
 Each takes a pytree of local tensors and an ``axis_name`` (one mesh axis or a
-tuple of them, the first major), maps over the tree, and is differentiable
-(``torch.autograd`` and ``torch.func.grad``/``vjp``). Semantics follow JAX's
+tuple of them, the first major; ``()`` is a group of one rank), maps over the
+tree, and is differentiable to any order (``torch.autograd``, ``create_graph=True``,
+``torch.func.grad``/``vjp``, and ``jvp`` on real worlds): its backward is its
+transpose, itself a differentiable collective. Semantics follow JAX's
 ``shard_map`` with ``check_vma=True``; see ``docs/shard_map.md`` for the table of
 inputs, outputs and transposes.
 
@@ -34,6 +36,7 @@ __all__ = [
     "all_to_all",
     "axis_index",
     "axis_size",
+    "pbroadcast",
     "pmax",
     "pmean",
     "pmin",
@@ -59,10 +62,8 @@ def _ctx(op: str) -> _vma.Context:
 def _axes(ctx: _vma.Context, axis_name: AxisName, op: str) -> tuple[str, ...]:
     axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     bad = [a for a in axes if a not in ctx.mesh_shape]
-    if bad or not axes or len(set(axes)) != len(axes):
-        problem = (
-            f"unknown axis name(s) {bad}" if bad else "no axis named" if not axes else f"an axis repeated in {axes}"
-        )
+    if bad or len(set(axes)) != len(axes):  # () is allowed: a group of one rank, as in JAX
+        problem = f"unknown axis name(s) {bad}" if bad else f"an axis repeated in {axes}"
         raise SpecError(
             f"colofn.{op}(..., axis_name={axis_name!r}): {problem}; the mesh axes are "
             f"{tuple(ctx.mesh_shape)}"
@@ -174,6 +175,45 @@ def pvary(x: Any, axis_name: AxisName) -> Any:
         return _pvary_one(t, axes)
 
     return _map(one, x, "pvary")
+
+
+def pbroadcast(x: Any, axis_name: AxisName, source: int) -> Any:
+    """The block of the rank whose index along ``axis_name`` is ``source``, on every rank of the axis.
+
+    Moves what a broadcast moves (``dist.broadcast`` on the axis group: no rank
+    sends or receives more than the block), where ``psum(where(axis_index(axis)
+    == source, x, 0), axis)`` all-reduces (about twice the bytes). An input
+    invariant along the axis is first marked varying (implicit pvary); the result
+    is invariant along the axis. Backward: the cotangent delivered to
+    ``source``, zeros elsewhere (with ``check_vma=False``, summed over the axis:
+    a reduce).
+
+    >>> import colofn, torch
+    >>> from colofn import P
+    >>> def f():
+    ...     mesh = colofn.Mesh((4,), ("i",))
+    ...     g = colofn.shard_map(lambda x: colofn.pbroadcast(x, "i", 2), mesh=mesh, in_specs=P("i"), out_specs=P())
+    ...     return colofn.gather(g(torch.arange(4.0))).item()
+    >>> colofn.launch(f, world_size=4)
+    [2.0, 2.0, 2.0, 2.0]
+    """
+    ctx = _ctx("pbroadcast")
+    axes = _axes(ctx, axis_name, "pbroadcast")
+    n = _size(ctx, axes)
+    if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < n:
+        raise SpecError(
+            f"colofn.pbroadcast over {axes} (size {n}): source must be an int index in [0, {n}), "
+            f"got {source!r}"
+        )
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        with _vma.suspended():
+            t = _implicit_pvary(ctx, t, axes)
+            vma = ctx.vma(t) - set(axes)
+            out = ctx.comm.pbroadcast(t, axes, source)
+        return _finish(ctx, out, vma)
+
+    return _map(one, x, "pbroadcast")
 
 
 # ----------------------------------------------------------------------------- gathers and scatters

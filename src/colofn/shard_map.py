@@ -219,8 +219,8 @@ def _enter(x: torch.Tensor, spec: PartitionSpec, mesh: Mesh, comm: DistComm, che
     def bwd(g: torch.Tensor) -> torch.Tensor:
         if not check_vma and missing:
             g = comm.psum_raw_grad(g, missing)
-        for d, axes in split:  # full gradient on every rank: gather the blocks back
-            g = comm.all_gather(g, axes, d)
+        for d, axes in split:  # full gradient on every rank: gather the blocks back (transpose: the block)
+            g = comm.gather_blocks(g, axes, d)
         return g
 
     if in_simulated_world():

@@ -12,7 +12,14 @@ all_gather, B bytes in        (n-1) B                (n-1) B
 reduce_scatter, B bytes in    (n-1)/n B              (n-1)/n B
 all_to_all of B bytes         (n-1)/n B              (n-1)/n B
 send / recv of B bytes        B / 0                  0 / B
+broadcast of B bytes          B (0 at the chain end) B (0 at the source)
+reduce of B bytes             B (0 at the dest)      B (0 at the chain start)
 ============================  =====================  =======================
+
+A broadcast or reduce (``pbroadcast`` and its transpose) is counted as a
+pipelined chain moves it, from the source round the group in index order
+(the chain end is the rank before the source; a reduce's chain starts at the
+rank after its destination): ``(n-1) B`` in all, no rank more than ``B``.
 
 >>> import colofn, torch
 >>> from colofn import P

@@ -5,7 +5,10 @@ into blocks by its spec, run ``f`` once per device (each device a thread of a
 lock-step barrier), model every collective as plain differentiable tensor math
 on the blocks of all devices, and reassemble outputs by their specs (for axes an
 out spec leaves out, device 0's copy). Gradients of the reference are therefore
-the true gradients of the global function, computed by ordinary autograd.
+the true gradients of the global function, computed by ordinary autograd, to
+any order (differentiate the reference from outside: a collective under a
+``torch.func`` transform inside its body raises, since there is no tracking to
+tell which device's copy a gradient belongs to).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ class RefComm:
         return [d for _, d in members], _index(self.coords, axes, self.mesh_shape)
 
     def _all(self, x: torch.Tensor, axes: tuple[str, ...]) -> tuple[list[torch.Tensor], int]:
+        if torch._C._are_functorch_transforms_active():
+            raise NotImplementedError(
+                "shard_map_reference models the body as one global function of every device's blocks, "
+                "with no varying/invariant tracking, so a torch.func transform inside the body would "
+                "differentiate one device's copy only. Differentiate the reference from outside (it is "
+                "ordinary autograd, to any order): shard_map(grad(f)) equals grad of the reference of f "
+                "for an invariant scalar f"
+            )
         vals = self.meeting.exchange(self.device, x)
         devs, me = self._group(axes)
         return [vals[d] for d in devs], me
@@ -76,6 +87,10 @@ class RefComm:
         vals, _ = self._all(x, axes)
         s = torch.stack(vals)
         return s.amax(0) if kind == "max" else s.amin(0)
+
+    def pbroadcast(self, x: torch.Tensor, axes: tuple[str, ...], source: int) -> torch.Tensor:
+        vals, _ = self._all(x, axes)
+        return vals[source]
 
     def all_gather(self, x: torch.Tensor, axes: tuple[str, ...], dim: int) -> torch.Tensor:
         vals, _ = self._all(x, axes)
