@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("models", "optim", "parallel", "pipeline", "testing", "zero")
+_LAZY_SUBMODULES = ("models", "nn", "optim", "parallel", "pipeline", "testing", "zero")
 """Subpackages imported on first attribute access (:func:`__getattr__`)."""
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "tree",
     "zero",
     "models",
+    "nn",
     "optim",
     "parallel",
     "pipeline",
