@@ -71,12 +71,16 @@ def launch(
     t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not t > 0:
         raise WorldError(f"launch needs timeout > 0 seconds, got {timeout!r}")
+    from colofn._world import limits
+
     if backend == "sim":
         from colofn._world import sim
 
+        limits.check_world_size(world_size, backend, existing_threads=sim.rank_thread_count())
         return sim.run(fn, args, kwargs, world_size, t)
     from colofn._world import procs
 
+    limits.check_world_size(world_size, backend)
     return procs.run(fn, args, kwargs, world_size, t, backend)
 
 
