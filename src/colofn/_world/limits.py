@@ -36,7 +36,7 @@ def _read_int(path: str) -> int | None:
 
 def _cgroup_paths(controller: str) -> list[str]:
     """Directories of this process's cgroup for ``controller`` (v1 and v2 layouts)."""
-    out = []
+    out: list[str] = []
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
