@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +57,7 @@ def test_train_mesh_larger_than_the_machine_exits_2(capsys: pytest.CaptureFixtur
 
 
 def test_run_of_a_missing_script_exits_2_before_starting(
-    capsys: pytest.CaptureFixture[str], tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_launch(*a: object, **k: object) -> None:
         raise AssertionError("the world was started")
@@ -63,3 +67,31 @@ def test_run_of_a_missing_script_exits_2_before_starting(
     assert capsys.readouterr().err.startswith("colofn run: script 'missing.py' does not exist (from ")
     assert cli.main(["run", "--devices", "2", str(tmp_path)]) == 2
     assert f"script {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+MESH_OUTSIDE_A_WORLD = """
+import torch.distributed as dist
+import colofn
+try:
+    colofn.Mesh((3,), ("x",))
+except colofn.errors.MeshError as e:
+    print("refused:", str(e).splitlines()[1].strip())
+print("initialized after a bad mesh:", dist.is_initialized())
+mesh = colofn.Mesh((1,), ("x",))
+print("mesh:", mesh, colofn.process_index(), colofn.process_count())
+"""
+
+
+def test_mesh_outside_a_world_leaves_no_temp_dirs(tmp_path: Path) -> None:
+    # A Mesh outside any world starts a world of one; it used to leave a
+    # colofn-single-* FileStore directory behind every run.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("RANK", None)
+    out = subprocess.run([sys.executable, "-c", MESH_OUTSIDE_A_WORLD], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "refused: * shape (3,) has 3 devices but the world has 1 ranks",
+        "initialized after a bad mesh: False",
+        "mesh: Mesh(x=1) 0 1",
+    ]
+    assert os.listdir(tmp_path) == []

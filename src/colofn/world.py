@@ -109,10 +109,9 @@ def initialize(backend: str | None = None, timeout: float | None = None) -> None
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return
-    import tempfile
-
-    path = os.path.join(tempfile.mkdtemp(prefix="colofn-single-"), "store")
-    dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, timeout=t)
+    # A world of one meets only itself: an in-memory store, nothing left on disk
+    # (a FileStore here left a colofn-single-* directory behind every run).
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=t)
 
 
 def _leave_world() -> None:
