@@ -108,10 +108,24 @@ def initialize(backend: str | None = None, timeout: float | None = None) -> None
         dist.init_process_group(backend, timeout=t)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _install_board(t.total_seconds())
         return
     # A world of one meets only itself: an in-memory store, nothing left on disk
     # (a FileStore here left a colofn-single-* directory behind every run).
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=t)
+
+
+def _install_board(timeout: float) -> None:
+    """Publish what this rank is doing to the job's store, for readable collective failures."""
+    from colofn._world import board
+
+    if dist.get_world_size() < 2:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private torch API: diagnostics only
+        return
+    board.install(board.from_store(store, dist.get_rank(), dist.get_world_size(), timeout))
 
 
 def _leave_world() -> None:
@@ -123,6 +137,11 @@ def _leave_world() -> None:
     """
     if not dist.is_initialized():
         return
+    from colofn._world import board
+
+    b = board.current()
+    if b is not None:
+        b.exited("left the world at exit")
     try:
         if dist.get_world_size() > 1:
             dist.barrier()
