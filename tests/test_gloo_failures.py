@@ -135,7 +135,7 @@ def test_ranks_end_and_the_world_dir_goes_when_the_launcher_dies(tmp_path: Path)
         proc = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(tests=TESTS), str(out)], env=env)
         launchers[sig] = (proc, out, tmp)
     try:
-        for sig, (proc, out, _) in launchers.items():
+        for sig, (_, out, _) in launchers.items():
             _poll(f"{sig.name} world started", lambda out=out: any(out.glob("rank*.pid")), 240)
         pids = {sig: [int(p.name.split(".")[1]) for p in out.glob("rank*.pid")] for sig, (_, out, _) in launchers.items()}
         for sig, (proc, _, tmp) in launchers.items():
