@@ -106,6 +106,7 @@ class Board:
         self._groups: dict[Any, list[Any]] = {}  # process group -> [ranks as text, calls made, its name]
         self.publish: Callable[[], None] = lambda: None  # push this slot to where peers read it
         self.wait_for_peers: Callable[[], None] = lambda: None  # let peers publish theirs
+        self.closed = threading.Event()  # set: stop publishing
 
     # ---- written on the hot path
     def begin(self, op: str, g: Any, shape: tuple[int, ...], dtype: Any) -> None:
@@ -242,8 +243,7 @@ def from_store(store: Any, rank: int, size: int, timeout: float) -> Board:
                 last[0] = snap
 
     def loop() -> None:
-        while True:
-            time.sleep(PUBLISH_PERIOD)
+        while not board.closed.wait(PUBLISH_PERIOD):
             publish()
 
     board.publish = publish

@@ -9,7 +9,7 @@ What this module promises (``docs/security.md``):
 
 * **Results come back as data.** A rank sends its return value as
   ``torch.save`` bytes over a pipe and the launcher reads them with
-  ``torch.load(weights_only=True)``: tensors, numbers, strings, bytes, None and
+  ``torch.load(weights_only=True)``: tensors, numbers, strings, None and
   lists, tuples and dicts of them. An exception comes back as its type name,
   message, notes and traceback text and is rebuilt only as a builtin or
   :mod:`colofn.errors` type (else a :class:`~colofn.errors.RankError` keeping
@@ -142,7 +142,7 @@ def _from_bytes(data: bytes) -> Any:
 
 
 SENDABLE = (
-    "tensors, numbers, str, bytes, None, torch dtypes and sizes, and lists, tuples and dicts of them "
+    "tensors, numbers, str, None, torch dtypes and sizes, and lists, tuples and dicts of them "
     "(no DTensor: return .full_tensor() or .to_local(); no custom classes)"
 )
 
@@ -153,7 +153,8 @@ def encode_value(value: Any, rank: int) -> bytes:
         data = _to_bytes(value)
         _from_bytes(data)  # what the launcher will do: fail here, where the traceback is useful
     except Exception as e:  # noqa: BLE001 - reworded: what may be returned
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        m = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))  # torch's own first line is advice
+        reason = m.group(1) if m else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TreeTypeError(
             f"rank {rank} returned a {type(value).__name__} that launch cannot send back to the launcher "
             f"({reason}). Results travel as data, never as pickled objects: a rank may return {SENDABLE}."
