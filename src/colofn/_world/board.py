@@ -42,8 +42,10 @@ from typing import Any
 from colofn._world import sim_backend
 from colofn.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-SLOT = 512  # bytes per rank: state (1), length (2), text
+SLOT = 512  # bytes per rank: state (1), call number (4), text length (2), text
+_TEXT = 7
 WAITING, RUNNING, FAILED, EXITED = b"w", b"r", b"f", b"x"
+_W, _R, _F = WAITING[0], RUNNING[0], FAILED[0]
 PUBLISH_PERIOD = 0.2  # seconds between a torchrun rank's store updates
 
 
@@ -85,13 +87,13 @@ def decode(slot: bytes | None) -> Status:
     if not slot or slot[:1] not in _STATES:
         return Status("unknown")
     state = _STATES[slot[:1]]
-    text = slot[3 : 3 + int.from_bytes(slot[1:3], "little")].decode("utf-8", "replace")
+    text = slot[_TEXT : _TEXT + int.from_bytes(slot[5:7], "little")].decode("utf-8", "replace")
     if state == "exited":
         return Status(state, detail=text)
     parts = text.split("\t")
-    if len(parts) != 6 or not parts[2].isdigit():
+    if len(parts) != 5:
         return Status("unknown")
-    return Status(state, parts[0], parts[1], int(parts[2]), parts[3], parts[4], parts[5])
+    return Status(state, parts[0], parts[1], int.from_bytes(slot[1:5], "little"), parts[2], parts[3], parts[4])
 
 
 class Board:
@@ -104,35 +106,53 @@ class Board:
         self._slot = slot  # writable, SLOT bytes
         self._read = read
         self._groups: dict[Any, list[Any]] = {}  # process group -> [ranks as text, calls made, its name]
+        self._texts: dict[tuple[Any, ...], bytes] = {}  # (op, group, axes, shape, dtype) -> slot text
+        self._last: bytes | None = None  # the text in the slot now
         self.publish: Callable[[], None] = lambda: None  # push this slot to where peers read it
         self.wait_for_peers: Callable[[], None] = lambda: None  # let peers publish theirs
         self.closed = threading.Event()  # set: stop publishing
 
-    # ---- written on the hot path
+    # ---- written on the hot path: a few dict lookups and three small copies
     def begin(self, op: str, g: Any, shape: tuple[int, ...], dtype: Any) -> None:
         """``g``: the :class:`colofn._comm.AxisGroup` the collective runs on."""
         entry = self._groups.get(g.group)
         if entry is None:  # one counter per process group, as gloo's own sequence numbers
             name = getattr(g.group, "group_name", "") or str(len(self._groups))
             entry = self._groups[g.group] = [str(sorted(g.ranks)), 0, name]
+        key = (op, g.group, g.axes, shape, dtype)
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) > 4096:  # programs with ever-new shapes: keep the cache small
+                self._texts.clear()
+            detail = f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
+            text = self._texts[key] = f"{op}\t{entry[0]}\t{g.axes}\t{detail}\t{entry[2]}".encode()[: SLOT - _TEXT]
         n = entry[1]
         entry[1] = n + 1
-        self._write(WAITING, f"{op}\t{entry[0]}\t{n}\t{g.axes}\t{tuple(shape)} {str(dtype).removeprefix('torch.')}\t{entry[2]}")
+        s = self._slot
+        s[0] = 0  # readers see "unknown" rather than a torn line
+        if text is not self._last:  # a loop repeats its collectives: most calls copy only the number
+            s[_TEXT : _TEXT + len(text)] = text
+            s[5:7] = len(text).to_bytes(2, "little")
+            self._last = text
+        s[1:5] = n.to_bytes(4, "little")
+        s[0] = _W
+
+    def end(self, failed: bool = False) -> None:
+        self._slot[0] = _F if failed else _R
 
     def forget_groups(self) -> None:
         """Start the call numbers again (this process left its world and joined a new one)."""
         self._groups.clear()
-
-    def end(self, failed: bool = False) -> None:
-        self._slot[0:1] = FAILED if failed else RUNNING
+        self._texts.clear()
 
     def _write(self, state: bytes, text: str) -> None:
-        data = text.encode()[: SLOT - 3]
+        data = text.encode()[: SLOT - _TEXT]
         s = self._slot
-        s[0:1] = b"\0"  # readers see "unknown" rather than a torn line
-        s[3 : 3 + len(data)] = data
-        s[1:3] = len(data).to_bytes(2, "little")
-        s[0:1] = state
+        s[0] = 0
+        s[_TEXT : _TEXT + len(data)] = data
+        s[5:7] = len(data).to_bytes(2, "little")
+        self._last = None
+        s[0] = state[0]
 
     def exited(self, how: str) -> None:
         self._write(EXITED, how)
@@ -267,4 +287,4 @@ def current() -> Board | None:
     b = _board
     if b is None:
         return None
-    return None if getattr(sim_backend._tls, "world", None) is not None else b
+    return None if sim_backend._tls.world is not None else b
