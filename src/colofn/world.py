@@ -51,8 +51,20 @@ def launch(
         :data:`DEFAULT_TIMEOUT`); in the simulated world a deadlock is reported
         as soon as it is certain, without waiting for the timeout.
 
+    Returns:
+      Each rank's return value, by rank. On ``gloo``/``nccl`` the values travel
+      as data (``torch.save`` read back with ``weights_only=True``): tensors,
+      numbers, str, None, torch dtypes and sizes, and lists, tuples and dicts
+      of them; anything else is a :class:`~colofn.errors.TreeTypeError` in the
+      rank.
+
     Raises:
-      The first rank's exception (its notes name the rank). Ranks that diverge
+      WorldError: before anything starts, for a bad argument, a world larger
+        than the machine can hold, or (``gloo``) a function new processes
+        cannot import (define it at module level).
+      The first rank's exception (its notes name the rank; on ``gloo`` only
+      builtin and :mod:`colofn.errors` types are rebuilt, others become a
+      :class:`~colofn.errors.RankError` keeping the text). Ranks that diverge
       (wait in collectives the others never call) raise
       :class:`~colofn.errors.DeadlockError` or
       :class:`~colofn.errors.CollectiveMismatchError`; a hang raises
