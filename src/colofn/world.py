@@ -137,7 +137,9 @@ def _install_board(timeout: float) -> None:
         store = dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - a private torch API: diagnostics only
         return
-    board.install(board.from_store(store, dist.get_rank(), dist.get_world_size(), timeout))
+    b = board.from_store(store, dist.get_rank(), dist.get_world_size(), timeout)
+    b.backend = str(dist.get_backend())
+    board.install(b)
 
 
 def _leave_world() -> None:

@@ -111,6 +111,7 @@ class Board:
         self.publish: Callable[[], None] = lambda: None  # push this slot to where peers read it
         self.wait_for_peers: Callable[[], None] = lambda: None  # let peers publish theirs
         self.closed = threading.Event()  # set: stop publishing
+        self.backend = "gloo"  # named in reports: "(gloo: Connection reset by peer.)"
 
     # ---- written on the hot path: a few dict lookups and three small copies
     def begin(self, op: str, g: Any, shape: tuple[int, ...], dtype: Any) -> None:
@@ -173,13 +174,13 @@ class Board:
         report = describe(states)
         diverged = mismatch(states, me)
         if diverged is not None:
-            return CollectiveMismatchError(f"rank {self.rank}: {diverged} (gloo: {cause}). What each rank was doing:\n{report}")
+            return CollectiveMismatchError(f"rank {self.rank}: {diverged} ({self.backend}: {cause}). What each rank was doing:\n{report}")
         if re.search(r"[Tt]imed? ?out", cause):
             return CollectiveTimeoutError(
-                f"rank {self.rank}: {me.what} did not complete within {self.timeout:g} s (gloo: {cause}). "
+                f"rank {self.rank}: {me.what} did not complete within {self.timeout:g} s ({self.backend}: {cause}). "
                 f"What each rank was doing:\n{report}"
             )
-        return CollectiveError(f"rank {self.rank}: {me.what} failed (gloo: {cause}). What each rank was doing:\n{report}")
+        return CollectiveError(f"rank {self.rank}: {me.what} failed ({self.backend}: {cause}). What each rank was doing:\n{report}")
 
 
 def describe(states: list[Status]) -> str:

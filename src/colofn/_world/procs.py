@@ -92,6 +92,7 @@ def _worker(
             timeout=datetime.timedelta(seconds=timeout),
         )
         b = board.from_file(os.path.join(world_dir, "board"), rank, size, timeout)
+        b.backend = backend
         board.install(b)
         value = fn(*args, **kwargs)
         payload = _OK + encode_value(value, rank)
