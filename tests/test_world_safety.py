@@ -270,6 +270,15 @@ def test_board_tells_a_mismatch_from_a_timeout(tmp_path: Path) -> None:
                              "complete within 5 s (gloo: Timed out waiting 5000ms for recv operation to complete).")
 
 
+def test_board_compares_only_members_of_one_group(tmp_path: Path) -> None:
+    # Ranks 0 and 1 in different groups (of one mesh axis, with the same name) may do different things.
+    b0, b1, _, _ = _boards(tmp_path, 4)
+    b0.begin("all_reduce", _group((0, 2)), (4,), torch.float32)
+    b1.begin("all_gather", _group((1, 3)), (4,), torch.float32)
+    assert procs._board_mismatch(b0.statuses()) is None  # the launcher does not stop them
+    assert type(b0.explain(RuntimeError(GLOO_TIMEOUT))) is CollectiveTimeoutError
+
+
 def test_board_describes_ranks_that_never_reported() -> None:
     assert board.decode(bytes(board.SLOT)).describe() == "no report (not started, or has not reached a colofn collective)"
     assert board.decode(b"w\x03\x00abc").describe() == "no report (not started, or has not reached a colofn collective)"

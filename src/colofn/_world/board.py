@@ -76,8 +76,9 @@ class Status:
             return f"failed in {self.what}"
         return f"running (not in a colofn collective; the last was {self.what})"
 
-    def call_key(self) -> tuple[str, int] | None:
-        return (self.gid, self.call) if self.state in ("waiting", "failed", "running") else None
+    def call_key(self) -> tuple[str, str, int] | None:
+        # The name alone is not enough: sub-groups split from one mesh axis may share it.
+        return (self.gid, self.group, self.call) if self.state in ("waiting", "failed", "running") else None
 
 
 _STATES = {WAITING: "waiting", RUNNING: "running", FAILED: "failed", EXITED: "exited"}
