@@ -44,6 +44,10 @@ def test_sim_threads_already_running_are_not_counted(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(limits, "free_memory", lambda: None)
     monkeypatch.setattr(limits, "free_tasks", lambda: (300, "test"))  # 44 above the 256 kept free
     limits.check_world_size(60, "sim", existing_threads=16)
+    limits.check_world_size(16, "sim", existing_threads=16)  # nothing new: not even looked at
+    monkeypatch.setattr(limits, "free_tasks", lambda: (0, "test"))
+    limits.check_world_size(16, "sim", existing_threads=16)
+    monkeypatch.setattr(limits, "free_tasks", lambda: (300, "test"))
     with pytest.raises(WorldError, match=r"45 new threads are needed but only 44 can be started \(test;"):
         limits.check_world_size(61, "sim", existing_threads=16)
 
