@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from colofn import tracing as ct
+from colofn._world import board
+from colofn.errors import ColofnError
 from colofn.mesh import Mesh
 
 
@@ -104,6 +106,36 @@ def _rec(op: str, g: AxisGroup, x: torch.Tensor, phase: str, sent: int | None = 
     ct.record(ct.CommRecord(op, g.axes, g.size, tuple(x.shape), x.dtype, sent, received or 0, phase, peer))
 
 
+class _Watch:
+    """Marks this rank's slot of a real world's status board around one collective.
+
+    On a transport failure (gloo's timeouts, "Connection closed by peer") it
+    raises the board's report of what every rank was doing instead. A no-op in
+    the simulated world, which reports divergence itself.
+    """
+
+    __slots__ = ("b",)
+
+    def __init__(self, op: str, g: AxisGroup, x: torch.Tensor) -> None:
+        b = self.b = board.current()
+        if b is not None:
+            b.begin(op, g, x.shape, x.dtype)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        b = self.b
+        if b is None:
+            return
+        if e is None:
+            b.end()
+        elif isinstance(e, RuntimeError) and not isinstance(e, ColofnError):
+            raise b.explain(e) from e
+        else:
+            b.end(failed=True)
+
+
 def _phase() -> str:
     return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
@@ -112,7 +144,8 @@ def all_reduce(x: torch.Tensor, g: AxisGroup, op: dist.ReduceOp.RedOpType = dist
     out = x.detach().clone().contiguous()
     if g.size > 1:
         _rec("all_reduce", g, x, _phase())
-        dist.all_reduce(out, op=op, group=g.group)
+        with _Watch("all_reduce" if op == dist.ReduceOp.SUM else f"all_reduce({getattr(op, 'name', op)})", g, x):
+            dist.all_reduce(out, op=op, group=g.group)
     return out
 
 
@@ -123,7 +156,8 @@ def all_gather(x: torch.Tensor, g: AxisGroup, dim: int = 0) -> torch.Tensor:
     _rec("all_gather", g, x, _phase())
     src = x.detach().movedim(dim, 0).contiguous()
     out = torch.empty((g.size * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_into(out, src, group=g.group)
+    with _Watch("all_gather", g, x):
+        _all_gather_into(out, src, group=g.group)
     if not g.identity_order:
         out = torch.cat(g.from_group_order(list(out.chunk(g.size))))
     return out.movedim(0, dim).contiguous()
@@ -138,7 +172,8 @@ def reduce_scatter(x: torch.Tensor, g: AxisGroup, dim: int = 0) -> torch.Tensor:
     if not g.identity_order:
         src = torch.cat(g.to_group_order(list(src.chunk(g.size))))
     out = torch.empty((src.shape[0] // g.size, *src.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_from(out, src, group=g.group)
+    with _Watch("reduce_scatter", g, x):
+        _reduce_scatter_from(out, src, group=g.group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -154,7 +189,8 @@ def all_to_all(x: torch.Tensor, g: AxisGroup, split_dim: int, concat_dim: int) -
         chunks = torch.stack(g.to_group_order(list(chunks.unbind(0))))
     chunks = chunks.contiguous()
     out = torch.empty_like(chunks)
-    dist.all_to_all_single(out, chunks, group=g.group)
+    with _Watch("all_to_all", g, x):
+        dist.all_to_all_single(out, chunks, group=g.group)
     # out[r] is the chunk from process-group rank r, laid out as moved(split_dim to 0)
     received = g.from_group_order(list(out.unbind(0)))
     pieces = [c.movedim(0, split_dim) for c in received]
@@ -179,9 +215,10 @@ def ppermute(x: torch.Tensor, g: AxisGroup, perm: Sequence[tuple[int, int]]) -> 
         else:
             ops.append(dist.P2POp(dist.irecv, out, g.ranks[src_of[me]], g.group))
             _rec("recv", g, x, _phase(), sent=0, received=nbytes, peer=src_of[me])
-    if ops:
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
+    with _Watch("ppermute", g, x):
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
     return out
 
 
@@ -197,7 +234,8 @@ def broadcast(x: torch.Tensor, g: AxisGroup, source: int) -> torch.Tensor:
         nbytes = x.numel() * x.element_size()
         last = (source - 1) % g.size
         _rec("broadcast", g, x, _phase(), sent=0 if g.index == last else nbytes, received=0 if g.index == source else nbytes)
-        dist.broadcast(out, src=g.ranks[source], group=g.group)
+        with _Watch("broadcast", g, x):
+            dist.broadcast(out, src=g.ranks[source], group=g.group)
     return out
 
 
@@ -213,7 +251,8 @@ def reduce(x: torch.Tensor, g: AxisGroup, dest: int) -> torch.Tensor:
         nbytes = x.numel() * x.element_size()
         first = (dest + 1) % g.size
         _rec("reduce", g, x, _phase(), sent=0 if g.index == dest else nbytes, received=0 if g.index == first else nbytes)
-        dist.reduce(out, dst=g.ranks[dest], group=g.group)
+        with _Watch("reduce", g, x):
+            dist.reduce(out, dst=g.ranks[dest], group=g.group)
         if g.index != dest:
             out.zero_()
     return out

@@ -77,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.devices < 1:
         print(f"colofn run: --devices must be >= 1, got {args.devices}", file=sys.stderr)
         return 2
+    if not os.path.isfile(args.script):  # before any rank starts (each would fail on its own)
+        what = "is a directory" if os.path.isdir(args.script) else "does not exist"
+        print(f"colofn run: script {args.script!r} {what} (from {os.getcwd()})", file=sys.stderr)
+        return 2
     saved = sys.argv, sys.stdout, sys.stderr
     if args.backend == "sim":
         sys.stdout, sys.stderr = _WholeLines(sys.stdout), _WholeLines(sys.stderr)

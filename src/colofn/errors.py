@@ -170,3 +170,34 @@ class CheckpointSaveError(ColofnError, RuntimeError):
 
 
 __all__ += ["CheckpointSaveError"]
+
+
+class CollectiveError(ColofnError, RuntimeError):
+    """A collective on a real backend (gloo, NCCL) failed because a peer broke off.
+
+    A peer that raised, died or closed its connections leaves the others with a
+    transport error ("Connection closed by peer"); colofn raises this instead,
+    with what each rank of the world was last doing (collective, group, call
+    number), read from the world's status board.
+    """
+
+
+class RankError(ColofnError, RuntimeError):
+    """A rank of a real world failed in a way the launcher can only describe.
+
+    Raised by ``launch(..., backend="gloo")`` when a rank died without a result
+    (a signal, ``os._exit``), or raised an exception whose type the launcher
+    does not rebuild (only builtin and :mod:`colofn.errors` types are: the
+    launcher never unpickles what another process sent). ``rank``,
+    ``type_name`` (``"module.QualName"`` of the original exception, or ``None``)
+    and ``rank_traceback`` (its text) keep what is known.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, type_name: str | None = None, rank_traceback: str = "") -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.type_name = type_name
+        self.rank_traceback = rank_traceback
+
+
+__all__ += ["CollectiveError", "RankError"]

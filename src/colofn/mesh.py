@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -41,8 +42,11 @@ class Mesh:
         names_t = tuple(axis_names) if axis_names is not None else ()
         from colofn.world import initialize, process_count
 
-        initialize()
-        world = process_count()
+        # Validated before joining a world, so a bad mesh starts nothing: the size
+        # of the world initialize() would join is known without joining it.
+        world = process_count() if dist.is_initialized() else (
+            int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+        )
         failures = []
         if len(shape_t) != len(names_t):
             failures.append(f"shape {shape_t} has {len(shape_t)} axes but axis_names {names_t} has {len(names_t)}")
@@ -68,6 +72,7 @@ class Mesh:
                     f"the world size ({world})",
                 )
             )
+        initialize()
         self._shape: Mapping[str, int] = MappingProxyType(dict(zip(names_t, shape_t, strict=True)))
         self._axis_names = names_t
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"

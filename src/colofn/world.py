@@ -51,8 +51,20 @@ def launch(
         :data:`DEFAULT_TIMEOUT`); in the simulated world a deadlock is reported
         as soon as it is certain, without waiting for the timeout.
 
+    Returns:
+      Each rank's return value, by rank. On ``gloo``/``nccl`` the values travel
+      as data (``torch.save`` read back with ``weights_only=True``): tensors,
+      numbers, str, None, torch dtypes and sizes, and lists, tuples and dicts
+      of them; anything else is a :class:`~colofn.errors.TreeTypeError` in the
+      rank.
+
     Raises:
-      The first rank's exception (its notes name the rank). Ranks that diverge
+      WorldError: before anything starts, for a bad argument, a world larger
+        than the machine can hold, or (``gloo``) a function new processes
+        cannot import (define it at module level).
+      The first rank's exception (its notes name the rank; on ``gloo`` only
+      builtin and :mod:`colofn.errors` types are rebuilt, others become a
+      :class:`~colofn.errors.RankError` keeping the text). Ranks that diverge
       (wait in collectives the others never call) raise
       :class:`~colofn.errors.DeadlockError` or
       :class:`~colofn.errors.CollectiveMismatchError`; a hang raises
@@ -71,15 +83,19 @@ def launch(
     t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not t > 0:
         raise WorldError(f"launch needs timeout > 0 seconds, got {timeout!r}")
+    from colofn._world import limits
+
     if backend == "sim":
         from colofn._world import sim
         from colofn.nn import _guard
 
         _guard.install()  # report one nn.Module reparametrized by two ranks at once
 
+        limits.check_world_size(world_size, backend, existing_threads=sim.rank_thread_count())
         return sim.run(fn, args, kwargs, world_size, t)
     from colofn._world import procs
 
+    limits.check_world_size(world_size, backend)
     return procs.run(fn, args, kwargs, world_size, t, backend)
 
 
@@ -107,11 +123,26 @@ def initialize(backend: str | None = None, timeout: float | None = None) -> None
         dist.init_process_group(backend, timeout=t)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _install_board(t.total_seconds())
         return
-    import tempfile
+    # A world of one meets only itself: an in-memory store, nothing left on disk
+    # (a FileStore here left a colofn-single-* directory behind every run).
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=t)
 
-    path = os.path.join(tempfile.mkdtemp(prefix="colofn-single-"), "store")
-    dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, timeout=t)
+
+def _install_board(timeout: float) -> None:
+    """Publish what this rank is doing to the job's store, for readable collective failures."""
+    from colofn._world import board
+
+    if dist.get_world_size() < 2:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private torch API: diagnostics only
+        return
+    b = board.from_store(store, dist.get_rank(), dist.get_world_size(), timeout)
+    b.backend = str(dist.get_backend())
+    board.install(b)
 
 
 def _leave_world() -> None:
@@ -123,6 +154,11 @@ def _leave_world() -> None:
     """
     if not dist.is_initialized():
         return
+    from colofn._world import board
+
+    b = board.current()
+    if b is not None:
+        b.exited("left the world at exit")
     try:
         if dist.get_world_size() > 1:
             dist.barrier()

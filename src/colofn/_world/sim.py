@@ -180,6 +180,12 @@ def _rank_threads(n: int) -> list[_RankThread]:
         return _threads[:n]
 
 
+def rank_thread_count() -> int:
+    """Rank threads started so far (every later world reuses them)."""
+    with _threads_lock:
+        return len(_threads)
+
+
 def _abandon(index: int) -> None:
     """Replace a rank thread stuck in user code (it can't be killed; it is left behind)."""
     with _threads_lock:

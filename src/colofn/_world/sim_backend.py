@@ -46,7 +46,14 @@ from colofn.errors import CollectiveMismatchError, CollectiveTimeoutError, Deadl
 
 BACKEND_NAME = "colofn_sim"
 
-_tls = threading.local()  # .world (SimWorld) and .rank (global rank) of the current thread
+class _RankLocal(threading.local):
+    """The simulated world and global rank of the current thread (class defaults: none)."""
+
+    world: SimWorld | None = None  # a class default makes the miss cheap (the board reads it per collective)
+    rank: int = -1
+
+
+_tls = _RankLocal()
 _world_serials = itertools.count(1)
 
 
