@@ -314,10 +314,11 @@ def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, 
         if check_vma:
             for a in mesh.axis_names:
                 if a not in spec.axes and a in ctx.vma(y):
+                    how = " (a value varying along it was written into it in place)" if a in _vma.written_axes(ctx, y) else ""
                     failures.append(
                         f"out_specs {spec} for {where} implies that the corresponding output value is "
                         f"replicated across mesh axis {a!r}, but could not infer replication over it: "
-                        f"the value varies along {a!r}. Fix: psum/pmean/all_gather(to='invariant') it "
+                        f"the value varies along {a!r}{how}. Fix: psum/pmean/all_gather(to='invariant') it "
                         f"over {a!r}, or name {a!r} in its out spec"
                     )
     if failures:
