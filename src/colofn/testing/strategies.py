@@ -33,8 +33,8 @@ def mesh_shapes(draw: st.DrawFn, max_devices: int = 8, max_axes: int = 3, min_de
 
 @st.composite
 def specs_for(draw: st.DrawFn, mesh_shape: dict[str, int], ndim: int) -> PartitionSpec:
-    """A spec for a tensor of rank ``ndim``: each mesh axis used at most once, in mesh order per dim."""
-    axes = list(mesh_shape)
+    """A spec for a tensor of rank ``ndim``: each mesh axis used at most once, in any order per dim."""
+    axes = draw(st.permutations(list(mesh_shape)))  # the order a dim's axes are listed in (first major)
     entries: list[Any] = [[] for _ in range(ndim)]
     for a in axes:
         slot = draw(st.integers(-1, ndim - 1)) if ndim else -1
