@@ -150,3 +150,20 @@ def test_checkpoint_saved_in_one_order_loads_in_another(tmp_path):
         return torch.equal(colofn.gather(back), X) and torch.equal(colofn.gather(back2), X)
 
     assert colofn.launch(program, str(tmp_path / "ckpt"), world_size=6) == [True] * 6
+
+
+def test_jit_computes_out_of_order_arguments_in_mesh_order():
+    """DTensor (torch 2.13) reshapes a ``_StridedShard`` dim wrongly; jit lays such arguments out in mesh order."""
+    t = torch.arange(24.0).reshape(2, 12)
+
+    def program():
+        m = mesh()
+        out = []
+        for arg in (t, colofn.device_put(t, NamedSharding(m, P(None, ("b", "a"))))):
+            g = colofn.jit(lambda v: v.reshape(-1) * 2.0, in_shardings=NamedSharding(m, P(None, ("b", "a"))),
+                           out_shardings=NamedSharding(m, P(("b", "a"))))
+            y = g(arg)
+            out.append((colofn.sharding_of(y).spec, torch.equal(colofn.gather(y), t.reshape(-1) * 2.0)))
+        return out
+
+    assert colofn.launch(program, world_size=6) == [[(P(("b", "a")), True)] * 2] * 6
