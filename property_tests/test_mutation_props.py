@@ -15,7 +15,8 @@ axes of what was written (plus those of a mask). Then
 * with ``out_specs=P()`` shard_map rejects the program iff the buffer varies,
   with JAX's "could not infer replication" text naming each axis;
 * accepted programs equal :func:`colofn.testing.shard_map_reference` (values
-  and gradients with respect to ``w`` and ``x``);
+  and gradients with respect to ``w`` and ``x``), whose ``check_replicated``
+  confirms every device's copy of the output is the same;
 * with the output split over every mesh axis (no replication promised) every
   program is accepted and equals the reference, which checks that an invariant
   differentiable buffer written with varying data gets its gradient summed.
@@ -166,5 +167,6 @@ def test_in_place_writes_follow_the_rule_and_equal_the_reference(case) -> None:
             assert_equivalent(parallel(P()), ref(P()), w, x, world_size=world)
         for a in axes:
             assert f"replicated across mesh axis {a!r}, but could not infer replication" in str(err.value)
-    else:
-        assert_equivalent(parallel(P()), ref(P()), w, x, world_size=world)
+    else:  # accepted: the reference finds every device's copy equal, and the values and gradients agree
+        checked = shard_map_reference(f, mesh_shape=mesh_shape, in_specs=in_specs, out_specs=P(), check_replicated=True)
+        assert_equivalent(parallel(P()), checked, w, x, world_size=world)

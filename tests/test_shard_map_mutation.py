@@ -132,3 +132,19 @@ def test_invariant_buffer_written_with_varying_data_sums_its_gradient():
 
     # single device: sum over ranks of (x_r.sum()**2 + w[1]**2): d/dw = [0, 2 * 2 * w[1]]
     assert colofn.launch(program, world_size=2) == [[0.0, 8.0], [0.0, 8.0]]
+
+
+def test_reference_check_replicated_finds_the_per_rank_values():
+    """The oracle by values: the issue's program gives different copies on the two devices."""
+    from colofn.testing import shard_map_reference
+
+    def f(x):
+        y = torch.zeros(2)
+        y[0] = x.sum()
+        return y
+
+    ref = shard_map_reference(f, mesh_shape={"i": 2}, in_specs=P("i"), out_specs=P(), check_replicated=True)
+    with pytest.raises(SpecError, match=r"out spec P\(\) for the output at <root> leaves out mesh axis 'i', but the "):
+        ref(X)
+    ok = shard_map_reference(lambda x: colofn.psum(x, "i"), mesh_shape={"i": 2}, in_specs=P("i"), out_specs=P(), check_replicated=True)
+    assert ok(X).tolist() == [2.0, 4.0]
