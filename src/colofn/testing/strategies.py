@@ -1,4 +1,10 @@
-"""Hypothesis strategies for meshes, specs, shapes and pytrees (needs ``hypothesis``)."""
+"""Hypothesis strategies for meshes, specs, shapes and pytrees (needs ``hypothesis``).
+
+``docs/shard_map.md`` ("Hypothesis strategies") lists every strategy with its
+parameters and runs a property test built from them. Specs list a dim's axes in
+any order (the first major), so every suite that draws them covers JAX's block
+layouts, not only mesh order.
+"""
 
 from __future__ import annotations
 
