@@ -105,3 +105,19 @@ def test_own_functional_collectives_are_left_to_their_caller():
     rank0, rank1 = colofn.launch(program, world_size=2)
     assert rank0 == [("all_reduce", ("i",), 16, 16), ("all_reduce", ("",), 8, 8), ("broadcast", ("i",), 12, 0)]
     assert rank1 == [("all_reduce", ("i",), 16, 16), ("all_reduce", ("",), 8, 8), ("broadcast", ("i",), 0, 12)]
+
+
+def test_dtensor_false_records_only_colofns_own_collectives():
+    def program():
+        with colofn.Mesh((2,), ("dp",)):
+            f = colofn.jit(lambda x: colofn.with_sharding_constraint(x * 2, P()), in_shardings=P("dp"))
+            g = colofn.shard_map(lambda x: colofn.psum(x, "dp"), in_specs=P("dp"), out_specs=P())
+            with colofn.comm_trace(dtensor=False) as own_only:
+                f(torch.ones(8, 4))
+                g(torch.ones(4))
+                with colofn.comm_trace() as inner:  # a nested trace may still ask for DTensor's
+                    f(torch.ones(8, 4))
+            return [r.op for r in own_only], [r.op for r in inner]
+
+    # the inner trace's DTensor gather reaches the outer trace too: every open trace records
+    assert colofn.launch(program, world_size=2) == [(["all_reduce", "all_gather"], ["all_gather"])] * 2

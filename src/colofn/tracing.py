@@ -76,11 +76,20 @@ def _stack() -> list[list[CommRecord]]:
 
 
 @contextmanager
-def comm_trace() -> Iterator[list[CommRecord]]:
-    """Record this rank's communication inside the block (nested traces all record)."""
+def comm_trace(*, dtensor: bool = True) -> Iterator[list[CommRecord]]:
+    """Record this rank's communication inside the block (nested traces all record).
+
+    Args:
+      dtensor: also record the functional collectives DTensor issues (under
+        ``jit``, ``with_sharding_constraint``, ``redistribute``, ...). That takes
+        a dispatch mode, so every torch op in the block pays a Python call,
+        which shows on small steps; pass False around timed code that issues
+        none, to record only colofn's own collectives at no extra cost.
+    """
     records: list[CommRecord] = []
     stack = _stack()
-    recorder = _FunctionalRecorder() if not stack else None  # the outermost trace records DTensor's ops
+    # one recorder per thread, however the traces nest: it records into every open trace
+    recorder = _FunctionalRecorder() if dtensor and getattr(_local, "recorder", None) is None else None
     stack.append(records)
     try:
         if recorder is None:
