@@ -121,3 +121,14 @@ def test_dtensor_false_records_only_colofns_own_collectives():
 
     # the inner trace's DTensor gather reaches the outer trace too: every open trace records
     assert colofn.launch(program, world_size=2) == [(["all_reduce", "all_gather"], ["all_gather"])] * 2
+
+
+def test_a_group_over_several_axes_is_named_by_its_ranks():
+    def program():
+        mesh = colofn.Mesh((2, 2), ("a", "b"))
+        both = mesh.axis_group(("a", "b"))  # a flattened mesh's group: no dim of the mesh has it
+        with mesh, colofn.comm_trace() as records:
+            funcol.all_reduce(torch.ones(4), "sum", both).wait()
+        return [(r.op, r.axes, r.group_size, r.bytes_sent) for r in records]
+
+    assert colofn.launch(program, world_size=4) == [[("all_reduce", ("a", "b"), 4, 24)]] * 4

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.overrides import TorchFunctionMode
 
-from colofn import _jit_cache, _jit_errors
+from colofn import _jit_cache, _jit_errors, tracing
 from colofn import tree as jt
 from colofn.errors import MeshError, ShardingError, format_failures
 from colofn.mesh import Mesh, current_mesh
@@ -193,6 +193,8 @@ class Jitted:
                 ) from None
         dyn = tuple(a for i, a in enumerate(args) if i not in static)
         mesh = _find_mesh(self.in_shardings, self.out_shardings, (dyn, kwargs))
+        if mesh is not None:
+            tracing.note_mesh(mesh.device_mesh)  # DTensor's collectives on it are recorded by axis
         where = f"jit of {name!r}"
         placed = _place_tree(dyn, self.in_shardings, mesh, where, "in_shardings", "args")
         kw = _place_tree(kwargs, None, mesh, where, "in_shardings", "kwargs") if kwargs else {}

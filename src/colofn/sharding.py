@@ -10,6 +10,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from colofn import tracing
 from colofn import tree as jt
 from colofn.errors import ShardingError, SpecError, format_failures
 from colofn.mesh import Mesh, get_mesh
@@ -280,6 +281,7 @@ def _place(x: torch.Tensor, s: NamedSharding) -> DTensor:
     if isinstance(x, DTensor):
         if x.device_mesh == dm and tuple(x.placements) == placements:
             return x
+        tracing.note_mesh(dm)
         return x.redistribute(dm, placements)
     x = x.to(s.mesh.device)
     local = local_block(x, s.spec, s.mesh)
@@ -288,7 +290,13 @@ def _place(x: torch.Tensor, s: NamedSharding) -> DTensor:
 
 def gather(tree: Any) -> Any:
     """The global value of every DTensor leaf, on every rank (other leaves unchanged)."""
-    return jt.map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+    def full(x: Any) -> Any:
+        if not isinstance(x, DTensor):
+            return x
+        tracing.note_mesh(x.device_mesh)
+        return x.full_tensor()
+
+    return jt.map(full, tree)
 
 
 def sharding_of(x: DTensor, mesh: Mesh | None = None) -> NamedSharding:

@@ -37,6 +37,7 @@ functional collective wraps the call in :func:`own` for the same reason.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -166,13 +167,14 @@ class _FunctionalRecorder(TorchDispatchMode):
     the source receives ``B``, every rank but the source's predecessor sends
     ``B``). The group's mesh axis comes from the meshes seen so far: of the
     DTensors dispatched, the ambient mesh, and those :func:`note_mesh` was
-    told of (``shard_map``'s); ``("",)`` for a group of none of them.
+    told of (``shard_map``'s, ``jit``'s, ``device_put``'s and ``gather``'s); a group over several axes of one of them (a
+    flattened mesh) is matched by its ranks; ``("",)`` for any other group.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.axes_of_group: dict[str, tuple[str, ...]] = {}
-        self.meshes: set[int] = set()
+        self.meshes: dict[int, Any] = {}  # id -> DeviceMesh, each learned once
         self.rules: dict[Any, Callable[..., list[tuple[str, torch.Tensor, str, int | None]]]] = {
             _funcol.all_reduce.default: lambda x, op, g: [("all_reduce", x, g, None)],
             _funcol.all_reduce_coalesced.default: lambda xs, op, g: [("all_reduce", x, g, None) for x in xs],
@@ -202,10 +204,26 @@ class _FunctionalRecorder(TorchDispatchMode):
     def learn(self, device_mesh: Any) -> None:
         if id(device_mesh) in self.meshes:
             return
-        self.meshes.add(id(device_mesh))
+        self.meshes[id(device_mesh)] = device_mesh
         for i, name in enumerate(device_mesh.mesh_dim_names or ()):
             if device_mesh.size(i) > 1:
                 self.axes_of_group.setdefault(device_mesh.get_group(i).group_name, (name,))
+
+    def _axes_by_ranks(self, pg: Any) -> tuple[str, ...] | None:
+        """The mesh axes (in mesh order) whose group through this rank has ``pg``'s ranks (a flattened group)."""
+        ranks = sorted(dist.get_process_group_ranks(pg))
+        me = dist.get_rank()
+        for dm in self.meshes.values():
+            names, grid = dm.mesh_dim_names or (), dm.mesh
+            if not names or me not in grid.flatten().tolist():
+                continue
+            coord = [int(c[0]) for c in (grid == me).nonzero(as_tuple=True)]
+            for k in range(2, len(names) + 1):
+                for dims in itertools.combinations(range(len(names)), k):
+                    index = tuple(slice(None) if d in dims else coord[d] for d in range(len(names)))
+                    if sorted(grid[index].flatten().tolist()) == ranks:
+                        return tuple(names[d] for d in dims)
+        return None
 
     def _record(self, op: str, x: torch.Tensor, group_name: str, src: int | None) -> None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -227,5 +245,9 @@ class _FunctionalRecorder(TorchDispatchMode):
             mesh = current_mesh()
             if mesh is not None:
                 self.learn(mesh.device_mesh)
+            if group_name not in self.axes_of_group:
+                found = self._axes_by_ranks(pg)
+                if found is not None:
+                    self.axes_of_group[group_name] = found
         axes = self.axes_of_group.get(group_name, ("",))
         record(CommRecord(op, axes, n, tuple(x.shape), x.dtype, sent, received, phase))
