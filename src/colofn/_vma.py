@@ -13,6 +13,13 @@ through ``pvary`` (identity forward, ``psum`` backward), JAX's
 ``auto_insert_reshard``. That is what makes the gradient of a replicated
 parameter used with per-shard data summed over the data axis exactly once,
 with no hand-written all-reduce.
+
+In-place writes (``y[i] = v``, ``add_``, ``copy_``, ``out=``, writes through a
+view) are tracked too (:func:`_write_targets`, :func:`_before_write`,
+:func:`_after_write`): the target varies along the union of its own axes and
+the written value's, and so does every tensor that shares its storage and was
+tagged before the write (its base and its other views). A later out_specs
+check then sees the mutation, as JAX's does for ``x.at[i].set(v)``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class Context:
         # implicit pvary outputs by (id(operand), axes), the operand kept alive: a value used many
         # times with varying data is pvary'd once, so its gradient is psum'd once, not once per use
         self.pvary_cache: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        # in-place writes of varying data: storage address -> (the storage, kept alive so the
+        # address is not reused; the clock of the last write; the axes written into it so far)
+        self.written: dict[int, tuple[Any, int, Vma]] = {}
+        self.clock = 0  # counts writes; a tag remembers the clock it was made at
         with Context._epoch_lock:
             Context._next_epoch += 1
             self.epoch = Context._next_epoch
@@ -53,14 +64,14 @@ class Context:
         while True:
             tag = getattr(t, _ATTR, None)
             if tag is not None and tag[0] == self.epoch:
-                return tag[1]
+                return tag[1] if not self.written else tag[1] | _written_since(self, t, tag[2])
             # torch.func wraps its inputs afresh: the wrapper has the value, so the vma, of what it wraps
             if not _is_functorch_wrapper(t):
-                return EMPTY
+                return _written_since(self, t, -1) if self.written else EMPTY
             t = _unwrapped(t)
 
     def set_vma(self, t: torch.Tensor, vma: Iterable[str]) -> torch.Tensor:
-        tag = (self.epoch, frozenset(vma))
+        tag = (self.epoch, frozenset(vma), self.clock)
         u = t
         while True:  # tag what a torch.func wrapper wraps too: that is what the transform returns
             try:
@@ -144,8 +155,13 @@ class _VmaMode(TorchFunctionMode):
                 args = (args[0], *rest)
             else:
                 args, kwargs = _pvary_operands(ctx, union, args, kwargs)
+        targets = _write_targets(func, args, kwargs)
+        if targets:
+            _before_write(ctx, targets, union)
         out = func(*args, **kwargs)
         _tag(ctx, out, union)
+        if targets:
+            _after_write(ctx, targets, union)
         return out
 
 
@@ -155,6 +171,78 @@ _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__"
 def _in_place(func: Callable[..., Any]) -> bool:
     name = getattr(func, "__name__", "")
     return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+# ----------------------------------------------------------------------------- in-place writes
+
+# in-place by name but no write of values: they change no tensor's vma
+_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "detach_", "pin_memory", "record_stream"})
+
+
+def _write_targets(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into: an ``out=`` argument, else an in-place op's first argument."""
+    out = kwargs.get("out")
+    if out is not None:
+        return _tensors((out,))
+    if args and isinstance(args[0], torch.Tensor) and _in_place(func) and getattr(func, "__name__", "") not in _NOT_WRITES:
+        return [args[0]]
+    return []
+
+
+def _storage(t: torch.Tensor) -> Any:
+    while _is_functorch_wrapper(t):
+        t = _unwrapped(t)
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, meta, ... tensors: no storage to share
+        return None
+    return s if s.nbytes() else None
+
+
+def _written_since(ctx: Context, t: torch.Tensor, clock: int) -> Vma:
+    """Axes written into ``t``'s storage after its tag was made (at ``clock``; -1: untagged)."""
+    s = _storage(t)
+    hit = ctx.written.get(s.data_ptr()) if s is not None else None
+    return hit[2] if hit is not None and hit[1] > clock else EMPTY
+
+
+def written_axes(ctx: Context, t: torch.Tensor) -> Vma:
+    """The axes in-place writes put into ``t``'s storage (to word an error)."""
+    return _written_since(ctx, t, -1) if ctx.written else EMPTY
+
+
+def _before_write(ctx: Context, targets: list[torch.Tensor], union: Vma) -> None:
+    """Mark a differentiable target's base varying along the written axes before varying data goes in.
+
+    The written storage varies afterwards, so its cotangent does too; what the
+    base held before must then have a ``pvary`` (whose transpose sums) on its
+    way in, as an out-of-place op would have inserted on an invariant operand.
+    The base itself is not replaced (the target aliases it): it is overwritten
+    with the pvary'd copy of its own value.
+    """
+    if not torch.is_grad_enabled():
+        return
+    from colofn.collectives import _pvary_one
+
+    for t in targets:
+        base = t._base if t._base is not None else t
+        missing = union - ctx.vma(base)
+        if not missing or not base.requires_grad or base.is_leaf:
+            continue
+        axes = tuple(a for a in ctx.mesh_shape if a in missing)
+        with suspended():
+            base.copy_(_pvary_one(base, axes).clone())
+
+
+def _after_write(ctx: Context, targets: list[torch.Tensor], union: Vma) -> None:
+    """The targets, and every older tensor on their storage, now vary along ``union``."""
+    ctx.clock += 1
+    for t in targets:
+        s = _storage(t)
+        if s is not None:
+            prev = ctx.written.get(s.data_ptr())
+            ctx.written[s.data_ptr()] = (s, ctx.clock, union | (prev[2] if prev else EMPTY))
+        ctx.set_vma(t, union | ctx.vma(t))
 
 
 def _grad(ctx: Context, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

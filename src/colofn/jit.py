@@ -36,14 +36,15 @@ from typing import Any, TypeVar, overload
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.overrides import TorchFunctionMode
 
-from colofn import _jit_cache, _jit_errors
+from colofn import _jit_cache, _jit_errors, tracing
 from colofn import tree as jt
 from colofn.errors import MeshError, ShardingError, format_failures
 from colofn.mesh import Mesh, current_mesh
 from colofn.partition_spec import PartitionSpec, dim_axes
-from colofn.sharding import NamedSharding, check_spec, local_block
+from colofn.sharding import NamedSharding, check_spec, local_block, sharding_of
 
 __all__ = ["Jitted", "jit", "with_sharding_constraint"]
 
@@ -192,6 +193,8 @@ class Jitted:
                 ) from None
         dyn = tuple(a for i, a in enumerate(args) if i not in static)
         mesh = _find_mesh(self.in_shardings, self.out_shardings, (dyn, kwargs))
+        if mesh is not None:
+            tracing.note_mesh(mesh.device_mesh)  # DTensor's collectives on it are recorded by axis
         where = f"jit of {name!r}"
         placed = _place_tree(dyn, self.in_shardings, mesh, where, "in_shardings", "args")
         kw = _place_tree(kwargs, None, mesh, where, "in_shardings", "kwargs") if kwargs else {}
@@ -417,6 +420,29 @@ def _trivial_replicated(placements: Sequence[Placement], device_mesh: Any) -> tu
     return tuple(Replicate() if n == 1 and isinstance(p, Shard) else p for p, n in zip(placements, device_mesh.shape, strict=True))
 
 
+_state = threading.local()  # per rank thread: how many jit bodies are running
+
+
+def _in_body() -> bool:
+    return getattr(_state, "depth", 0) > 0
+
+
+def _mesh_order(s: NamedSharding) -> NamedSharding:
+    """``s`` with each dim's axes listed in mesh order: the layout the body of a jit computes in.
+
+    A spec listing a dim's axes out of mesh order (``P(("b", "a"))`` on mesh
+    ``("a", "b")``) is a ``_StridedShard`` DTensor, and DTensor's sharding
+    propagation (torch 2.13) gives wrong values on some ops over it (a reshape
+    merging a strided dim). So arguments and constraints are laid out in mesh
+    order inside the body, and only results (``out_shardings``) take the exact
+    order, by a redistribute.
+    """
+    if all(list(dim_axes(e)) == sorted(dim_axes(e), key=s.mesh.axis_names.index) for e in s.spec):
+        return s
+    names = s.mesh.axis_names
+    return NamedSharding(s.mesh, PartitionSpec(*(tuple(sorted(dim_axes(e), key=names.index)) for e in s.spec)))
+
+
 def _from_global(x: torch.Tensor, s: NamedSharding) -> DTensor:
     x = x.detach().to(s.mesh.device)
     local = local_block(x, s.spec, s.mesh).contiguous()
@@ -455,11 +481,14 @@ def _entry(x: Any) -> Any:
         return x
     if x.requires_grad and torch.is_grad_enabled():
         x = _GradAs.apply(x)
-    trivial = _trivial_replicated(x.placements, x.device_mesh)
+    trivial = _trivial_replicated(_unstrided(x), x.device_mesh)
     return x if trivial == tuple(x.placements) else _redistribute(x, x.device_mesh, trivial)
 
 
-def _put(x: Any, s: NamedSharding) -> Any:
+def _put(x: Any, s: NamedSharding, *, exact: bool = False) -> Any:
+    """``x`` laid out by ``s``; in mesh order (see :func:`_mesh_order`) unless ``exact``."""
+    if not exact:
+        s = _mesh_order(s)
     if isinstance(x, DTensor):
         placements = _trivial_replicated(s.to_placements(x.ndim), s.mesh.device_mesh)
         return x if tuple(x.placements) == placements else _redistribute(x, s.mesh.device_mesh, placements)
@@ -493,6 +522,13 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def _unstrided(x: DTensor) -> tuple[Placement, ...]:
+    """A DTensor's placements with any dim split out of mesh order split in mesh order (see :func:`_mesh_order`)."""
+    if not any(isinstance(p, _StridedShard) for p in x.placements):
+        return tuple(x.placements)
+    return _mesh_order(sharding_of(x)).to_placements(x.ndim)
+
+
 def _redistribute(x: DTensor, device_mesh: Any, placements: Sequence[Placement]) -> DTensor:
     if x.requires_grad and torch.is_grad_enabled():
         x = _ContiguousGrad.apply(x)
@@ -503,15 +539,14 @@ def _redistribute(x: DTensor, device_mesh: Any, placements: Sequence[Placement])
 
 
 def _target_placements(x: DTensor, s: NamedSharding | PartitionSpec) -> tuple[Any, tuple[Placement, ...]]:
-    """(device mesh, placements) that ``s`` means for DTensor ``x`` (a P means ``x``'s own mesh)."""
-    if isinstance(s, NamedSharding):
-        return s.mesh.device_mesh, _trivial_replicated(s.to_placements(x.ndim), s.mesh.device_mesh)
-    names = x.device_mesh.mesh_dim_names or ()
-    placements: list[Placement] = [Replicate() for _ in names]
-    for d, entry in enumerate(s):
-        for a in dim_axes(entry):
-            placements[names.index(a)] = Shard(d)
-    return x.device_mesh, _trivial_replicated(placements, x.device_mesh)
+    """(device mesh, placements) that ``s`` means for DTensor ``x`` (a P means ``x``'s own mesh).
+
+    Inside a jit body a dim's axes are taken in mesh order (see :func:`_mesh_order`).
+    """
+    ns = s if isinstance(s, NamedSharding) else NamedSharding(Mesh.from_device_mesh(x.device_mesh), s)
+    if _in_body():
+        ns = _mesh_order(ns)
+    return ns.mesh.device_mesh, _trivial_replicated(ns.to_placements(x.ndim), ns.mesh.device_mesh)
 
 
 def _constraint_failures(x: Any, s: NamedSharding | PartitionSpec, path: str) -> list[str]:
@@ -545,7 +580,7 @@ def _constrain(x: torch.Tensor, s: NamedSharding | PartitionSpec, path: str, wha
             return x
         return _redistribute(x, dm, placements)
     ns = _resolve(s, current_mesh(), "with_sharding_constraint")
-    return _put(x, ns)
+    return _put(x, ns, exact=not _in_body())
 
 
 # ----------------------------------------------------------------------------- running the body
@@ -616,6 +651,7 @@ def _inside(mesh: Mesh | None) -> Iterator[None]:
     prev = get() if get is not None else False
     if set_ is not None:
         set_(True)
+    _state.depth = getattr(_state, "depth", 0) + 1
     try:
         with _SettleEmbeddings():
             if mesh is not None and current_mesh() is not mesh:
@@ -624,6 +660,7 @@ def _inside(mesh: Mesh | None) -> Iterator[None]:
             else:
                 yield
     finally:
+        _state.depth -= 1
         if set_ is not None:
             set_(prev)
 
@@ -637,7 +674,7 @@ def _layout_outputs(out: Any, out_shardings: Any, mesh: Mesh | None, where: str)
     outs = []
     for (_, y), t in zip(pairs, targets, strict=True):
         if t is not None:
-            y = _put(y, t)
+            y = _put(y, t, exact=True)
         elif isinstance(y, DTensor) and any(isinstance(p, Partial) for p in y.placements):
             y = _redistribute(y, y.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in y.placements])
         outs.append(y)

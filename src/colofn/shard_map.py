@@ -18,7 +18,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch.distributed.tensor import DTensor
 
-from colofn import _vma
+from colofn import _vma, tracing
 from colofn import tree as jt
 from colofn._dist_comm import DistComm, GradBucket, op
 from colofn.errors import SpecError, format_failures
@@ -237,6 +237,7 @@ def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check
             "is not supported: use one shard_map over all the mesh axes"
         )
     leaves, specs, treedef = _check_inputs(f, mesh, in_specs, args)
+    tracing.note_mesh(mesh.device_mesh)  # DTensor arguments' redistributions are recorded with axis names
     comm = DistComm(mesh, check_vma)
     ctx = _vma.Context(dict(mesh.shape), {a: mesh.axis_index(a) for a in mesh.axis_names}, comm, check_vma)
     local = [_enter(x, s, mesh, comm, check_vma) for x, s in zip(leaves, specs, strict=True)]
@@ -314,10 +315,11 @@ def _exit(f: Callable[..., Any], mesh: Mesh, ctx: _vma.Context, out_specs: Any, 
         if check_vma:
             for a in mesh.axis_names:
                 if a not in spec.axes and a in ctx.vma(y):
+                    how = " (a value varying along it was written into it in place)" if a in _vma.written_axes(ctx, y) else ""
                     failures.append(
                         f"out_specs {spec} for {where} implies that the corresponding output value is "
                         f"replicated across mesh axis {a!r}, but could not infer replication over it: "
-                        f"the value varies along {a!r}. Fix: psum/pmean/all_gather(to='invariant') it "
+                        f"the value varies along {a!r}{how}. Fix: psum/pmean/all_gather(to='invariant') it "
                         f"over {a!r}, or name {a!r} in its out spec"
                     )
     if failures:

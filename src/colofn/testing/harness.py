@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,23 +21,53 @@ _TOL = {
 }
 
 
-def tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol) for comparing results computed in ``dtype`` with different reduction orders."""
-    return _TOL.get(dtype, (0.0, 0.0))
+def tolerances(dtype: torch.dtype, *, magnitude: float = 1.0, reduction_size: int = 1) -> tuple[float, float]:
+    """(rtol, atol) for comparing results computed in ``dtype`` with different reduction orders.
+
+    Summing ``n`` terms in another order moves a result by rounding errors of its
+    partial sums, which grow with their magnitude and, statistically, with
+    ``sqrt(n)``. So the absolute tolerance is the dtype's base one (float32:
+    ``2e-5``, about 170 ulps of 1.0) scaled by ``max(1, magnitude)`` (the
+    largest ``|expected|`` of the leaf, standing in for the partial sums) and by
+    ``sqrt(reduction_size)``; the relative tolerance is the dtype's base one.
+
+    >>> tolerances(torch.float32)
+    (2e-05, 2e-05)
+    >>> tolerances(torch.float32, magnitude=100.0, reduction_size=16)
+    (2e-05, 0.008)
+    """
+    r, t = _TOL.get(dtype, (0.0, 0.0))
+    return r, t * max(1.0, magnitude) * math.sqrt(max(1, reduction_size))
 
 
 def assert_trees_close(
-    actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None, what: str = "value"
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    what: str = "value",
+    reduction_size: int = 1,
 ) -> None:
-    """Leaf by leaf ``|a - e| <= atol + rtol |e|`` with dtype-aware defaults.
+    """Leaf by leaf ``|a - e| <= atol + rtol |e|`` with defaults scaled to rounding.
 
-    For 16-bit floats the default ``atol`` is scaled by the leaf's largest
-    ``|e|``: summing in another order moves every element by a few ulps of the
-    largest partial sums, so an element that nearly cancels cannot be held to its
-    own relative error.
+    By default ``(rtol, atol)`` are :func:`tolerances` of the expected leaf's
+    dtype, with ``magnitude`` the leaf's largest ``|e|`` and ``reduction_size``
+    as given: the number of terms the largest sum behind a result adds up (for a
+    float32 loss summed over 4096 elements to about 92, ``atol`` is about
+    ``2e-5 * 92 * 64 = 0.12``; an element that nearly cancels cannot be held to
+    its own relative error). A real error (a missing or doubled term, a wrong
+    sign) stays far above that. Give ``rtol``/``atol`` to override.
 
     The error names the first differing leaf path, its max absolute error and
     where it is.
+
+    >>> big = torch.tensor([92.2])
+    >>> assert_trees_close(big + 0.0078, big, reduction_size=64)  # rounding of a 64-term sum
+    >>> assert_trees_close(big * 2, big, reduction_size=64)  # a doubled sum is not rounding
+    Traceback (most recent call last):
+    ...
+    AssertionError: value at <root> differs: max abs error 92.2 (rtol=2e-05, atol=0.014752, dtype torch.float32); first at index (0,): actual 184.4, expected 92.2
     """
     a_pairs, a_def = jt.flatten_with_path(actual)
     e_pairs, e_def = jt.flatten_with_path(expected)
@@ -54,10 +85,9 @@ def assert_trees_close(
             continue
         if a.shape != e.shape:
             raise AssertionError(f"{what} at {p}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
-        r, t = tolerances(e.dtype)
         a64, e64 = a.detach().double().cpu(), e.detach().double().cpu()
-        if e.dtype in (torch.float16, torch.bfloat16) and e64.numel():
-            t *= max(1.0, float(e64.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+        magnitude = float(e64.abs().nan_to_num(0.0, 0.0, 0.0).max()) if e64.numel() else 0.0
+        r, t = tolerances(e.dtype, magnitude=magnitude, reduction_size=reduction_size)
         r = r if rtol is None else rtol
         t = t if atol is None else atol
         err = (a64 - e64).abs()
@@ -112,8 +142,14 @@ def assert_equivalent(
     world_size: int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    reduction_size: int | None = None,
 ) -> None:
     """Assert ``parallel_fn(*args) == reference_fn(*args)``, values and gradients, leaf by leaf.
+
+    Leaves are compared by :func:`assert_trees_close`; ``reduction_size``
+    defaults to the number of elements of the floating-point arguments (no
+    result can sum more distinct inputs than that), so the default tolerance
+    allows the rounding of the longest sum the program can do.
 
     Both take global tensors. ``parallel_fn`` may return DTensors (they are
     gathered). Gradients are those of ``sum_i <out_i, c_i>`` for fixed cotangents
@@ -138,7 +174,10 @@ def assert_equivalent(
 
         got = launch(_rank_run, parallel_fn, args, world_size=world_size)
     want_v, want_g = value_and_grads(reference_fn, args)
+    if reduction_size is None:
+        floats = [x.numel() for x in jt.leaves(tuple(args)) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        reduction_size = max(1, sum(floats))
     for r, (v, g) in enumerate(got):
         where = f" (rank {r})" if world_size else ""
-        assert_trees_close(v, want_v, rtol=rtol, atol=atol, what="value" + where)
-        assert_trees_close(g, want_g, rtol=rtol, atol=atol, what="gradient" + where)
+        assert_trees_close(v, want_v, rtol=rtol, atol=atol, what="value" + where, reduction_size=reduction_size)
+        assert_trees_close(g, want_g, rtol=rtol, atol=atol, what="gradient" + where, reduction_size=reduction_size)

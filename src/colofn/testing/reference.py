@@ -164,12 +164,42 @@ def _assemble(blocks: list[torch.Tensor], spec: PartitionSpec, mesh_shape: dict[
     return build([(d, dim_axes(e)) for d, e in enumerate(spec) if dim_axes(e)], {})
 
 
+def _check_replicated(blocks: list[Any], spec: PartitionSpec, mesh_shape: dict[str, int], path: str) -> None:
+    """Every device's block equals that of the device at coordinate 0 along each axis ``spec`` leaves out."""
+    from colofn.errors import SpecError
+
+    for a in mesh_shape:
+        if a in spec.axes or mesh_shape[a] == 1:
+            continue
+        for d, b in enumerate(blocks):
+            c = _coords(mesh_shape, d)
+            if c[a] == 0:
+                continue
+            base = blocks[_device({**c, a: 0}, mesh_shape)]
+            same = torch.equal(b.detach(), base.detach()) if isinstance(b, torch.Tensor) else b == base
+            if not same:
+                raise SpecError(
+                    f"shard_map_reference: out spec {spec} for the output at {path} leaves out mesh axis {a!r}, "
+                    f"but the devices' values differ along it (device {d} at {c})"
+                )
+
+
+def _device(coords: dict[str, int], mesh_shape: dict[str, int]) -> int:
+    return _index(coords, tuple(mesh_shape), mesh_shape)
+
+
 def shard_map_reference(
-    f: Callable[..., Any], *, mesh_shape: dict[str, int], in_specs: Any, out_specs: Any
+    f: Callable[..., Any], *, mesh_shape: dict[str, int], in_specs: Any, out_specs: Any, check_replicated: bool = False
 ) -> Callable[..., Any]:
     """The serial model of ``shard_map(f, ...)`` over a mesh of ``mesh_shape`` (no world needed).
 
-    Takes and returns *global* tensors; differentiable end to end.
+    Takes and returns *global* tensors; differentiable end to end. An out spec
+    that leaves out an axis takes the copy of the devices at coordinate 0 along
+    it; with ``check_replicated`` the devices' copies must also be equal along
+    it, or a ``SpecError`` names the output and the axis. That is the meaning of
+    the varying/invariant check, by values: ``shard_map`` rejects what it cannot
+    prove replicated (its rule is stricter: a varying value that happens to be
+    equal everywhere is rejected too), so a program it accepts passes this check.
 
     >>> import torch, colofn
     >>> from colofn import P
@@ -211,6 +241,9 @@ def shard_map_reference(
         out_leaves, out_def = jt.flatten(results[0])
         per_device = [jt.flatten(r)[0] for r in results]
         out_specs_b = jt.broadcast_prefix(out_specs, results[0], is_leaf=lambda s: isinstance(s, PartitionSpec), prefix_name="out_specs", full_name="the result")
+        if check_replicated:
+            for i, (path, _) in enumerate(jt.flatten_with_path(results[0])[0]):
+                _check_replicated([per_device[d][i] for d in range(n)], out_specs_b[i], mesh_shape, jt.keystr(path))
         assembled = [
             _assemble([per_device[d][i] for d in range(n)], out_specs_b[i], mesh_shape) for i in range(len(out_leaves))
         ]

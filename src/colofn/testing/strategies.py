@@ -1,4 +1,10 @@
-"""Hypothesis strategies for meshes, specs, shapes and pytrees (needs ``hypothesis``)."""
+"""Hypothesis strategies for meshes, specs, shapes and pytrees (needs ``hypothesis``).
+
+``docs/shard_map.md`` ("Hypothesis strategies") lists every strategy with its
+parameters and runs a property test built from them. Specs list a dim's axes in
+any order (the first major), so every suite that draws them covers JAX's block
+layouts, not only mesh order.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ def mesh_shapes(draw: st.DrawFn, max_devices: int = 8, max_axes: int = 3, min_de
 
 @st.composite
 def specs_for(draw: st.DrawFn, mesh_shape: dict[str, int], ndim: int) -> PartitionSpec:
-    """A spec for a tensor of rank ``ndim``: each mesh axis used at most once, in mesh order per dim."""
-    axes = list(mesh_shape)
+    """A spec for a tensor of rank ``ndim``: each mesh axis used at most once, in any order per dim."""
+    axes = draw(st.permutations(list(mesh_shape)))  # the order a dim's axes are listed in (first major)
     entries: list[Any] = [[] for _ in range(ndim)]
     for a in axes:
         slot = draw(st.integers(-1, ndim - 1)) if ndim else -1
