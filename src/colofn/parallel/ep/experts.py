@@ -40,7 +40,8 @@ def grouped_mlp(
     slot = torch.empty_like(expert)
     slot[order] = torch.arange(len(expert), device=x.device) - start[expert[order]]
     at = expert * room + slot
-    buffer = rearrange(x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x), "(e room) d -> e room d", e=n)
+    rows = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x)
+    buffer = rearrange(rows, "(e room) d -> e room d", e=n)  # expert e's rows
     y = gpt.mlp(
         params, buffer, config
     )  # [n, room, d]; empty (but still in the graph) when room is 0
