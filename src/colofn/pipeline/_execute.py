@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import rearrange
 
 from colofn import _comm
 from colofn import tree as jt
@@ -47,7 +48,7 @@ def _split(tree: Any, num_microbatches: int, what: str) -> tuple[list[Any], Any]
         raise ShapeError(f"Pipeline cannot split {what} into microbatches:\n"
                          + "\n".join(f"  * {f}" for f in failures))
     signature = (treedef, tuple((tuple(x.shape), x.dtype) for _, x in pairs))
-    per_leaf = [x.chunk(num_microbatches) for _, x in pairs]
+    per_leaf = [rearrange(x, "(m b) ... -> m b ...", m=num_microbatches).unbind(0) for _, x in pairs]
     return [jt.unflatten(treedef, [c[m] for c in per_leaf]) for m in range(num_microbatches)], signature
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch.distributed.tensor import DTensor
 
 from colofn import tree as jt
@@ -234,5 +235,4 @@ class FlatLayout:
 
     def shard(self, flat: torch.Tensor, index: int, b: int) -> torch.Tensor:
         """Rank ``index``'s shard of bucket ``b`` (a view)."""
-        s = self.buckets[b].shard
-        return flat.narrow(0, index * s, s)
+        return rearrange(flat, "(rank shard) -> rank shard", rank=self.buckets[b].n)[index]

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import einsum
 
 from colofn import random
 from colofn.models.gpt._config import GPTConfig
@@ -118,7 +119,7 @@ def qkv(
     whatever the weights hold (all heads, or a tensor-parallel rank's share).
     Rotary embeddings are applied here when ``config.pos == "rotary"``.
     """
-    q, k, v = (torch.einsum("bsd,dhk->bhsk", x, params[w]) for w in ("wq", "wk", "wv"))
+    q, k, v = (einsum(x, params[w], "b s d, d heads hd -> b heads s hd") for w in ("wq", "wk", "wv"))
     if config.pos == "rotary":
         pos = _positions(positions, x.shape[1], x.device)
         q, k = rotary(q, pos, config.rope_base), rotary(k, pos, config.rope_base)
@@ -161,10 +162,10 @@ def attention_core(
     mask = q_pos[:, None] >= kv_pos[None, :]
     if not dropping:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = upcast(q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = upcast(einsum(q, k, "... sq hd, ... sk hd -> ... sq sk")) / math.sqrt(q.shape[-1])
     # A finite fill and the mask product keep a fully masked row at zero, not NaN.
     probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1) * mask
-    return dropout(probs.to(q.dtype), dropout_rate, key) @ v
+    return einsum(dropout(probs.to(q.dtype), dropout_rate, key), v, "... sq sk, ... sk hd -> ... sq hd")
 
 
 def attention_out(params: Params, o: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ def attention_out(params: Params, o: torch.Tensor) -> torch.Tensor:
 
     On a tensor-parallel rank this is a partial sum over its heads.
     """
-    return torch.einsum("bhsk,hkd->bsd", o, params["wo"])
+    return einsum(o, params["wo"], "b heads s hd, heads hd d -> b s d")
 
 
 def attention(

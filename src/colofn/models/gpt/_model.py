@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from colofn import random
 from colofn.errors import DTypeError, ShapeError, TreeError
@@ -94,7 +95,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     >>> round(float(cross_entropy(logits, torch.ones(2, 3, dtype=torch.int64))), 4)  # log(10)
     2.3026
     """
-    return F.cross_entropy(upcast(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1))
+    return F.cross_entropy(upcast(rearrange(logits, "... v -> (...) v")), rearrange(targets, "... -> (...)"))
 
 
 def _check_tokens(tokens: Any, config: GPTConfig, what: str = "tokens") -> None:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from colofn.models.gpt._config import GPTConfig
 from colofn.models.gpt._layers import mlp, upcast
@@ -69,9 +70,9 @@ def route(router: torch.Tensor, x: torch.Tensor, config: GPTConfig) -> Routing:
         keep = torch.ones_like(expert_index, dtype=torch.bool)
     else:
         capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
-        slot_major = chosen.transpose(0, 1).reshape(k * n_tokens, n_experts)
+        slot_major = rearrange(chosen, "tokens k experts -> (k tokens) experts")
         rank_in_expert = ((slot_major.cumsum(dim=0) - 1) * slot_major).sum(dim=-1)
-        keep = (rank_in_expert < capacity).reshape(k, n_tokens).transpose(0, 1)
+        keep = rearrange(rank_in_expert < capacity, "(k tokens) -> tokens k", k=k)
     return Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
 
 

@@ -20,6 +20,7 @@ single-device model does).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from colofn.collectives import all_gather, all_to_all, axis_index, axis_size
 from colofn.models import gpt
@@ -39,11 +40,12 @@ def grouped_mlp(
     slot = torch.empty_like(expert)
     slot[order] = torch.arange(len(expert), device=x.device) - start[expert[order]]
     at = expert * room + slot
-    buffer = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x).reshape(n, room, x.shape[-1])
+    rows = x.new_zeros(n * room, x.shape[-1]).index_copy(0, at, x)
+    buffer = rearrange(rows, "(e room) d -> e room d", e=n)  # expert e's rows
     y = gpt.mlp(
         params, buffer, config
     )  # [n, room, d]; empty (but still in the graph) when room is 0
-    return y.reshape(n * room, y.shape[-1])[at]
+    return rearrange(y, "e room d -> (e room) d")[at]
 
 
 def local_experts(
@@ -86,14 +88,16 @@ def expert_parallel(
     start = torch.tensor([0] + sent[me], device=tokens.device).cumsum(0)[:-1]
     at = dest * room + torch.arange(len(expert), device=tokens.device) - start[dest]
     buffer = tokens.new_zeros(n * room, tokens.shape[-1]).index_copy(0, at, tokens[tok])
-    received = all_to_all(buffer.reshape(n, room, -1), axis, 0, 0, tiled=True).reshape(n * room, -1)
+    blocks = rearrange(buffer, "(rank room) d -> rank room d", rank=n)  # block p goes to rank p
+    received = rearrange(all_to_all(blocks, axis, 0, 0, tiled=True), "rank room d -> (rank room) d")
     row_list, local_list = _received_rows(table, me * n_local, n_local, room)
     rows = torch.tensor(row_list, dtype=torch.int64, device=tokens.device)
     local = torch.tensor(local_list, dtype=torch.int64, device=tokens.device)
     out = torch.zeros_like(received).index_copy(
         0, rows, grouped_mlp(params, received[rows], local, config)
     )
-    back = all_to_all(out.reshape(n, room, -1), axis, 0, 0, tiled=True).reshape(n * room, -1)
+    blocks = rearrange(out, "(rank room) d -> rank room d", rank=n)  # block p goes back to rank p
+    back = rearrange(all_to_all(blocks, axis, 0, 0, tiled=True), "rank room d -> (rank room) d")
     return torch.zeros_like(tokens).index_add(0, tok, back[at] * r.gates[tok, slot, None])
 
 

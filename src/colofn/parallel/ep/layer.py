@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from colofn.collectives import pmean
 from colofn.models import gpt
@@ -27,10 +28,10 @@ def moe(
     """
     seq_axis = plan.sp_axis if plan.sp in ("ulysses", "ring") else None
     r = route(params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis)
-    tokens = x.reshape(-1, x.shape[-1])
+    tokens = rearrange(x, "b s d -> (b s) d")
     if plan.ep is None:
         y = local_experts(params, tokens, r, config)
     else:
         y = expert_parallel(params, tokens, r, config, plan.ep)
     aux = r.aux_loss if plan.tp is None else pmean(r.aux_loss, plan.tp)
-    return y.reshape(x.shape), aux
+    return rearrange(y, "(b s) d -> b s d", b=x.shape[0]), aux

@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce
 
 from colofn.collectives import all_gather, axis_index, axis_size, psum
 from colofn.models import gpt
@@ -50,7 +51,7 @@ def route(
     b, s, _ = x.shape
     n_experts, k = router.shape[1], config.top_k
     axes = batch_axes + ((seq_axis,) if seq_axis else ())
-    probs = torch.softmax(_wide(x.reshape(b * s, -1)) @ _wide(router), dim=-1)
+    probs = torch.softmax(_wide(rearrange(x, "b s d -> (b s) d")) @ _wide(router), dim=-1)
     gates, expert_index = probs.topk(k, dim=-1)
     chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
     stats = torch.stack([chosen.sum(dim=(0, 1)), probs.sum(dim=0)])
@@ -63,8 +64,8 @@ def route(
         keep = torch.ones_like(expert_index, dtype=torch.bool)
     else:
         capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
-        order = _rank_in_expert(chosen.detach().reshape(b, s, k, n_experts), batch_axes, seq_axis)
-        keep = (order < capacity).reshape(b * s, k)
+        per_token = rearrange(chosen.detach(), "(b s) k e -> b s k e", b=b)
+        keep = rearrange(_rank_in_expert(per_token, batch_axes, seq_axis) < capacity, "b s k -> (b s) k")
     return gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
 
 
@@ -76,16 +77,16 @@ def _rank_in_expert(
     The order is slot-major, then global token order (row ``B``, then
     position ``S``). ``chosen`` is ``[b, s, k, E]`` one-hot.
     """
-    per_row = chosen.sum(dim=1)  # [b, k, E]: this shard's count in each row, slot and expert
-    grid = per_row.unsqueeze(0)  # [n_seq, b, k, E] once gathered
+    per_row = reduce(chosen, "b s k e -> b k e", "sum")  # this shard's count in each row, slot and expert
+    grid = rearrange(per_row, "b k e -> 1 b k e")  # [n_seq, b, k, E] once gathered
     if seq_axis:
         grid = all_gather(per_row, seq_axis, axis_dim=0, to="invariant")
-    grid = grid.unsqueeze(0)  # [n_batch, n_seq, b, k, E]
+    grid = rearrange(grid, "n_seq b k e -> 1 n_seq b k e")  # [n_batch, n_seq, b, k, E] once gathered
     if batch_axes:
         grid = all_gather(grid.squeeze(0), batch_axes, axis_dim=0, to="invariant")
     n_batch, n_seq, b, k, e = grid.shape
     # Blocks in GShard order: slot, global row (batch shard, local row), sequence shard.
-    flat = grid.permute(3, 0, 2, 1, 4).reshape(k, n_batch * b * n_seq, e)
+    flat = rearrange(grid, "n_batch n_seq b k e -> k (n_batch b n_seq) e")
     before_slot = flat.sum(dim=1).cumsum(dim=0) - flat.sum(dim=1)  # [k, E]: all earlier slots
     before_block = flat.cumsum(dim=1) - flat  # [k, blocks, E]: earlier blocks of the same slot
     i_b = int(axis_index(batch_axes)) if batch_axes else 0
@@ -95,4 +96,4 @@ def _rank_in_expert(
     within = (
         chosen.cumsum(dim=1) - chosen
     )  # [b, s, k, E]: earlier positions of the same row and shard
-    return ((offset.permute(1, 0, 2).unsqueeze(1) + within) * chosen).sum(dim=-1)  # [b, s, k]
+    return ((rearrange(offset, "k b e -> b 1 k e") + within) * chosen).sum(dim=-1)  # [b, s, k]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import einsum
 
 __all__ = ["block", "merge"]
 
@@ -39,12 +40,12 @@ def block(
     gives it weight exactly 0 and no NaN reaches the values or gradients.
     """
     wide = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(wide) @ k.to(wide).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = einsum(q.to(wide), k.to(wide), "... sq hd, ... sk hd -> ... sq sk") / math.sqrt(q.shape[-1])
     q_pos = torch.arange(q.shape[-2], device=q.device) + q_offset
     kv_pos = torch.arange(k.shape[-2], device=q.device) + kv_offset
     scores = scores.masked_fill(q_pos[:, None] < kv_pos[None, :], torch.finfo(wide).min)
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v.to(wide), lse
+    return einsum(torch.exp(scores - lse.unsqueeze(-1)), v.to(wide), "... sq sk, ... sk hd -> ... sq hd"), lse
 
 
 def merge(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from colofn.collectives import axis_index, pmax, psum
 
@@ -50,9 +51,9 @@ def cross_entropy_sums(
     are invariant along ``axis``; without, the logits are the whole vocabulary.
     Computed in at least float32; targets equal to -100 are not counted.
     """
-    wide = logits.reshape(-1, logits.shape[-1])
+    wide = rearrange(logits, "... v -> (...) v")  # [tokens, V_local]
     wide = wide.to(torch.promote_types(wide.dtype, torch.float32))
-    t = targets.reshape(-1)
+    t = rearrange(targets, "... -> (...)")
     valid = t != IGNORE
     count = valid.sum().to(wide.dtype)
     if axis is None:
