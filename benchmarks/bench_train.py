@@ -58,6 +58,7 @@ One intra-op thread per rank (as torchrun's ``OMP_NUM_THREADS=1``). Run with::
     python benchmarks/bench_train.py             # world 4 on gloo and simulated; about 2 minutes on 2 busy cores
     python benchmarks/bench_train.py --quick     # fewer steps
     python benchmarks/bench_train.py --worlds 2,4 --only dp,dp+zero3
+    python benchmarks/bench_train.py --backends gloo --only dp,"pp+dp (1f1b)" --steps 4   # a cheap iteration
 
 It prints one Markdown table and writes ``docs/img/bench_train.svg`` (bars of
 colofn / native tokens/s; ``--svg PATH`` elsewhere, ``--svg ''`` not at all).
@@ -618,12 +619,14 @@ def check_native_model() -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer steps")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per strategy and framework (default 8; --quick 2)")
     p.add_argument("--worlds", default="4", help="world sizes, comma-separated (4 and 2 have meshes)")
     p.add_argument("--backends", default="gloo,sim", help="gloo (processes) and/or sim (threads)")
     p.add_argument("--only", default=",".join(s.name for s in STRATEGIES), help="strategies, comma-separated")
     p.add_argument("--svg", default=os.path.join(os.path.dirname(__file__), "..", "docs", "img", "bench_train.svg"))
     args = p.parse_args(argv)
     warmup, steps = (1, 2) if args.quick else (2, 8)
+    steps = args.steps if args.steps is not None else steps
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     mcfg = gpt.config("small", tie_embeddings=False)
     print(f"# bench_train: small GPT ({gpt.count_params(mcfg):,} params), batch {BATCH} x {mcfg.seq_len} tokens, "

@@ -138,6 +138,10 @@ class _VmaMode(TorchFunctionMode):
         self.ctx = ctx
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        if not kwargs:
+            done, out = _fast_path(self.ctx, func, args)
+            if done:
+                return out
         kwargs = kwargs or {}
         if getattr(_local, "suspended", False):
             return func(*args, **kwargs)
@@ -163,6 +167,42 @@ class _VmaMode(TorchFunctionMode):
         if targets:
             _after_write(ctx, targets, union)
         return out
+
+
+_PLAIN_FUNCS: dict[Any, bool] = {}  # func -> may take the fast path (not in place, not autograd.grad)
+
+
+def _fast_path(ctx: Context, func: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """The common op, decided without the full path's bookkeeping: ``(True, result)`` or ``(False, None)``.
+
+    Taken only for an op that is not in place (those, and ops with keyword
+    arguments such as ``out=``, always take the full path), whose positional
+    arguments are tensors or non-container values, every tensor with the same
+    vma: no operand needs a pvary, so the result is the op's, tagged with that
+    vma (untagged when it is empty), exactly what the full path returns.
+    """
+    plain = _PLAIN_FUNCS.get(func)
+    if plain is None:
+        try:
+            plain = _PLAIN_FUNCS[func] = func is not torch.autograd.grad and not _in_place(func)
+        except TypeError:  # an unhashable callable
+            return False, None
+    if not plain or getattr(_local, "suspended", False):
+        return False, None
+    vma: Vma | None = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            v = ctx.vma(a)
+            if vma is None:
+                vma = v
+            elif v != vma:
+                return False, None
+        elif isinstance(a, list | tuple | dict):
+            return False, None
+    out = func(*args)
+    if vma:
+        _tag(ctx, out, vma)
+    return True, out
 
 
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__iand__", "__ior__"})

@@ -284,8 +284,17 @@ def per_device(f: Callable[..., Any], /, *, mesh: Mesh | None = None, in_specs: 
         bad = [spec for spec in specs if not _is_spec(spec) or spec_mesh_failures(spec, m)]
         if bad:
             raise SpecError(f"per_device of {_name(f)!r}: in_specs entries {bad} are not P(...) of axes of {m}")
-        ctx = _vma.Context(dict(m.shape), {a: m.axis_index(a) for a in m.axis_names}, DistComm(m, check_vma), check_vma)
-        tagged = [ctx.set_vma(x.view_as(x), s.axes) if isinstance(x, torch.Tensor) else x for x, s in zip(leaves, specs, strict=True)]
+        comm = DistComm(m, check_vma)
+        ctx = _vma.Context(dict(m.shape), {a: m.axis_index(a) for a in m.axis_names}, comm, check_vma)
+        bucket = ctx.bucket = GradBucket(comm) if check_vma else None  # the gradient sums in buckets, as shard_map's
+
+        def tag(i: int, x: Any, s: PartitionSpec) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            entered = bucket.enter(i, x) if bucket is not None else x
+            return ctx.set_vma(entered if entered is not x else x.view_as(x), s.axes)  # never tag the caller's tensor
+
+        tagged = [tag(i, x, s) for i, (x, s) in enumerate(zip(leaves, specs, strict=True))]
         with _vma.active(ctx):
             return f(*jt.unflatten(treedef, tagged))
 

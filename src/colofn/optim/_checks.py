@@ -138,6 +138,10 @@ def check_same_tree(fn: str, tree: Any, name: str, ref: Any, ref_name: str, note
 
     ``note`` follows ``ref_name`` in the first line of the message.
     """
+    t_flat, t_def = ctree.flatten(tree)  # the common case first: no paths to build (each costs an accessor)
+    r_flat, r_def = ctree.flatten(ref)
+    if t_def == r_def and all(x.shape == r.shape for x, r in zip(t_flat, r_flat, strict=True)):
+        return
     t_leaves, t_def = ctree.flatten_with_path(tree)
     r_leaves, r_def = ctree.flatten_with_path(ref)
     if t_def != r_def:

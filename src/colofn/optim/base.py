@@ -27,6 +27,7 @@ import torch
 
 from colofn import tree as ctree
 from colofn.optim import _checks
+from colofn.optim._foreach import rewrap, same_layout_locals
 
 __all__ = [
     "EmptyState",
@@ -114,6 +115,11 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     def add(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if u.device != p.device and not _checks.is_dtensor(u) and not _checks.is_dtensor(p):
             u = u.to(p.device, non_blocking=True)
+        blocks = same_layout_locals((p, u)) if _checks.is_dtensor(p) else None
+        if blocks is not None:  # DTensors laid out alike: add the blocks (no sharding propagation)
+            total = blocks[0] + blocks[1]
+            out = rewrap(total if total.dtype == p.dtype else total.to(p.dtype), p)
+            return out.requires_grad_(p.requires_grad) if out.is_floating_point() else out
         out = p + u
         if out.dtype != p.dtype:
             out = out.to(p.dtype)

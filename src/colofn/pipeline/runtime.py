@@ -102,8 +102,10 @@ import torch
 import torch.distributed as dist
 
 from colofn import _comm
+from colofn import tree as jt
 from colofn.errors import MeshError, ScheduleError, TreeError
 from colofn.mesh import Mesh, get_mesh
+from colofn.pipeline import _wire_meta
 from colofn.pipeline._execute import Step
 from colofn.pipeline._p2p import Meta
 from colofn.pipeline._program import make_links, num_tags, programs
@@ -251,10 +253,11 @@ def gather_stages(per_stage: Mapping[int, Any], *, mesh: Mesh | None = None,
                   axis_name: str = "pp") -> list[Any]:
     """Every stage's value on every rank: ``[value of stage 0, value of stage 1, ...]``.
 
-    ``per_stage`` is this rank's ``{stage: value}`` (say ``result.grads``); the
-    dicts of all ranks along ``axis_name`` are gathered with
-    :func:`torch.distributed.all_gather_object` (pickled: meant for tests and
-    small models) and must together hold each stage ``0..n-1`` once.
+    ``per_stage`` is this rank's ``{stage: value}`` (say ``result.grads``), a
+    pytree of plain tensors; the dicts of all ranks along ``axis_name`` are
+    exchanged as data (each rank in turn broadcasts its structure as int64
+    metadata, then its tensors: nothing is pickled) and must together hold each
+    stage ``0..n-1`` once. Meant for tests, exports and small models.
     """
     m = get_mesh(mesh, "gather_stages")
     if axis_name not in m.shape:
@@ -263,8 +266,7 @@ def gather_stages(per_stage: Mapping[int, Any], *, mesh: Mesh | None = None,
     mine = dict(per_stage)
     parts: list[Any] = [mine]
     if g.size > 1:
-        parts = [None] * g.size
-        dist.all_gather_object(parts, mine, group=g.group)
+        parts = [_broadcast_tree(mine if i == g.index else None, g, i) for i in range(g.size)]
     merged: dict[int, Any] = {}
     for part in parts:
         for stage, value in part.items():
@@ -305,3 +307,25 @@ def _normalize_skips(skips: Skips | None, num_stages: int) -> dict[tuple[int, in
     if failures:
         raise ScheduleError("Pipeline: bad skips:\n" + "\n".join(f"  * {f}" for f in failures))
     return out
+
+
+def _broadcast_tree(tree: Any, g: _comm.AxisGroup, source: int) -> Any:
+    """Rank ``source``'s ``tree`` (plain tensors; ``None`` elsewhere) on every rank of ``g``, without pickling."""
+    src = g.ranks[source]
+    if tree is not None:
+        leaves, treedef = jt.flatten(tree)
+        leaves = [x.detach().contiguous() for x in leaves]
+        wire = _wire_meta.encode((treedef, [(tuple(x.shape), x.dtype) for x in leaves]))
+        size = torch.tensor([wire.numel()], dtype=torch.int64)
+    else:
+        size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=src, group=g.group)
+    if tree is None:
+        wire = torch.empty(int(size), dtype=torch.int64)
+    dist.broadcast(wire, src=src, group=g.group)
+    if tree is None:
+        treedef, specs = _wire_meta.decode(wire)
+        leaves = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    for x in leaves:
+        dist.broadcast(x, src=src, group=g.group)
+    return jt.unflatten(treedef, leaves)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from colofn import tree as jt
 from colofn.mesh import Mesh
 from colofn.models import gpt
 from colofn.optim.adam import AdamState
+from colofn.tracing import comm_trace
 from colofn.train.config import TrainConfig
 from colofn.train.trainers import DenseTrainer, PipelineTrainer, ZeroTrainer
 from colofn.world import process_index
@@ -78,6 +80,58 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+class Progress:
+    """``[#####     ] step 5/10 | ...``: redrawn in place on a terminal, one line per step in a log file."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.open = False  # a terminal line is drawn without its newline
+
+    def update(self, done: int, total: int, text: str) -> None:
+        bar = "#" * int(20 * done / total)
+        line = f"[{bar:<20}] step {done:>4}/{total} | {text}"
+        if self.tty:
+            end = "\n" if done == total else ""
+            self.stream.write("\r\x1b[K" + line + end)
+            self.open = done != total
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own (a checkpoint saved), under the bar."""
+        self.stream.write(("\n" if self.open else "") + text + "\n")
+        self.open = False
+        self.stream.flush()
+
+
+def comm_summary(records: list[Any]) -> dict[str, list[int]]:
+    """``comm_trace`` records -> ``{"op over axes, phase": [ops, bytes sent]}``, in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        entry = out.setdefault(f"{r.op} over {','.join(r.axes) or '-'}, {r.phase}", [0, 0])
+        entry[0] += 1
+        entry[1] += r.bytes_sent
+    return out
+
+
+def _per_rank(value: int) -> list[int]:
+    """``value`` from every rank, in rank order (collective): an int64 tensor, not a pickled object."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
+    return [int(t) for t in out]
+
+
+def _peak_rss_per_rank() -> list[int]:
+    """The peak resident set size of each rank's process, bytes (collective; simulated ranks share one process)."""
+    import resource
+
+    return _per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
 def rank_program(cfg: TrainConfig) -> dict[str, Any]:
     """Train on this rank; rank 0 prints progress. Returns the run's record (losses, timings, memory)."""
     if cfg.hf is not None:
@@ -111,17 +165,20 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
     record: dict[str, Any] = {"steps": [], "loss": [], "single": [], "tokens_per_s": [], "bytes_per_rank": []}
     say = (lambda text: print(text, flush=True)) if me == 0 else (lambda text: None)
     say(header)
-    per_rank: list[Any] | None = None
+    per_rank: list[int] | None = None
+    progress = Progress(sys.stdout)
     for step in range(start, cfg.steps):
         batch = sample(step)
         t0 = time.perf_counter()
-        loss = trainer.step(batch)
+        if step == start:  # every step communicates the same: trace the first
+            with comm_trace() as comm:
+                loss = trainer.step(batch)
+            record["comm_per_step"] = comm_summary(comm)
+        else:
+            loss = trainer.step(batch)
         dt = time.perf_counter() - t0
         if per_rank is None:  # the sizes of what a rank holds do not change between steps
-            per_rank = [trainer.local_bytes()]
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                per_rank = [None] * dist.get_world_size()
-                dist.all_gather_object(per_rank, trainer.local_bytes())
+            per_rank = _per_rank(trainer.local_bytes())
         single = checker.step(batch) if checker else None
         record["steps"].append(step + 1)
         record["loss"].append(loss)
@@ -129,12 +186,14 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
         record["tokens_per_s"].append(tokens_per_step / dt)
         record["bytes_per_rank"].append(per_rank)
         check = f" | single-device {single:.6f} (diff {abs(loss - single):.1e})" if single is not None else ""
-        bar = "#" * int(20 * (step + 1) / cfg.steps)
-        say(f"[{bar:<20}] step {step + 1:>4}/{cfg.steps} | loss {loss:.6f}{check} | "
-            f"{tokens_per_step / dt:,.0f} tok/s | params+opt per rank {_fmt_bytes(max(per_rank))}")
+        if me == 0:
+            progress.update(step + 1, cfg.steps, f"loss {loss:.6f}{check} | {tokens_per_step / dt:,.0f} tok/s | "
+                            f"params+opt per rank {_fmt_bytes(max(per_rank))}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             p, s = trainer.export()
             path = os.path.join(cfg.out, "checkpoints", f"step_{step + 1:06d}")
             checkpoint.save(path, {"step": step + 1, "params": p, "opt_state": tuple(s)}, overwrite=True)
-            say(f"  saved {path}")
+            if me == 0:
+                progress.note(f"  saved {path}")
+    record["peak_rss_per_rank"] = _peak_rss_per_rank()
     return record

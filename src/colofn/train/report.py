@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from typing import Any
 
@@ -43,8 +44,42 @@ def loss_curve_svg(steps: list[int], losses: list[float], single: list[float | N
     lines.append(f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end" fill="#1f77b4">parallel</text>')
     if ref:
         lines.append(f'<text x="{width - pad}" y="{pad + 8}" text-anchor="end" fill="#d62728">single device</text>')
+    if ref:
+        lines += _diff_panel(steps, losses, single, width, height, pad)
     lines.append("</svg>")
-    return "\n".join(lines)
+    svg = "\n".join(lines)
+    if ref:  # the panel below the loss plot: the image grows by its height
+        svg = svg.replace(f'height="{height}"', f'height="{height + DIFF_PANEL}"', 2)
+    return svg
+
+
+DIFF_PANEL = 200  # px: the |parallel - single device| panel, log scale
+
+
+def _diff_panel(steps: list[int], losses: list[float], single: list[float | None], width: int, top: int, pad: int) -> list[str]:
+    """|parallel - single-device loss| per checked step on a log10 axis (an exact 0 is drawn at the floor)."""
+    pts = [(x, abs(a - b)) for x, a, b in zip(steps, losses, single, strict=True) if b is not None]
+    logs = [math.log10(d) for _, d in pts if d > 0]
+    lo = math.floor(min(logs)) if logs else -8
+    hi = max(math.ceil(max(logs)) if logs else lo + 1, lo + 1)
+    x0, x1 = min(steps), max(steps)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y_top, y_bot = top + 20, top + DIFF_PANEL - 30
+
+    def pt(x: float, d: float) -> str:
+        v = math.log10(d) if d > 0 else lo
+        px = pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        py = y_bot - (v - lo) / (hi - lo) * (y_bot - y_top)
+        return f"{px:.1f},{py:.1f}"
+
+    return [
+        f'<line x1="{pad}" y1="{y_bot}" x2="{width - pad}" y2="{y_bot}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{y_top}" x2="{pad}" y2="{y_bot}" stroke="black"/>',
+        f'<text x="{pad - 4}" y="{y_top + 4}" text-anchor="end">1e{hi}</text>',
+        f'<text x="{pad - 4}" y="{y_bot}" text-anchor="end">1e{lo}</text>',
+        f'<text x="{width / 2}" y="{y_top - 6}" text-anchor="middle">|parallel - single device| (log scale; 0 at the floor)</text>',
+        '<polyline fill="none" stroke="#2ca02c" stroke-width="2" points="' + " ".join(pt(x, d) for x, d in pts) + '"/>',
+    ]
 
 
 def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
@@ -73,8 +108,25 @@ def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
         lines.append(f"- held-out loss (the last 10% of the data, never trained on): {record['eval_loss']:.4f}")
     if diffs:
         lines.append(f"- checked against single-device training: max |loss difference| {max(diffs):.2e} over {len(diffs)} steps")
+    comm = record.get("comm_per_step")
+    if comm is not None:
+        total = sum(b for _, b in comm.values())
+        lines.append(f"- communication per step (rank 0, bytes sent as by a ring algorithm): {_bytes(total)}"
+                     + "".join(f"\n  - {html.escape(k)}: {n} op(s), {_bytes(b)}" for k, (n, b) in comm.items()))
+    rss = record.get("peak_rss_per_rank")
+    if rss:
+        lines.append("- peak resident memory per rank process (simulated ranks share one process): "
+                     + ", ".join(_bytes(b) for b in rss))
     lines += ["", "![loss curve](loss_curve.svg)", ""]
     md = os.path.join(out, "report.md")
     with open(md, "w") as f:
         f.write("\n".join(line for line in lines if line is not None) + "\n")
     return svg, md
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

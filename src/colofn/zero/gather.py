@@ -37,7 +37,7 @@ from colofn import tracing as ct
 from colofn.collectives import psum_scatter
 from colofn.zero.memory import LiveBytes
 
-__all__ = ["Gatherer", "unit_grad"]
+__all__ = ["AsyncReduceScatter", "Gatherer", "unit_grad"]
 
 
 class _UnitGrad(torch.autograd.Function):
@@ -59,9 +59,38 @@ def unit_grad(shard: torch.Tensor, full: torch.Tensor, hook: Callable[[torch.Ten
         return _UnitGrad.apply(shard, [full], hook)
 
 
-def reduce_scatter_hook(axis: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The ZeRO-2/3 gradient path: sum the unit's full gradient over ``axis``, keep this rank's block."""
-    return lambda g: psum_scatter(g, axis, tiled=True)
+class AsyncReduceScatter:
+    """ZeRO-2's gradient path with each unit's reduce-scatter in flight while the backward goes on.
+
+    :meth:`hook` (what :func:`unit_grad` calls when a unit's full gradient is
+    complete) starts the reduce-scatter asynchronously and returns its output
+    buffer as the shard's gradient; autograd hands that buffer out untouched
+    (the shard is used once), and :meth:`wait`, called once the backward has
+    returned and before anything reads a gradient, completes them all. The
+    same sums, the same bytes, recorded in the backward as before; only the
+    waiting moves to the end.
+    """
+
+    def __init__(self, mesh: Any, axis: str) -> None:
+        self.axis = axis
+        self.group = _comm.axis_group(mesh, (axis,))
+        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def hook(self, g: torch.Tensor) -> torch.Tensor:
+        grp = self.group
+        if grp.size == 1 or not grp.identity_order or g.ndim != 1:
+            return psum_scatter(g, self.axis, tiled=True)
+        _comm._rec("reduce_scatter", grp, g, _comm._phase())
+        src = g.detach().contiguous()
+        out = torch.empty(src.shape[0] // grp.size, dtype=src.dtype, device=src.device)
+        work = _comm._reduce_scatter_from(out, src, group=grp.group, async_op=True)
+        self.pending.append((work, src))  # src stays alive until the op is done
+        return out
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
 
 
 class _Pending:

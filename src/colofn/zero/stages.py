@@ -35,7 +35,7 @@ from colofn.optim.base import GradientTransformation, apply_updates
 from colofn.partition_spec import P
 from colofn.shard_map import shard_map
 from colofn.zero import _checks
-from colofn.zero.gather import Gatherer, reduce_scatter_hook, unit_grad
+from colofn.zero.gather import AsyncReduceScatter, Gatherer, unit_grad
 from colofn.zero.memory import LiveBytes, MemoryReport, measure
 from colofn.zero.offload import to_device
 from colofn.zero.precision import next_loss_scale
@@ -181,12 +181,15 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
             held["full"] = local
     elif plan.stage == 2:
         shard_leaves = [layout.shard(p, i, b).detach().requires_grad_(True) for b, p in enumerate(params)]
-        hook = reduce_scatter_hook(axis)
-        fulls = [unit_grad(s, p.detach(), hook) for s, p in zip(shard_leaves, params, strict=True)]
+        rs = AsyncReduceScatter(plan.mesh, axis)  # each unit's reduce-scatter overlaps the rest of the backward
+        fulls = [unit_grad(s, p.detach(), rs.hook) for s, p in zip(shard_leaves, params, strict=True)]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
         loss = loss_of(tree)
         del tree, fulls
-        grads = backward(loss, shard_leaves)
+        try:
+            grads = backward(loss, shard_leaves)
+        finally:
+            rs.wait()
     else:
         g3 = Gatherer(plan, params, tag, live, events)
         with torch.autograd.graph.saved_tensors_hooks(g3.pack, g3.unpack):

@@ -1,0 +1,74 @@
+"""Where a step of one ``bench_train.py`` row goes: cProfile of rank 0, colofn or native, on gloo.
+
+Builds the row's trainer exactly as ``bench_train.py`` does (same model, data,
+optimizer, mesh), runs 2 warm-up steps, then profiles ``--steps`` steps on
+every rank and prints rank 0's profile (sorted by ``--sort``) and its mean step
+time. Run the same row for both sides, one after the other, and compare::
+
+    python benchmarks/profile_train.py dp colofn
+    python benchmarks/profile_train.py dp native
+    python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --sort cumtime --lines 60
+
+Absolute times on a shared machine are noisy (say the load next to them); the
+number of Python calls per step and the share of each entry are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_train as bt  # noqa: E402
+import colofn  # noqa: E402
+from colofn import data, random  # noqa: E402
+from colofn.models import gpt  # noqa: E402
+
+
+def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str | None:
+    torch.set_num_threads(1)
+    s = next(x for x in bt.STRATEGIES if x.name == name)
+    cfg = bt.train_config(s, 4)
+    mcfg = cfg.model_config()
+    mesh = colofn.Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
+    params = gpt.init(random.key(0), mcfg)
+    batch = data.sample_batch(random.key(100), data.encode(data.text()), bt.BATCH, mcfg.seq_len)
+    run = bt.Colofn(cfg, mcfg, params, mesh) if side == "colofn" else bt.Native(s, cfg, mcfg, params, mesh, True)
+    for _ in range(2):
+        run.step(batch)
+    dist.barrier()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        run.step(batch)
+    prof.disable()
+    step = (time.perf_counter() - t0) / steps
+    if dist.get_rank() != 0:
+        return None
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
+    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average {os.getloadavg()[0]:.1f}\n{out.getvalue()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("strategy", help="a row of bench_train.py: " + ", ".join(s.name for s in bt.STRATEGIES))
+    p.add_argument("side", choices=("colofn", "native"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sort", default="tottime", help="a pstats sort key (tottime, cumtime, ncalls)")
+    p.add_argument("--lines", type=int, default=35)
+    a = p.parse_args()
+    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, world_size=4, backend="gloo")[0])
+
+
+if __name__ == "__main__":
+    main()
