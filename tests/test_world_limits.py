@@ -28,7 +28,8 @@ def test_a_world_larger_than_the_machine_is_refused_up_front(backend: str) -> No
     text = str(e.value)
     assert text.startswith(f"launch(world_size=1000000) refused: this machine cannot hold a {backend}" if backend == "gloo"
                            else "launch(world_size=1000000) refused: this machine cannot hold a simulated world")
-    assert "1000000 new " in text and "can be started" in text
+    # whichever limit binds first on this machine: tasks (threads/processes) or free memory
+    assert ("1000000 new " in text and "can be started" in text) or ("are free, enough for" in text), text
     assert text.endswith("Fix: use a smaller world_size (or mesh), or run across machines with torchrun.")
 
 
