@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import colofn
+from colofn import _procinfo
 from colofn._world import board, procs
 from colofn.errors import (
     CollectiveError,
@@ -189,8 +190,8 @@ def test_functions_of_python_c_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_sweep_removes_only_directories_of_launchers_that_are_gone(tmp_path: Path) -> None:
-    ns = procs._pid_namespace()
-    me = procs._proc_stat(os.getpid())
+    ns = _procinfo.pid_namespace()
+    me = _procinfo.stat(os.getpid())
     assert me is not None
     child = subprocess.Popen(["true"])
     child.wait()  # reaped: its pid names nobody (until reused, which the start time catches)

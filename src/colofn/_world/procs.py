@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from colofn import errors
+from colofn import _procinfo, errors
 from colofn._world import board
 from colofn.errors import (
     CollectiveMismatchError,
@@ -259,42 +259,16 @@ def check_picklable(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             ) from None
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process, from /proc; None if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _pid_namespace() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
 def _owner_tag() -> str:
-    stat = _proc_stat(os.getpid())
-    return f"{_pid_namespace()}.{os.getpid()}.{stat[1] if stat else 0}"
+    stat = _procinfo.stat(os.getpid())
+    return f"{_procinfo.pid_namespace()}.{os.getpid()}.{stat[1] if stat else 0}"
 
 
 _DIR_NAME = re.compile(re.escape(PREFIX) + r"(\d+)\.(\d+)\.(\d+)-[\w-]+")
 
 
 def _launcher_gone(ns: int, pid: int, start: int) -> bool:
-    if ns != _pid_namespace():
-        return False  # another pid namespace: cannot tell
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    return stat is not None and (stat[0] in ("Z", "X") or (start != 0 and stat[1] != start))
+    return ns == _procinfo.pid_namespace() and _procinfo.gone(pid, start)  # another namespace: cannot tell
 
 
 def sweep(parent: str | None = None) -> list[str]:

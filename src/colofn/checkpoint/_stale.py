@@ -19,6 +19,7 @@ import shutil
 import socket
 from typing import Any
 
+from colofn import _procinfo
 from colofn.checkpoint._manifest import MARKER
 
 __all__ = ["OWNER", "is_dead", "remove_dead", "remove_owner", "write_owner"]
@@ -35,20 +36,10 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str:
-    """The start time of process ``pid`` in clock ticks since boot ("" when unknown or gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return fields[19] if len(fields) > 19 else ""
-
-
 def owner() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start": _start_time(pid)}
+    stat = _procinfo.stat(pid)
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start": str(stat[1]) if stat else ""}
 
 
 def write_owner(tmp: str) -> None:
@@ -73,8 +64,8 @@ def is_dead(info: Any) -> bool:
         return True  # the machine rebooted since
     if not os.path.isdir("/proc/self"):  # pragma: no cover - no procfs: cannot prove anything
         return False
-    now = _start_time(info["pid"])
-    return now == "" or (bool(info.get("start")) and now != info["start"])
+    start = info.get("start")
+    return _procinfo.gone(info["pid"], int(start) if isinstance(start, str) and start.isdigit() else 0)
 
 
 def remove_dead(parent: str) -> list[str]:
