@@ -75,10 +75,14 @@ class ModelShape:
         return self.n_layers * self.layer_tp_params + emb
 
     @property
+    def pos_params(self) -> int:
+        """The learned position table's parameters (0 with rotary positions)."""
+        return self.seq_len * self.d_model if self.learned_pos else 0
+
+    @property
     def replicated_params(self) -> int:
         """Parameters every tp rank holds whole: norms and the learned position table."""
-        pos = self.seq_len * self.d_model if self.learned_pos else 0
-        return (2 * self.n_layers + 1) * self._norm + pos
+        return (2 * self.n_layers + 1) * self._norm + self.pos_params
 
     @property
     def params(self) -> int:

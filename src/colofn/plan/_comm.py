@@ -1,0 +1,148 @@
+"""Bytes each device sends per step, collective by collective.
+
+Every entry is ``calls`` collectives of ``nbytes`` input each over one mesh
+axis; its bytes are :func:`colofn.tracing.volume` of that input, the rule
+:func:`colofn.comm_trace` records with, so a prediction can be compared with a
+trace entry by entry (``tests/test_plan.py`` does, on the simulated world).
+
+What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
+``h`` width, ``L`` layers on the device, ``P`` parameter bytes on the device):
+
+* dp: one all-reduce of the gradients (``P``) in the backward; ZeRO 0 the
+  same after the backward; ZeRO 1 and 2: a reduce-scatter of the gradients
+  (stage 2: unit by unit in the backward) and an all-gather of the updated
+  parameter shards; ZeRO 3: an all-gather in the forward, another in the
+  backward (less an untied embedding, which the backward does not read) and
+  a reduce-scatter (Rajbhandari et al. 2020, section 7). Phases are
+  :func:`colofn.comm_trace`'s: ``"backward"`` inside autograd's backward,
+  ``"forward"`` anything else (the optimizer step included).
+  The loss mean adds one all-reduce of two fp32 scalars (one under ZeRO).
+* tp (Megatron, Shoeybi et al. 2019): ``2L + 1`` all-reduces of ``b*s*h``
+  activations in the forward (attention, MLP, vocabulary-parallel
+  embedding) and as many in the backward, plus the vocabulary-parallel
+  cross-entropy's all-reduces of ``b*s`` and ``2*b*s`` fp32 statistics.
+* tp with Megatron sequence parallelism (Korthikanti et al. 2022): each
+  all-reduce becomes an all-gather of ``b*s*h/t`` and a reduce-scatter of
+  ``b*s*h``; the gradients of the replicated parameters (norms, position
+  table) are all-reduced over tp in the backward (with dp, the norms' over
+  dp and tp at once, axis ``"dp+tp"``).
+* pp: each microbatch sends its ``b*s*h`` activation forward and its gradient
+  back once per stage boundary (point to point; counted, not traced here).
+
+>>> from colofn.plan import Candidate, model
+>>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
+['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 68224 B']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from colofn.plan._candidate import Candidate
+from colofn.plan._memory import MIXED_ADAM, Precision, device_params
+from colofn.plan._model import ModelShape
+from colofn.tracing import volume
+
+__all__ = ["Collective", "step_collectives"]
+
+Phase = Literal["forward", "backward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """``calls`` collectives ``op`` of ``nbytes`` input each, over mesh axis ``axis`` of ``n`` devices."""
+
+    what: str
+    op: str
+    axis: str
+    n: int
+    phase: Phase
+    calls: int
+    nbytes: int
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes one device sends for all the calls (the rule of :func:`colofn.tracing.volume`)."""
+        if self.op == "send":
+            return self.calls * self.nbytes
+        return self.calls * volume(self.op, self.nbytes, self.n)[0]
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.op} {self.axis} {self.phase}: {self.calls} x {self.nbytes} B"
+
+
+def _dp(m: ModelShape, c: Candidate, pr: Precision) -> list[Collective]:
+    n = c.size("dp")
+    if n == 1:
+        return []
+    p = device_params(m, c)
+    grads, params = p * pr.comm_grad, p * pr.param
+    if c.stage == 0 and c.sp == "megatron" and c.size("tp") > 1:
+        # Norm gradients are summed over dp and tp at once; the position table's
+        # over tp (in _tp), then its sequence shard over dp.
+        t, norms, pos = c.size("tp"), m.replicated_params - m.pos_params, m.pos_params
+        dp_grads = (p - norms - pos + pos // t) * pr.comm_grad
+        return [Collective("grads", "all_reduce", "dp", n, "backward", 1, dp_grads),
+                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", 1, norms * pr.comm_grad)]
+    if c.zero is None:  # plain dp: all-reduced inside the backward
+        return [Collective("grads", "all_reduce", "dp", n, "backward", 1, grads)]
+    shard = params // n
+    if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
+        return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
+    if c.stage in (1, 2):
+        return [Collective("grads", "reduce_scatter", "dp", n, "backward" if c.stage == 2 else "forward", 1, grads),
+                Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
+    # The backward does not read an untied embedding (its gradient is a scatter of
+    # the output gradient), so stage 3 does not gather it again.
+    first = 0 if m.tie_embeddings or c.size("pp") > 1 else m.vocab_size * m.d_model // c.size("tp") + m.pos_params
+    return [Collective("params", "all_gather", "dp", n, "forward", 1, shard),
+            Collective("params", "all_gather", "dp", n, "backward", 1, (p - first) * pr.param // n),
+            Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]
+
+
+def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    t, mb = c.size("tp"), c.microbatches if c.size("pp") > 1 else 1
+    if t == 1:
+        return []
+    s, h, layers = m.seq_len, m.d_model, m.n_layers // c.size("pp")
+    act = b * s * h * pr.activation
+    calls = (2 * layers + 1) * mb
+    out = []
+    for phase in ("forward", "backward"):
+        if c.sp == "megatron":
+            out += [Collective("activations", "all_gather", "tp", t, phase, calls, act // t),  # type: ignore[arg-type]
+                    Collective("activations", "reduce_scatter", "tp", t, phase, calls, act)]  # type: ignore[arg-type]
+        else:
+            out.append(Collective("activations", "all_reduce", "tp", t, phase, calls, act))  # type: ignore[arg-type]
+    out += [Collective("loss max", "all_reduce", "tp", t, "forward", mb, b * s * 4),
+            Collective("loss sums", "all_reduce", "tp", t, "forward", mb, 2 * b * s * 4)]
+    if c.sp == "megatron":
+        replicated = m.pos_params if c.size("dp") > 1 else m.replicated_params
+        out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
+    return out
+
+
+def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    if c.size("pp") == 1:
+        return []
+    act = b * m.seq_len * m.d_model * pr.activation // c.size("tp")
+    return [Collective("activations", "send", "pp", c.size("pp"), "forward", c.microbatches, act),
+            Collective("activation grads", "send", "pp", c.size("pp"), "backward", c.microbatches, act)]
+
+
+def microbatch_rows(c: Candidate, global_batch: int) -> int:
+    """Rows of one microbatch on one dp rank."""
+    mb = c.microbatches if c.size("pp") > 1 else 1
+    return global_batch // (c.size("dp") * mb)
+
+
+def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
+                     precision: Precision = MIXED_ADAM) -> list[Collective]:
+    """The collectives one device runs in a step (the largest pipeline stage's)."""
+    b = microbatch_rows(c, global_batch)
+    out = []
+    if c.size("dp") > 1:
+        scalars = 1 if c.zero is not None else 2
+        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", 1, 4 * scalars))
+    return out + _tp(m, c, precision, b) + _pp(m, c, precision, b) + _dp(m, c, precision)
