@@ -37,7 +37,7 @@ def test_shapes_count_the_presets_parameters_and_split_them_as_param_specs(name)
 
 @pytest.mark.parametrize(("mesh", "zero"), [
     ("dp=2", None), ("dp=2", 1), ("dp=2", 2), ("dp=2", 3), ("tp=2", None), ("dp=2,tp=2", 1),
-    ("dp=2,tp=2", 3), ("pp=2,dp=2", None), ("pp=2,tp=2", None),
+    ("dp=2,tp=2", 3), ("pp=2,dp=2", None),
 ])
 def test_model_state_bytes_equal_what_colofn_train_reports(mesh, zero, tmp_path):
     cfg = TrainConfig(preset="tiny", mesh=_mesh(mesh), steps=1, warmup=1, zero=zero, batch_size=8, out=str(tmp_path))
@@ -103,3 +103,90 @@ def test_zero_bytes_per_collective_equal_comm_trace(stage):
     got = colofn.launch(_zero_program, "dp=2", stage, 4, world_size=2)
     want = _predicted(Candidate(_mesh("dp=2"), zero=stage), 4)
     assert all(g == want for g in got), (got[0], want)
+
+
+# --------------------------------------------------------------------- formulas, search and CLI
+
+
+def test_korthikanti_formulas_reduce_to_each_other():
+    from colofn.plan import activation_bytes_per_layer as act
+
+    kw = {"s": 2048, "b": 1, "h": 12288, "a": 96}
+    base = act(**kw)
+    assert base == 2048 * 12288 * (34 + 5 * 96 * 2048 / 12288)
+    assert act(**kw, t=1, sp=True) == act(**kw, t=1) == base  # t = 1: every variant is the plain one
+    assert act(**kw, t=8, sp=True) == base / 8  # sp shards the whole layer
+    assert act(**kw, t=8, sp=True, recompute="selective") == 34 * 2048 * 12288 / 8
+    assert act(**kw, t=8, recompute="full") == 2 * 2048 * 12288
+    assert act(**kw, element=4) == 2 * base
+
+
+def test_model_states_are_the_zero_papers_figure():
+    # Rajbhandari et al. 2020, Figure 1: a 7.5B model on 64 GPUs, K = 12: 120 GB, 31.4 GB, 16.6 GB, 1.88 GB.
+    from colofn.plan import Candidate, ModelShape, model_state_bytes
+
+    m = ModelShape("7.5b", n_layers=1, d_model=1, n_heads=1, d_ff=1, vocab_size=1, seq_len=1)
+    per = 7.5e9 / m.params  # scale the formula linearly: only the parameter count matters
+    got = [model_state_bytes(m, Candidate((("dp", 64),), zero=z)) * per / 1e9 for z in (None, 1, 2, 3)]
+    assert all(abs(g / paper - 1) < 0.005 for g, paper in zip(got, [120, 31.4, 16.6, 1.88], strict=True)), got
+
+
+def test_search_ranks_what_fits_and_refuses_the_rest_with_the_reason():
+    from colofn.plan import cluster, model, search
+
+    big = cluster("a100-80g", 16)
+    ranked, refused = search(model("llama-7b"), big, devices=16, global_batch=16)
+    assert ranked and refused
+    assert [p.step_s for p in ranked] == sorted(p.step_s for p in ranked)
+    assert all(p.memory <= big.memory for p in ranked)
+    worst = refused[-1]
+    assert worst.reason.startswith("needs ") and "GiB per device" in worst.reason and "> 74.5 GiB" in worst.reason
+    for p in ranked + refused:
+        c = p.candidate
+        assert c.devices == 16 and c.size("tp") <= 8 and 32 % c.size("tp") == 0 and 32 % c.size("pp") == 0
+        assert not (c.zero and c.size("pp") > 1) and (c.sp == "none" or c.size("tp") > 1)
+
+
+def test_pipeline_idle_and_in_flight_come_from_simulate():
+    from colofn.pipeline.registry import make_schedule
+    from colofn.pipeline.simulation import Costs, simulate
+    from colofn.plan import pipeline_shape
+
+    r = simulate(make_schedule("1f1b", 4, 8), Costs(forward=1, input_grad=1, weight_grad=1))
+    assert pipeline_shape("1f1b", 4, 8) == (max(r.bubble), 4) == ((4 - 1) / (8 + 4 - 1), 4)
+
+
+def test_links_follow_the_row_major_mesh():
+    from colofn.plan import Candidate, cluster, link
+
+    cl = cluster("h100-sxm", 64)
+    c = Candidate((("pp", 2), ("dp", 4), ("tp", 8)))
+    assert [link(c, a, cl) for a in ("tp", "dp", "pp", "dp+tp")] == ["intra", "inter", "inter", "inter"]
+    assert link(Candidate((("dp", 8),)), "dp", cl) == "intra"
+
+
+def test_cli_plans_gpt2_on_eight_local_devices(capsys):
+    from colofn.cli import main
+
+    assert main(["plan", "--model", "gpt2-124m", "--devices", "8", "--cluster", "cpu-local", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-124m (124,356,864 params) on 8 x cpu-local" in out
+    assert "  1  dp=8 " in out and "MFU" in out and "Best: dp=8." in out
+
+
+def test_cli_reads_a_cluster_file_and_names_bad_input(tmp_path, capsys):
+    from colofn.cli import main
+
+    f = tmp_path / "mine.json"
+    f.write_text('{"name": "mine", "devices": 2, "devices_per_node": 2, "memory": 1e9, '
+                 '"peak_flops": 1e12, "intra_bw": 1e10, "inter_bw": 1e9}')
+    assert main(["plan", "--model", "tiny", "--devices", "2", "--cluster", str(f)]) == 0
+    assert "on 2 x mine" in capsys.readouterr().out
+    f.write_text('{"name": "mine", "devices": 2, "memroy": 1}')
+    assert main(["plan", "--model", "tiny", "--devices", "2", "--cluster", str(f)]) == 2
+    assert "unknown fields ['memroy']" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt5", "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt5'" in err and "llama-70b" in err
+    assert main(["plan", "--model", "tiny", "--devices", "2", "--cluster", "tpu"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
