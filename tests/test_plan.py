@@ -122,13 +122,13 @@ def test_korthikanti_formulas_reduce_to_each_other():
 
 
 def test_model_states_are_the_zero_papers_figure():
-    # Rajbhandari et al. 2020, Figure 1: a 7.5B model on 64 GPUs, K = 12: 120 GB, 31.4 GB, 16.6 GB, 1.88 GB.
+    # Rajbhandari et al. 2020, Figure 1: a 7.5B model on 64 GPUs, K = 12: 120, 31.4, 16.6 and 1.9 GB (one decimal).
     from colofn.plan import Candidate, ModelShape, model_state_bytes
 
     m = ModelShape("7.5b", n_layers=1, d_model=1, n_heads=1, d_ff=1, vocab_size=1, seq_len=1)
     per = 7.5e9 / m.params  # scale the formula linearly: only the parameter count matters
     got = [model_state_bytes(m, Candidate((("dp", 64),), zero=z)) * per / 1e9 for z in (None, 1, 2, 3)]
-    assert all(abs(g / paper - 1) < 0.005 for g, paper in zip(got, [120, 31.4, 16.6, 1.88], strict=True)), got
+    assert all(abs(g - paper) <= 0.05 for g, paper in zip(got, [120, 31.4, 16.6, 1.9], strict=True)), got
 
 
 def test_search_ranks_what_fits_and_refuses_the_rest_with_the_reason():
