@@ -190,3 +190,30 @@ def test_cli_reads_a_cluster_file_and_names_bad_input(tmp_path, capsys):
     assert "unknown model 'gpt5'" in err and "llama-70b" in err
     assert main(["plan", "--model", "tiny", "--devices", "2", "--cluster", "tpu"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def _pipeline_program(mesh_text, microbatches, b):
+    from colofn.train.trainers import PipelineTrainer
+
+    shape = parse_mesh(mesh_text)
+    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
+    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()))
+    opt = make_optimizer(cfg)
+    params = gpt.init(random.key(0), TRAIN_CFG)
+    trainer = PipelineTrainer(TRAIN_CFG, cfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches)
+    with colofn.comm_trace() as records:
+        trainer.step(_batch(b))
+    # The schedule's metadata messages (a few ints) are not predicted.
+    return _traced(r for r in records if r.op not in ("send", "recv") or len(r.shape) == 3), mesh.axis_index("pp")
+
+
+@pytest.mark.parametrize("mesh", ["pp=2", "pp=2,dp=2", "pp=2,tp=2"])
+def test_pipeline_bytes_per_collective_equal_comm_trace_stage_by_stage(mesh):
+    shape = parse_mesh(mesh)
+    got = colofn.launch(_pipeline_program, mesh, 2, 8, world_size=2 * shape.get("dp", 1) * shape.get("tp", 1))
+    for traced, stage in got:
+        want: Counter = Counter()
+        for c in step_collectives(from_gpt(TRAIN_CFG), Candidate(_mesh(mesh), microbatches=2), global_batch=8,
+                                  precision=FP32_ADAM, stage=stage):
+            want[(c.op, c.axis, c.phase)] += c.bytes_sent
+        assert traced - Counter() == want - Counter(), (stage, traced, want)

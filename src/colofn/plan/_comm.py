@@ -26,8 +26,11 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   ``b*s*h``; the gradients of the replicated parameters (norms, position
   table) are all-reduced over tp in the backward (with dp, the norms' over
   dp and tp at once, axis ``"dp+tp"``).
-* pp: each microbatch sends its ``b*s*h`` activation forward and its gradient
-  back once per stage boundary (point to point; counted, not traced here).
+* pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
+  gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
+  metadata messages are not counted. With pp, dp all-reduces the gradients
+  of every microbatch (and the loss of each), and the tp collectives of the
+  embedding (forward) and head (backward) run on the first and last stage.
 
 >>> from colofn.plan import Candidate, model
 >>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
@@ -72,21 +75,29 @@ class Collective:
         return f"{self.what} {self.op} {self.axis} {self.phase}: {self.calls} x {self.nbytes} B"
 
 
-def _dp(m: ModelShape, c: Candidate, pr: Precision) -> list[Collective]:
+def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
+    """(norm parameters, position-table parameters) of pipeline stage ``stage``: what tp replicates."""
+    pp = c.size("pp")
+    norms = 2 * (m.n_layers // pp) * m._norm + (m._norm if stage == pp - 1 else 0)
+    return norms, m.pos_params if stage == 0 else 0
+
+
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
     n = c.size("dp")
     if n == 1:
         return []
-    p = device_params(m, c)
+    p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
-    if c.stage == 0 and c.sp == "megatron" and c.size("tp") > 1:
+    calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
+    if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table's
         # over tp (in _tp), then its sequence shard over dp.
-        t, norms, pos = c.size("tp"), m.replicated_params - m.pos_params, m.pos_params
+        t, (norms, pos) = c.size("tp"), _replicated(m, c, stage)
         dp_grads = (p - norms - pos + pos // t) * pr.comm_grad
-        return [Collective("grads", "all_reduce", "dp", n, "backward", 1, dp_grads),
-                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", 1, norms * pr.comm_grad)]
+        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
+                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
     if c.zero is None:  # plain dp: all-reduced inside the backward
-        return [Collective("grads", "all_reduce", "dp", n, "backward", 1, grads)]
+        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, grads)]
     shard = params // n
     if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
         return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
@@ -101,34 +112,45 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision) -> list[Collective]:
             Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]
 
 
-def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
-    t, mb = c.size("tp"), c.microbatches if c.size("pp") > 1 else 1
+def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
+    t, pp = c.size("tp"), c.size("pp")
+    mb = c.microbatches if pp > 1 else 1
     if t == 1:
         return []
-    s, h, layers = m.seq_len, m.d_model, m.n_layers // c.size("pp")
-    act = b * s * h * pr.activation
-    calls = (2 * layers + 1) * mb
+    first, last = stage == 0, stage == pp - 1
+    act = b * m.seq_len * m.d_model * pr.activation
+    layers = m.n_layers // pp
+    # Two per block each way; the vocabulary-parallel embedding's in the forward
+    # (first stage), the head's input in the backward (last stage).
+    calls = {"forward": (2 * layers + first) * mb, "backward": (2 * layers + last) * mb}
     out = []
     for phase in ("forward", "backward"):
         if c.sp == "megatron":
-            out += [Collective("activations", "all_gather", "tp", t, phase, calls, act // t),  # type: ignore[arg-type]
-                    Collective("activations", "reduce_scatter", "tp", t, phase, calls, act)]  # type: ignore[arg-type]
+            out += [Collective("activations", "all_gather", "tp", t, phase, calls[phase], act // t),  # type: ignore[arg-type]
+                    Collective("activations", "reduce_scatter", "tp", t, phase, calls[phase], act)]  # type: ignore[arg-type]
         else:
-            out.append(Collective("activations", "all_reduce", "tp", t, phase, calls, act))  # type: ignore[arg-type]
-    out += [Collective("loss max", "all_reduce", "tp", t, "forward", mb, b * s * 4),
-            Collective("loss sums", "all_reduce", "tp", t, "forward", mb, 2 * b * s * 4)]
+            out.append(Collective("activations", "all_reduce", "tp", t, phase, calls[phase], act))  # type: ignore[arg-type]
+    if last:
+        out += [Collective("loss max", "all_reduce", "tp", t, "forward", mb, b * m.seq_len * 4),
+                Collective("loss sums", "all_reduce", "tp", t, "forward", mb, 2 * b * m.seq_len * 4)]
     if c.sp == "megatron":
-        replicated = m.pos_params if c.size("dp") > 1 else m.replicated_params
+        norms, pos = _replicated(m, c, stage)
+        replicated = pos if c.size("dp") > 1 else norms + pos
         out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
     return out
 
 
-def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
-    if c.size("pp") == 1:
+def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
+    pp = c.size("pp")
+    if pp == 1:
         return []
-    act = b * m.seq_len * m.d_model * pr.activation // c.size("tp")
-    return [Collective("activations", "send", "pp", c.size("pp"), "forward", c.microbatches, act),
-            Collective("activation grads", "send", "pp", c.size("pp"), "backward", c.microbatches, act)]
+    act = b * m.seq_len * m.d_model * pr.activation // (c.size("tp") if c.sp == "megatron" else 1)
+    out = []
+    if stage < pp - 1:
+        out.append(Collective("activations", "send", "pp", pp, "forward", c.microbatches, act))
+    if stage > 0:
+        out.append(Collective("activation grads", "send", "pp", pp, "backward", c.microbatches, act))
+    return out
 
 
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
@@ -138,11 +160,12 @@ def microbatch_rows(c: Candidate, global_batch: int) -> int:
 
 
 def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
-                     precision: Precision = MIXED_ADAM) -> list[Collective]:
-    """The collectives one device runs in a step (the largest pipeline stage's)."""
+                     precision: Precision = MIXED_ADAM, stage: int = 0) -> list[Collective]:
+    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside)."""
     b = microbatch_rows(c, global_batch)
     out = []
-    if c.size("dp") > 1:
+    if c.size("dp") > 1 and stage == c.size("pp") - 1:
         scalars = 1 if c.zero is not None else 2
-        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", 1, 4 * scalars))
-    return out + _tp(m, c, precision, b) + _pp(m, c, precision, b) + _dp(m, c, precision)
+        calls = c.microbatches if c.size("pp") > 1 else 1
+        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", calls, 4 * scalars))
+    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage)

@@ -57,21 +57,24 @@ MIXED_ADAM = Precision(param=2, grad=2, states=12, comm_grad=2)
 FP32_ADAM = Precision(param=4, grad=0, states=8, comm_grad=4, activation=4, fixed=4)
 
 
-def device_params(m: ModelShape, c: Candidate) -> int:
-    """Parameters one device holds after tensor and pipeline parallelism (the largest pipeline stage).
+def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
+    """Parameters a device of pipeline stage ``stage`` holds after tensor parallelism (``None``: the largest stage).
 
     The first stage holds the embeddings, the last the final norm and the head
     (the tied embedding again), each with ``n_layers / pp`` blocks.
     """
     t, pp = c.size("tp"), c.size("pp")
+    if stage is None:
+        return max(device_params(m, c, s) for s in {0, pp - 1})
     h, norm = m.d_model, m._norm
     block = m.layer_tp_params // t + 2 * norm
     emb = m.vocab_size * h // t
-    pos = m.seq_len * h if m.learned_pos else 0
-    if pp == 1:
-        return m.n_layers * block + emb * (1 if m.tie_embeddings else 2) + pos + norm
-    per = m.n_layers // pp * block
-    return max(per + emb + pos, per + norm + emb)
+    total = m.n_layers // pp * block
+    if stage == 0:
+        total += emb + m.pos_params
+    if stage == pp - 1:
+        total += norm + (emb if pp > 1 or not m.tie_embeddings else 0)
+    return total
 
 
 def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_ADAM) -> float:

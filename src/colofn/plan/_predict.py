@@ -115,7 +115,9 @@ def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, effi
     elif c.recompute == "selective":  # the attention core's forward again: 4 s h FLOPs per token and layer
         flops += 4 * m.n_layers * m.seq_len * m.d_model * tokens / c.devices
     compute = flops / (cl.peak_flops * efficiency)
-    colls = tuple(step_collectives(m, c, global_batch=global_batch, precision=precision))
+    # The stage that sends the most bytes sets the pace.
+    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
+                       for s in range(c.size("pp"))), key=lambda cs: sum(x.bytes_sent for x in cs)))
     by_link = {"intra": 0, "inter": 0}
     exposed = hidden = 0.0
     for col in colls:
