@@ -217,3 +217,21 @@ def test_pipeline_bytes_per_collective_equal_comm_trace_stage_by_stage(mesh):
                                   precision=FP32_ADAM, stage=stage):
             want[(c.op, c.axis, c.phase)] += c.bytes_sent
         assert traced - Counter() == want - Counter(), (stage, traced, want)
+
+
+def test_predict_names_every_reason_a_candidate_cannot_run():
+    from colofn.errors import ConfigError
+    from colofn.plan import cluster, model, predict
+
+    with pytest.raises(ConfigError) as e:
+        predict(model("llama-7b"), Candidate((("pp", 3), ("ep", 2)), sp="megatron", zero=1, recompute="some"),
+                cluster("a100-80g", 6), global_batch=8)
+    msg = str(e.value)
+    assert msg.startswith("Candidate pp=3,ep=2 sp=megatron zero1 1f1b m=1 rc=some cannot run llama-7b (global batch 8):")
+    for reason in ("axis 'ep' is not modelled; the planner knows pp, dp, tp",
+                   "sp='megatron' splits the sequence over tp: add a tp axis",
+                   "recompute='some' is not one of ('none', 'selective', 'full')",
+                   "ZeRO with a pipeline is not something colofn runs",
+                   "pp=3 does not divide n_layers=32"):
+        assert f"  * {reason}" in msg
+    assert "Fix: pick sizes" in msg

@@ -11,7 +11,7 @@ predictions are pure functions. See ``docs/plan.md``.
 
 from __future__ import annotations
 
-from colofn.plan._candidate import Candidate
+from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import CLUSTERS, Cluster, cluster
 from colofn.plan._comm import Collective, step_collectives
 from colofn.plan._memory import (
@@ -28,6 +28,6 @@ from colofn.plan._search import candidates, search
 
 __all__ = [
     "CLUSTERS", "FP32_ADAM", "MIXED_ADAM", "MODELS", "Candidate", "Cluster", "Collective", "ModelShape",
-    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "cluster", "device_params",
+    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "check", "cluster", "device_params",
     "from_gpt", "link", "model", "model_state_bytes", "pipeline_shape", "predict", "search", "step_collectives",
 ]

@@ -26,7 +26,7 @@ import dataclasses
 import math
 from functools import cache
 
-from colofn.plan._candidate import Candidate
+from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import Cluster
 from colofn.plan._comm import Collective, microbatch_rows, step_collectives
 from colofn.plan._memory import MIXED_ADAM, Precision, activation_bytes_per_layer, model_state_bytes
@@ -106,7 +106,12 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
 
 def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, efficiency: float = 0.5,
             precision: Precision = MIXED_ADAM) -> Prediction:
-    """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step."""
+    """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step.
+
+    Raises:
+        ConfigError: ``c`` cannot run ``m`` (every reason, see :func:`~colofn.plan.check`).
+    """
+    check(m, c, global_batch)
     bubble, in_flight = pipeline_shape(c.schedule, c.size("pp"), c.microbatches)
     tokens = global_batch * m.seq_len
     flops = m.flops_per_token() * tokens / c.devices
