@@ -61,7 +61,7 @@ def explain(best: Prediction, runner_up: Prediction | None, cl: Cluster) -> str:
     """A paragraph on why ``best`` wins."""
     c = best.candidate
     parts = [f"Best: {c}. It holds {best.model_states / GIB:.2f} GiB of model states and "
-             f"{best.activations / GIB:.2f} GiB of activations per device (of {cl.memory / GIB:.0f} GiB); "
+             f"{best.activations / GIB:.2f} GiB of activations per device (of {cl.memory / GIB:.1f} GiB); "
              f"compute takes {best.compute_s:.4g} s of the {best.step_s:.4g} s step"]
     if best.bubble:
         parts.append(f", the pipeline idles {best.bubble:.1%} of the time")
