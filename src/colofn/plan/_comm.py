@@ -8,7 +8,8 @@ trace entry by entry (``tests/test_plan.py`` does, on the simulated world).
 What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
 ``h`` width, ``L`` layers on the device, ``P`` parameter bytes on the device):
 
-* dp: one all-reduce of the gradients (``P``) in the backward; ZeRO 0 the
+* dp: one all-reduce of the gradients (``P``) in the backward, a tied
+  embedding's twice (once per read); ZeRO 0 the
   same after the backward; ZeRO 1 and 2: a reduce-scatter of the gradients
   (stage 2: unit by unit in the backward) and an all-gather of the updated
   parameter shards; ZeRO 3: an all-gather in the forward, another in the
@@ -34,7 +35,7 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
 
 >>> from colofn.plan import Candidate, model
 >>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
-['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 68224 B']
+['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 84608 B']
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
     calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
+    if c.zero is None and m.tie_embeddings and c.size("pp") == 1:
+        # Gradients are summed over dp where a parameter is read (the transpose of
+        # its pvary): the tied embedding, read twice, is all-reduced twice.
+        p += m.vocab_size * m.d_model // c.size("tp")
+        grads = p * pr.comm_grad
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table's
         # over tp (in _tp), then its sequence shard over dp.
