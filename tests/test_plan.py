@@ -86,10 +86,10 @@ def test_bytes_per_collective_equal_comm_trace(mesh, sp):
     assert all(g == want for g in got), (got[0], want)
 
 
-def _zero_program(mesh_text, stage, b):
+def _zero_program(mesh_text, stage, b, sp="none"):
     shape = parse_mesh(mesh_text)
     mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=stage)
+    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=stage, sp=sp)
     opt = make_optimizer(cfg)
     params = gpt.init(random.key(0), TRAIN_CFG)
     trainer = ZeroTrainer(TRAIN_CFG, cfg.plan(), mesh, opt, params, opt.init(params), stage)
@@ -98,10 +98,11 @@ def _zero_program(mesh_text, stage, b):
     return _traced(records)
 
 
+@pytest.mark.parametrize(("mesh", "sp"), [("dp=2", "none"), ("dp=2,tp=2", "megatron")])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_bytes_per_collective_equal_comm_trace(stage):
-    got = colofn.launch(_zero_program, "dp=2", stage, 4, world_size=2)
-    want = _predicted(Candidate(_mesh("dp=2"), zero=stage), 4)
+def test_zero_bytes_per_collective_equal_comm_trace(stage, mesh, sp):
+    got = colofn.launch(_zero_program, mesh, stage, 4, sp, world_size=2 * parse_mesh(mesh).get("tp", 1))
+    want = _predicted(Candidate(_mesh(mesh), zero=stage, sp=sp), 4)
     assert all(g == want for g in got), (got[0], want)
 
 

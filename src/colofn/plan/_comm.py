@@ -141,7 +141,8 @@ def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
                 Collective("loss sums", "all_reduce", "tp", t, "forward", mb, 2 * b * m.seq_len * 4)]
     if c.sp == "megatron":
         norms, pos = _replicated(m, c, stage)
-        replicated = pos if c.size("dp") > 1 else norms + pos
+        # Plain dp sums the norms' gradients over dp and tp at once (in _dp); ZeRO owns dp itself.
+        replicated = pos if c.size("dp") > 1 and c.zero is None else norms + pos
         out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
     return out
 
