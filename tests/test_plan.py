@@ -36,11 +36,12 @@ def test_shapes_count_the_presets_parameters_and_split_them_as_param_specs(name)
 
 
 @pytest.mark.parametrize(("mesh", "zero"), [
-    ("dp=2", None), ("dp=2", 1), ("dp=2", 2), ("dp=2", 3), ("tp=2", None), ("dp=2,tp=2", 1),
-    ("dp=2,tp=2", 3), ("pp=2,dp=2", None),
+    ("dp=2", None), ("dp=2", 1), ("dp=2", 3), ("tp=2", None), ("dp=2,tp=2", 2),
+    ("pp=2,dp=2", None), ("dp=3", 1), ("dp=3", 3),  # dp=3: ZeRO pads the units
 ])
 def test_model_state_bytes_equal_what_colofn_train_reports(mesh, zero, tmp_path):
-    cfg = TrainConfig(preset="tiny", mesh=_mesh(mesh), steps=1, warmup=1, zero=zero, batch_size=8, out=str(tmp_path))
+    batch = 6 if "dp=3" in mesh else 8
+    cfg = TrainConfig(preset="tiny", mesh=_mesh(mesh), steps=1, warmup=1, zero=zero, batch_size=batch, out=str(tmp_path))
     record = colofn.launch(rank_program, cfg, world_size=cfg.world_size)[0]
     predicted = model_state_bytes(from_gpt(cfg.model_config()), Candidate(cfg.mesh, zero=zero), FP32_ADAM)
     assert predicted == max(record["bytes_per_rank"][-1])
@@ -98,9 +99,11 @@ def _zero_program(mesh_text, stage, b, sp="none"):
     return _traced(records)
 
 
-@pytest.mark.parametrize(("mesh", "sp"), [("dp=2", "none"), ("dp=2,tp=2", "megatron")])
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_bytes_per_collective_equal_comm_trace(stage, mesh, sp):
+@pytest.mark.parametrize(("mesh", "sp", "stage"), [
+    ("dp=2", "none", 0), ("dp=2", "none", 1), ("dp=2", "none", 2), ("dp=2", "none", 3),
+    ("dp=2,tp=2", "megatron", 0), ("dp=2,tp=2", "megatron", 3),
+])
+def test_zero_bytes_per_collective_equal_comm_trace(mesh, sp, stage):
     got = colofn.launch(_zero_program, mesh, stage, 4, sp, world_size=2 * parse_mesh(mesh).get("tp", 1))
     want = _predicted(Candidate(_mesh(mesh), zero=stage, sp=sp), 4)
     assert all(g == want for g in got), (got[0], want)
@@ -126,8 +129,9 @@ def test_model_states_are_the_zero_papers_figure():
     # Rajbhandari et al. 2020, Figure 1: a 7.5B model on 64 GPUs, K = 12: 120, 31.4, 16.6 and 1.9 GB (one decimal).
     from colofn.plan import Candidate, ModelShape, model_state_bytes
 
-    m = ModelShape("7.5b", n_layers=1, d_model=1, n_heads=1, d_ff=1, vocab_size=1, seq_len=1)
-    per = 7.5e9 / m.params  # scale the formula linearly: only the parameter count matters
+    # Every ZeRO unit divides by 64 (no padding), so the bytes scale with the parameter count.
+    m = ModelShape("7.5b", n_layers=32, d_model=4096, n_heads=32, d_ff=16384, vocab_size=51200, seq_len=2048)
+    per = 7.5e9 / m.params
     got = [model_state_bytes(m, Candidate((("dp", 64),), zero=z)) * per / 1e9 for z in (None, 1, 2, 3)]
     assert all(abs(g - paper) <= 0.05 for g, paper in zip(got, [120, 31.4, 16.6, 1.9], strict=True)), got
 
@@ -236,3 +240,10 @@ def test_predict_names_every_reason_a_candidate_cannot_run():
                    "pp=3 does not divide n_layers=32"):
         assert f"  * {reason}" in msg
     assert "Fix: pick sizes" in msg
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_padding_is_predicted_in_the_bytes_per_collective(stage):
+    got = colofn.launch(_zero_program, "dp=3", stage, 6, world_size=3)
+    want = _predicted(Candidate(_mesh("dp=3"), zero=stage), 6)
+    assert all(g == want for g in got), (got[0], want)

@@ -44,7 +44,7 @@ import dataclasses
 from typing import Literal
 
 from colofn.plan._candidate import Candidate
-from colofn.plan._memory import MIXED_ADAM, Precision, device_params
+from colofn.plan._memory import MIXED_ADAM, Precision, device_params, zero_params, zero_units
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
 
@@ -104,6 +104,9 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
     if c.zero is None:  # plain dp: all-reduced inside the backward
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, grads)]
+    if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
+        p = zero_params(m, c)
+        grads, params = p * pr.comm_grad, p * pr.param
     shard = params // n
     if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
         return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
@@ -112,7 +115,7 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
                 Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
     # The backward does not read an untied embedding (its gradient is a scatter of
     # the output gradient), so stage 3 does not gather it again.
-    first = 0 if m.tie_embeddings or c.size("pp") > 1 else m.vocab_size * m.d_model // c.size("tp") + m.pos_params
+    first = 0 if m.tie_embeddings else -(-zero_units(m, c)[0] // n) * n
     return [Collective("params", "all_gather", "dp", n, "forward", 1, shard),
             Collective("params", "all_gather", "dp", n, "backward", 1, (p - first) * pr.param // n),
             Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]

@@ -2,7 +2,8 @@
 
 Model states reuse :func:`colofn.zero.memory.formula_bytes` (the formulas
 ``docs/zero.md`` states and the tests match to 1.000) on the parameters one
-device holds after tensor and pipeline parallelism. Activations follow
+device holds after tensor and pipeline parallelism (ZeRO 1-3: with each unit
+padded to a multiple of the dp size, as :mod:`colofn.zero.flat` pads). Activations follow
 Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", section 4 (16-bit activations, bytes per layer, ``s``
 sequence, ``b`` microbatch, ``h`` width, ``a`` heads, ``t`` tensor-parallel size):
@@ -27,7 +28,8 @@ from colofn.plan._candidate import Candidate, Recompute
 from colofn.plan._model import ModelShape
 from colofn.zero.memory import formula_bytes
 
-__all__ = ["FP32_ADAM", "MIXED_ADAM", "Precision", "activation_bytes_per_layer", "device_params", "model_state_bytes"]
+__all__ = ["FP32_ADAM", "MIXED_ADAM", "Precision", "activation_bytes_per_layer", "device_params", "model_state_bytes",
+           "zero_params", "zero_units"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,25 @@ def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
     return total
 
 
+def zero_units(m: ModelShape, c: Candidate) -> list[int]:
+    """Parameters of each ZeRO unit a device holds (no pipeline): the embeddings, each block, the final norm, the head.
+
+    :mod:`colofn.zero.flat` pads each unit to a multiple of the dp size.
+    """
+    t, norm = c.size("tp"), m._norm
+    emb = m.vocab_size * m.d_model // t
+    units = [emb + m.pos_params] + [m.layer_tp_params // t + 2 * norm] * m.n_layers + [norm]
+    return units + ([] if m.tie_embeddings else [emb])
+
+
+def zero_params(m: ModelShape, c: Candidate) -> int:
+    """:func:`device_params` as ZeRO stages 1-3 hold them: each unit padded to a multiple of dp."""
+    n = c.size("dp")
+    if c.stage == 0 or c.size("pp") > 1:
+        return device_params(m, c)
+    return sum(-(-u // n) * n for u in zero_units(m, c))
+
+
 def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_ADAM) -> float:
     """Model-state bytes per device: :func:`device_params` under ZeRO stage ``c.zero`` over ``dp``.
 
@@ -84,7 +105,7 @@ def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_
     >>> model_state_bytes(model("gpt2-124m"), Candidate((("dp", 4),), zero=3)) == 16 * 124356864 / 4
     True
     """
-    p = device_params(m, c)
+    p = zero_params(m, c)
     return precision.fixed + formula_bytes(stage=c.stage, params=p * precision.param, grads=p * precision.grad,
                                            states=p * precision.states, n=c.size("dp"))
 
