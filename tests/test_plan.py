@@ -247,3 +247,12 @@ def test_zero_padding_is_predicted_in_the_bytes_per_collective(stage):
     got = colofn.launch(_zero_program, "dp=3", stage, 6, world_size=3)
     want = _predicted(Candidate(_mesh("dp=3"), zero=stage), 6)
     assert all(g == want for g in got), (got[0], want)
+
+
+def test_cli_says_why_nothing_fits(capsys):
+    from colofn.cli import main
+
+    assert main(["plan", "--model", "llama-70b", "--devices", "8", "--cluster", "a100-80g"]) == 1
+    out = capsys.readouterr().out
+    assert "0 compositions fit" in out and "Best:" not in out
+    assert "refused: pp=2,tp=4 sp=megatron 1f1b m=8 rc=full: needs 129.9 GiB per device (128.5 model states" in out
