@@ -13,7 +13,7 @@ from pathlib import Path
 import colofn
 
 ROOT = Path(__file__).resolve().parents[1]
-LAZY = ("models", "nn", "optim", "parallel", "pipeline", "testing", "zero")
+LAZY = ("models", "nn", "optim", "parallel", "pipeline", "plan", "testing", "zero")
 
 
 def python(*args: str) -> subprocess.CompletedProcess[str]:

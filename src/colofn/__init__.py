@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("models", "nn", "optim", "parallel", "pipeline", "testing", "zero")
+_LAZY_SUBMODULES = ("models", "nn", "optim", "parallel", "pipeline", "plan", "testing", "zero")
 """Subpackages imported on first attribute access (:func:`__getattr__`)."""
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "optim",
     "parallel",
     "pipeline",
+    "plan",
     "testing",
 ]
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("colofn.pipeline.cli", "colofn.train.cli", "colofn.checkpoint.cli"):
+    for module in ("colofn.pipeline.cli", "colofn.train.cli", "colofn.checkpoint.cli", "colofn.plan.cli"):
         try:
             mod = __import__(module, fromlist=["add_subparser"])
         except ImportError:

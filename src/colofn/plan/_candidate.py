@@ -1,0 +1,115 @@
+"""A candidate: one way to run a model (mesh, sequence parallelism, ZeRO, pipeline, recompute).
+
+>>> c = Candidate(mesh=(("dp", 4), ("tp", 2)), zero=1)
+>>> c.size("dp"), c.size("pp"), c.devices, str(c)
+(4, 1, 8, 'dp=4,tp=2 zero1')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Literal, get_args
+
+from colofn.errors import ConfigError, format_failures
+
+if TYPE_CHECKING:
+    from colofn.plan._model import ModelShape
+
+__all__ = ["Candidate", "Recompute", "SP", "check"]
+
+SP = Literal["none", "megatron"]
+Recompute = Literal["none", "selective", "full"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A composition of strategies on a mesh.
+
+    Attributes:
+        mesh: ``(axis, size)`` pairs, row-major (``pp``, ``dp``, ``tp`` are modelled).
+        sp: ``"megatron"``: sequence parallelism over the ``tp`` axis (Korthikanti et al. 2022).
+        zero: ZeRO stage 0-3 over ``dp`` (``None``: plain data parallelism, same as 0).
+        schedule: pipeline schedule name (used when ``pp > 1``).
+        microbatches: microbatches per step (pipeline).
+        recompute: activation recomputation: none, selective (attention core) or full.
+    """
+
+    mesh: tuple[tuple[str, int], ...]
+    sp: SP = "none"
+    zero: int | None = None
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    recompute: Recompute = "none"
+
+    def size(self, axis: str) -> int:
+        return dict(self.mesh).get(axis, 1)
+
+    @property
+    def devices(self) -> int:
+        return math.prod(n for _, n in self.mesh)
+
+    @property
+    def stage(self) -> int:
+        return self.zero or 0
+
+    def __str__(self) -> str:
+        parts = [",".join(f"{a}={n}" for a, n in self.mesh)]
+        if self.sp != "none":
+            parts.append(f"sp={self.sp}")
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        if self.size("pp") > 1:
+            parts.append(f"{self.schedule} m={self.microbatches}")
+        if self.recompute != "none":
+            parts.append(f"rc={self.recompute}")
+        return " ".join(parts)
+
+
+AXES = ("pp", "dp", "tp")
+
+
+def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
+    """Raise :class:`~colofn.errors.ConfigError` listing every reason ``c`` cannot run ``m``.
+
+    >>> from colofn.plan import model
+    >>> check(model("tiny"), Candidate((("dp", 3), ("tp", 8)), zero=4), global_batch=8)
+    Traceback (most recent call last):
+    ...
+    colofn.errors.ConfigError: Candidate dp=3,tp=8 zero4 cannot run tiny (global batch 8):
+      * zero=4: the stages are 0, 1, 2, 3 (or None)
+      * tp=8 does not divide n_heads=4
+      * global batch 8 does not split over dp=3 x 1 microbatches
+    Fix: pick sizes that divide the model and the batch (colofn.plan.candidates lists the legal ones)
+    """
+    bad = []
+    names = [a for a, _ in c.mesh]
+    for a, n in c.mesh:
+        if a not in AXES:
+            bad.append(f"axis {a!r} is not modelled; the planner knows {', '.join(AXES)}")
+        if not isinstance(n, int) or n < 1:
+            bad.append(f"axis {a!r} has size {n!r}; sizes are ints >= 1")
+    if len(set(names)) != len(names):
+        bad.append(f"an axis appears twice in {names}")
+    if c.sp not in get_args(SP):
+        bad.append(f"sp={c.sp!r} is not one of {get_args(SP)}")
+    elif c.sp == "megatron" and c.size("tp") == 1:
+        bad.append("sp='megatron' splits the sequence over tp: add a tp axis")
+    if c.recompute not in get_args(Recompute):
+        bad.append(f"recompute={c.recompute!r} is not one of {get_args(Recompute)}")
+    if c.zero not in (None, 0, 1, 2, 3):
+        bad.append(f"zero={c.zero!r}: the stages are 0, 1, 2, 3 (or None)")
+    elif c.zero is not None and c.size("pp") > 1:
+        bad.append("ZeRO with a pipeline is not something colofn runs: drop zero or pp")
+    if all(isinstance(n, int) and n >= 1 for _, n in c.mesh):
+        mb = c.microbatches if c.size("pp") > 1 else 1
+        if m.n_heads % c.size("tp"):
+            bad.append(f"tp={c.size('tp')} does not divide n_heads={m.n_heads}")
+        if m.n_layers % c.size("pp"):
+            bad.append(f"pp={c.size('pp')} does not divide n_layers={m.n_layers}")
+        if global_batch % (c.size("dp") * mb):
+            bad.append(f"global batch {global_batch} does not split over dp={c.size('dp')} x {mb} microbatches")
+    if bad:
+        raise ConfigError(format_failures(f"Candidate {c} cannot run {m.name} (global batch {global_batch}):", bad,
+                                          fix="pick sizes that divide the model and the batch "
+                                          "(colofn.plan.candidates lists the legal ones)"))

@@ -1,0 +1,181 @@
+"""Bytes each device sends per step, collective by collective.
+
+Every entry is ``calls`` collectives of ``nbytes`` input each over one mesh
+axis; its bytes are :func:`colofn.tracing.volume` of that input, the rule
+:func:`colofn.comm_trace` records with, so a prediction can be compared with a
+trace entry by entry (``tests/test_plan.py`` does, on the simulated world).
+
+What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
+``h`` width, ``L`` layers on the device, ``P`` parameter bytes on the device):
+
+* dp: one all-reduce of the gradients (``P``) in the backward, a tied
+  embedding's twice (once per read); ZeRO 0 the
+  same after the backward; ZeRO 1 and 2: a reduce-scatter of the gradients
+  (stage 2: unit by unit in the backward) and an all-gather of the updated
+  parameter shards; ZeRO 3: an all-gather in the forward, another in the
+  backward (less an untied embedding, which the backward does not read) and
+  a reduce-scatter (Rajbhandari et al. 2020, section 7). Phases are
+  :func:`colofn.comm_trace`'s: ``"backward"`` inside autograd's backward,
+  ``"forward"`` anything else (the optimizer step included).
+  The loss mean adds one all-reduce of two fp32 scalars (one under ZeRO).
+* tp (Megatron, Shoeybi et al. 2019): ``2L + 1`` all-reduces of ``b*s*h``
+  activations in the forward (attention, MLP, vocabulary-parallel
+  embedding) and as many in the backward, plus the vocabulary-parallel
+  cross-entropy's all-reduces of ``b*s`` and ``2*b*s`` fp32 statistics.
+* tp with Megatron sequence parallelism (Korthikanti et al. 2022): each
+  all-reduce becomes an all-gather of ``b*s*h/t`` and a reduce-scatter of
+  ``b*s*h``; the gradients of the replicated parameters (norms, position
+  table) are all-reduced over tp in the backward (with dp, the norms' over
+  dp and tp at once, axis ``"dp+tp"``).
+* pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
+  gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
+  metadata messages are not counted. With pp, dp all-reduces the gradients
+  of every microbatch (and the loss of each), and the tp collectives of the
+  embedding (forward) and head (backward) run on the first and last stage.
+
+>>> from colofn.plan import Candidate, model
+>>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
+['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 84608 B']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from colofn.plan._candidate import Candidate
+from colofn.plan._memory import MIXED_ADAM, Precision, device_params, zero_params, zero_units
+from colofn.plan._model import ModelShape
+from colofn.tracing import volume
+
+__all__ = ["Collective", "step_collectives"]
+
+Phase = Literal["forward", "backward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """``calls`` collectives ``op`` of ``nbytes`` input each, over mesh axis ``axis`` of ``n`` devices."""
+
+    what: str
+    op: str
+    axis: str
+    n: int
+    phase: Phase
+    calls: int
+    nbytes: int
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes one device sends for all the calls (the rule of :func:`colofn.tracing.volume`)."""
+        if self.op == "send":
+            return self.calls * self.nbytes
+        return self.calls * volume(self.op, self.nbytes, self.n)[0]
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.op} {self.axis} {self.phase}: {self.calls} x {self.nbytes} B"
+
+
+def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
+    """(norm parameters, position-table parameters) of pipeline stage ``stage``: what tp replicates."""
+    pp = c.size("pp")
+    norms = 2 * (m.n_layers // pp) * m._norm + (m._norm if stage == pp - 1 else 0)
+    return norms, m.pos_params if stage == 0 else 0
+
+
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
+    n = c.size("dp")
+    if n == 1:
+        return []
+    p = device_params(m, c, stage)
+    grads, params = p * pr.comm_grad, p * pr.param
+    calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
+    if c.zero is None and m.tie_embeddings and c.size("pp") == 1:
+        # Gradients are summed over dp where a parameter is read (the transpose of
+        # its pvary): the tied embedding, read twice, is all-reduced twice.
+        p += m.vocab_size * m.d_model // c.size("tp")
+        grads = p * pr.comm_grad
+    if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
+        # Norm gradients are summed over dp and tp at once; the position table's
+        # over tp (in _tp), then its sequence shard over dp.
+        t, (norms, pos) = c.size("tp"), _replicated(m, c, stage)
+        dp_grads = (p - norms - pos + pos // t) * pr.comm_grad
+        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
+                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
+    if c.zero is None:  # plain dp: all-reduced inside the backward
+        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, grads)]
+    if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
+        p = zero_params(m, c)
+        grads, params = p * pr.comm_grad, p * pr.param
+    shard = params // n
+    if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
+        return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
+    if c.stage in (1, 2):
+        return [Collective("grads", "reduce_scatter", "dp", n, "backward" if c.stage == 2 else "forward", 1, grads),
+                Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
+    # The backward does not read an untied embedding (its gradient is a scatter of
+    # the output gradient), so stage 3 does not gather it again.
+    first = 0 if m.tie_embeddings else -(-zero_units(m, c)[0] // n) * n
+    return [Collective("params", "all_gather", "dp", n, "forward", 1, shard),
+            Collective("params", "all_gather", "dp", n, "backward", 1, (p - first) * pr.param // n),
+            Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]
+
+
+def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
+    t, pp = c.size("tp"), c.size("pp")
+    mb = c.microbatches if pp > 1 else 1
+    if t == 1:
+        return []
+    first, last = stage == 0, stage == pp - 1
+    act = b * m.seq_len * m.d_model * pr.activation
+    layers = m.n_layers // pp
+    # Two per block each way; the vocabulary-parallel embedding's in the forward
+    # (first stage), the head's input in the backward (last stage).
+    calls = {"forward": (2 * layers + first) * mb, "backward": (2 * layers + last) * mb}
+    out = []
+    for phase in ("forward", "backward"):
+        if c.sp == "megatron":
+            out += [Collective("activations", "all_gather", "tp", t, phase, calls[phase], act // t),  # type: ignore[arg-type]
+                    Collective("activations", "reduce_scatter", "tp", t, phase, calls[phase], act)]  # type: ignore[arg-type]
+        else:
+            out.append(Collective("activations", "all_reduce", "tp", t, phase, calls[phase], act))  # type: ignore[arg-type]
+    if last:
+        out += [Collective("loss max", "all_reduce", "tp", t, "forward", mb, b * m.seq_len * 4),
+                Collective("loss sums", "all_reduce", "tp", t, "forward", mb, 2 * b * m.seq_len * 4)]
+    if c.sp == "megatron":
+        norms, pos = _replicated(m, c, stage)
+        # Plain dp sums the norms' gradients over dp and tp at once (in _dp); ZeRO owns dp itself.
+        replicated = pos if c.size("dp") > 1 and c.zero is None else norms + pos
+        out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
+    return out
+
+
+def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
+    pp = c.size("pp")
+    if pp == 1:
+        return []
+    act = b * m.seq_len * m.d_model * pr.activation // (c.size("tp") if c.sp == "megatron" else 1)
+    out = []
+    if stage < pp - 1:
+        out.append(Collective("activations", "send", "pp", pp, "forward", c.microbatches, act))
+    if stage > 0:
+        out.append(Collective("activation grads", "send", "pp", pp, "backward", c.microbatches, act))
+    return out
+
+
+def microbatch_rows(c: Candidate, global_batch: int) -> int:
+    """Rows of one microbatch on one dp rank."""
+    mb = c.microbatches if c.size("pp") > 1 else 1
+    return global_batch // (c.size("dp") * mb)
+
+
+def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
+                     precision: Precision = MIXED_ADAM, stage: int = 0) -> list[Collective]:
+    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside)."""
+    b = microbatch_rows(c, global_batch)
+    out = []
+    if c.size("dp") > 1 and stage == c.size("pp") - 1:
+        scalars = 1 if c.zero is not None else 2
+        calls = c.microbatches if c.size("pp") > 1 else 1
+        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", calls, 4 * scalars))
+    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage)

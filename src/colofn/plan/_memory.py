@@ -1,0 +1,125 @@
+"""Memory per device: model states (the ZeRO paper's formulas) and activations (Korthikanti et al. 2022).
+
+Model states reuse :func:`colofn.zero.memory.formula_bytes` (the formulas
+``docs/zero.md`` states and the tests match to 1.000) on the parameters one
+device holds after tensor and pipeline parallelism (ZeRO 1-3: with each unit
+padded to a multiple of the dp size, as :mod:`colofn.zero.flat` pads). Activations follow
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", section 4 (16-bit activations, bytes per layer, ``s``
+sequence, ``b`` microbatch, ``h`` width, ``a`` heads, ``t`` tensor-parallel size):
+
+=================================  ================================
+no parallelism                     ``s*b*h*(34 + 5*a*s/h)``
+tensor parallel                    ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``
+tensor + sequence parallel         ``s*b*h/t*(34 + 5*a*s/h)``
++ selective recompute              drops the ``5*a*s/h`` term
+full recompute                     ``2*s*b*h`` (the layer input; ``/t`` with sp)
+=================================  ================================
+
+>>> activation_bytes_per_layer(s=2048, b=1, h=12288, a=96, t=8, sp=True, recompute="selective") / 2**20
+102.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from colofn.plan._candidate import Candidate, Recompute
+from colofn.plan._model import ModelShape
+from colofn.zero.memory import formula_bytes
+
+__all__ = ["FP32_ADAM", "MIXED_ADAM", "Precision", "activation_bytes_per_layer", "device_params", "model_state_bytes",
+           "zero_params", "zero_units"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter of each model state, and per activation element.
+
+    Attributes:
+        param, grad: bytes of one parameter and of its gradient as the step holds them.
+        states: master weights plus optimizer state (the paper's ``K``).
+        comm_grad: bytes per gradient element on the wire.
+        activation: bytes per activation element (Korthikanti's formulas assume 2).
+        fixed: bytes held whatever the model (Adam's step count).
+    """
+
+    param: int
+    grad: int
+    states: int
+    comm_grad: int
+    activation: int = 2
+    fixed: int = 0
+
+
+# The ZeRO paper's mixed-precision Adam: bf16/fp16 params and grads, K = 12 (fp32 master, m, v).
+MIXED_ADAM = Precision(param=2, grad=2, states=12, comm_grad=2)
+# What `colofn train` holds between steps: fp32 params and Adam's two moments (gradients are transient).
+# The int32 step count is the 4 fixed bytes.
+FP32_ADAM = Precision(param=4, grad=0, states=8, comm_grad=4, activation=4, fixed=4)
+
+
+def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
+    """Parameters a device of pipeline stage ``stage`` holds after tensor parallelism (``None``: the largest stage).
+
+    The first stage holds the embeddings, the last the final norm and the head
+    (the tied embedding again), each with ``n_layers / pp`` blocks.
+    """
+    t, pp = c.size("tp"), c.size("pp")
+    if stage is None:
+        return max(device_params(m, c, s) for s in {0, pp - 1})
+    h, norm = m.d_model, m._norm
+    block = m.layer_tp_params // t + 2 * norm
+    emb = m.vocab_size * h // t
+    total = m.n_layers // pp * block
+    if stage == 0:
+        total += emb + m.pos_params
+    if stage == pp - 1:
+        total += norm + (emb if pp > 1 or not m.tie_embeddings else 0)
+    return total
+
+
+def zero_units(m: ModelShape, c: Candidate) -> list[int]:
+    """Parameters of each ZeRO unit a device holds (no pipeline): the embeddings, each block, the final norm, the head.
+
+    :mod:`colofn.zero.flat` pads each unit to a multiple of the dp size.
+    """
+    t, norm = c.size("tp"), m._norm
+    emb = m.vocab_size * m.d_model // t
+    units = [emb + m.pos_params] + [m.layer_tp_params // t + 2 * norm] * m.n_layers + [norm]
+    return units + ([] if m.tie_embeddings else [emb])
+
+
+def zero_params(m: ModelShape, c: Candidate) -> int:
+    """:func:`device_params` as ZeRO stages 1-3 hold them: each unit padded to a multiple of dp."""
+    n = c.size("dp")
+    if c.stage == 0 or c.size("pp") > 1:
+        return device_params(m, c)
+    return sum(-(-u // n) * n for u in zero_units(m, c))
+
+
+def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_ADAM) -> float:
+    """Model-state bytes per device: :func:`device_params` under ZeRO stage ``c.zero`` over ``dp``.
+
+    >>> from colofn.plan import Candidate, model
+    >>> model_state_bytes(model("gpt2-124m"), Candidate((("dp", 4),), zero=3)) == 16 * 124356864 / 4
+    True
+    """
+    p = zero_params(m, c)
+    return precision.fixed + formula_bytes(stage=c.stage, params=p * precision.param, grads=p * precision.grad,
+                                           states=p * precision.states, n=c.size("dp"))
+
+
+def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                               recompute: Recompute = "none", element: int = 2) -> float:
+    """Korthikanti et al. 2022's activation bytes of one transformer layer (table above).
+
+    ``element`` scales from their 2-byte activations (4 for fp32).
+    """
+    scale = element / 2
+    if recompute == "full":
+        return scale * 2 * s * b * h / (t if sp else 1)
+    attn = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return scale * s * b * h / t * (34 + attn)
+    return scale * s * b * h * (10 + 24 / t + attn / t)

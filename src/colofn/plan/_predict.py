@@ -1,0 +1,141 @@
+"""Predict one candidate: memory per device, bytes per link class, pipeline bubble, step time, MFU.
+
+Step time is ``compute / (1 - bubble) + exposed communication``:
+
+* compute: the device's share of the step's FLOPs (:meth:`ModelShape.flops_per_token`
+  times tokens, over all devices; full recompute adds one forward, a third;
+  selective recompute the attention core's forward, ``4 s h`` per token and layer)
+  at ``efficiency`` times the cluster's peak;
+* bubble: the idle fraction :func:`colofn.pipeline.simulate` finds for the
+  schedule with ``T_B = 2 T_F`` (``T_I = T_W = T_F`` for zero-bubble schedules);
+* communication: each collective's bytes over its link's bandwidth plus one
+  latency per call. An axis is intra-node when its group fits in a node
+  (axes are row-major: the last axis is innermost). Gradient collectives in
+  the backward overlap the backward's compute (two thirds of it); tensor
+  parallel collectives sit on the critical path.
+
+>>> from colofn.plan import Candidate, cluster, model
+>>> p = predict(model("gpt2-124m"), Candidate((("dp", 8),)), cluster("cpu-local"), global_batch=8)
+>>> p.fits, round(p.memory / 2**30, 2)
+(True, 3.05)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import cache
+
+from colofn.plan._candidate import Candidate, check
+from colofn.plan._cluster import Cluster
+from colofn.plan._comm import Collective, microbatch_rows, step_collectives
+from colofn.plan._memory import MIXED_ADAM, Precision, activation_bytes_per_layer, model_state_bytes
+from colofn.plan._model import ModelShape
+
+__all__ = ["Prediction", "link", "pipeline_shape", "predict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What the planner predicts for one candidate (bytes, seconds; per device)."""
+
+    candidate: Candidate
+    model_states: float
+    activations: float
+    collectives: tuple[Collective, ...]
+    intra_bytes: int
+    inter_bytes: int
+    bubble: float
+    compute_s: float
+    comm_s: float
+    step_s: float
+    mfu: float
+    memory_limit: float
+
+    @property
+    def memory(self) -> float:
+        return self.model_states + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.memory <= self.memory_limit
+
+    @property
+    def reason(self) -> str:
+        """Why it does not fit ("" when it does)."""
+        if self.fits:
+            return ""
+        gib = 2**30
+        return (f"needs {self.memory / gib:.1f} GiB per device ({self.model_states / gib:.1f} model states + "
+                f"{self.activations / gib:.1f} activations) > {self.memory_limit / gib:.1f} GiB")
+
+
+@cache
+def pipeline_shape(schedule: str, pp: int, microbatches: int) -> tuple[float, int]:
+    """``(bubble, peak in-flight microbatches)`` of the schedule, from :func:`colofn.pipeline.simulate`.
+
+    >>> pipeline_shape("gpipe", 4, 8)
+    (0.2727272727272727, 8)
+    """
+    if pp == 1:
+        return 0.0, 1
+    from colofn.pipeline.registry import make_schedule
+    from colofn.pipeline.simulation import Costs, simulate
+
+    r = simulate(make_schedule(schedule, pp, microbatches), Costs(forward=1, input_grad=1, weight_grad=1))
+    return max(r.bubble), max(r.peak_activations)
+
+
+def link(c: Candidate, axis: str, cl: Cluster) -> str:
+    """``"intra"`` when the groups of ``axis`` (``"dp+tp"``: both) fit in one node, else ``"inter"``."""
+    names = [a for a, _ in c.mesh]
+    axes = axis.split("+")
+    first = min(names.index(a) for a in axes)
+    span = math.prod(n for _, n in c.mesh[first:])
+    return "intra" if span <= cl.devices_per_node else "inter"
+
+
+def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
+    b, t = microbatch_rows(c, global_batch), c.size("tp")
+    layer = activation_bytes_per_layer(s=m.seq_len, b=b, h=m.d_model, a=m.n_heads, t=t,
+                                       sp=c.sp == "megatron", recompute=c.recompute, element=pr.activation)
+    # The logits (fp32, vocabulary-parallel) of the last stage: not in Korthikanti's per-layer formula.
+    logits = b * m.seq_len * m.vocab_size * 4 / t
+    return layer * (m.n_layers // c.size("pp")) * in_flight + logits
+
+
+def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, efficiency: float = 0.5,
+            precision: Precision = MIXED_ADAM) -> Prediction:
+    """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step.
+
+    Raises:
+        ConfigError: ``c`` cannot run ``m`` (every reason, see :func:`~colofn.plan.check`).
+    """
+    check(m, c, global_batch)
+    bubble, in_flight = pipeline_shape(c.schedule, c.size("pp"), c.microbatches)
+    tokens = global_batch * m.seq_len
+    flops = m.flops_per_token() * tokens / c.devices
+    if c.recompute == "full":  # one more forward: a third of the training FLOPs
+        flops *= 4 / 3
+    elif c.recompute == "selective":  # the attention core's forward again: 4 s h FLOPs per token and layer
+        flops += 4 * m.n_layers * m.seq_len * m.d_model * tokens / c.devices
+    compute = flops / (cl.peak_flops * efficiency)
+    # The stage that sends the most bytes sets the pace.
+    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
+                       for s in range(c.size("pp"))), key=lambda cs: sum(x.bytes_sent for x in cs)))
+    by_link = {"intra": 0, "inter": 0}
+    exposed = hidden = 0.0
+    for col in colls:
+        where = link(c, col.axis, cl)
+        by_link[where] += col.bytes_sent
+        bw, lat = (cl.intra_bw, cl.intra_latency) if where == "intra" else (cl.inter_bw, cl.inter_latency)
+        secs = col.bytes_sent / bw + col.calls * lat
+        if col.axis == "dp" and col.phase == "backward":
+            hidden += secs
+        else:
+            exposed += secs
+    comm = exposed + max(0.0, hidden - compute * 2 / 3)
+    step = compute / (1 - bubble) + comm
+    mfu = m.flops_per_token() * tokens / (step * c.devices * cl.peak_flops)
+    return Prediction(c, model_state_bytes(m, c, precision), _activations(m, c, global_batch, precision, in_flight),
+                      colls, by_link["intra"], by_link["inter"], bubble, compute, comm, step, mfu, cl.memory)

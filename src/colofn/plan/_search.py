@@ -1,0 +1,64 @@
+"""Enumerate the compositions colofn can run on a device count, predict each, rank them.
+
+Legal means what ``colofn train`` accepts (``docs/train.md``): ``pp x dp x tp``
+equal to the device count; ``tp`` divides the heads and stays inside a node;
+``pp`` divides the layers; the batch splits over dp and the microbatches;
+ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp.
+
+>>> from colofn.plan import cluster, model
+>>> ranked, refused = search(model("gpt2-124m"), cluster("cpu-local"), devices=8, global_batch=8)
+>>> str(ranked[0].candidate), len(refused)
+('dp=8', 0)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from colofn.errors import ConfigError
+from colofn.plan._candidate import Candidate, Recompute
+from colofn.plan._cluster import Cluster
+from colofn.plan._model import ModelShape
+from colofn.plan._predict import Prediction, predict
+
+__all__ = ["candidates", "search"]
+
+SCHEDULES = ("1f1b", "gpipe", "zb_h1")
+RECOMPUTE: tuple[Recompute, ...] = ("none", "selective", "full")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int) -> Iterator[Candidate]:
+    """Every legal candidate (see the module docstring), pipelines with ``pp``, ``2 pp``, ``4 pp`` microbatches."""
+    for pp in _divisors(devices):
+        for tp in _divisors(devices // pp):
+            dp = devices // pp // tp
+            if m.n_layers % pp or m.n_heads % tp or tp > cl.devices_per_node or global_batch % dp:
+                continue
+            mesh = tuple((a, n) for a, n in (("pp", pp), ("dp", dp), ("tp", tp)) if n > 1) or (("dp", 1),)
+            sps = ("none", "megatron") if tp > 1 else ("none",)
+            zeros = (None, 1, 2, 3) if dp > 1 and pp == 1 else (None,)
+            pipes = [(s, k * pp) for s in SCHEDULES for k in (1, 2, 4) if global_batch % (dp * k * pp) == 0] if pp > 1 else [("1f1b", 1)]
+            for sp, zero, (sched, mb), rc in itertools.product(sps, zeros, pipes, RECOMPUTE):
+                yield Candidate(mesh, sp=sp, zero=zero, schedule=sched, microbatches=mb, recompute=rc)  # type: ignore[arg-type]
+
+
+def search(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
+           efficiency: float = 0.5) -> tuple[list[Prediction], list[Prediction]]:
+    """``(ranked, refused)``: the candidates that fit, fastest first, and those that do not (``.reason``)."""
+    if devices < 1 or global_batch < 1:
+        raise ConfigError(f"devices={devices} and global_batch={global_batch} must be >= 1")
+    preds = [predict(m, c, cl, global_batch=global_batch, efficiency=efficiency)
+             for c in candidates(m, cl, devices=devices, global_batch=global_batch)]
+    if not preds:
+        raise ConfigError(
+            f"no legal composition of {m.name} on {devices} devices with global batch {global_batch}: "
+            f"make the batch a multiple of the data-parallel size, or pick a device count that divides "
+            f"the layers ({m.n_layers}) or heads ({m.n_heads})")
+    fits = sorted((p for p in preds if p.fits), key=lambda p: (p.step_s, p.memory))
+    refused = sorted((p for p in preds if not p.fits), key=lambda p: p.memory)
+    return fits, refused
