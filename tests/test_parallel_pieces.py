@@ -49,14 +49,33 @@ def test_fully_masked_block_has_zero_weight_and_no_nan():
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_ring_attention(n):
+def test_ring_attention_contiguous(n):
     q, k, v = _qkv()
     f = _mapped(
+        lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp", "contiguous"),
+        {"sp": n},
+        P(None, None, "sp"),
+        P(None, None, "sp"),
+    )
+    assert_equivalent(f, gpt.attention_core, q, k, v, world_size=n)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ring_attention_zigzag(n):
+    """The zig-zag layout: the inputs permuted by ``zigzag_order`` and the output permuted back."""
+    q, k, v = _qkv()
+    order = sp.chunks.zigzag_order(q.shape[-2], n)
+    inverse = torch.argsort(order)
+    ring = _mapped(
         lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp"),
         {"sp": n},
         P(None, None, "sp"),
         P(None, None, "sp"),
     )
+
+    def f(q, k, v):
+        return ring(q[:, :, order], k[:, :, order], v[:, :, order]).full_tensor()[:, :, inverse]
+
     assert_equivalent(f, gpt.attention_core, q, k, v, world_size=n)
 
 
@@ -67,7 +86,7 @@ def test_ring_attention_communication():
         mesh = colofn.Mesh((n,), ("sp",))
         q, k, v = (t.requires_grad_() for t in _qkv())
         f = colofn.shard_map(
-            lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp"),
+            lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp", "contiguous"),
             mesh=mesh,
             in_specs=P(None, None, "sp"),
             out_specs=P(None, None, "sp"),
