@@ -83,7 +83,7 @@ def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Pla
 
 
 def relayout(tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """This rank's contiguous ``[b, s]`` block of token ids (or targets) -> the plan's :attr:`~Plan.seq_layout`.
+    """This rank's contiguous ``[..., b, s]`` block of token ids (or targets) -> the plan's :attr:`~Plan.seq_layout`.
 
     Ring attention holds the zig-zag layout (:func:`colofn.parallel.sp.to_zigzag`:
     one tiled all-gather of the ids over ``sp``); the residual stream stays in it
@@ -91,7 +91,7 @@ def relayout(tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
     Other plans return ``tokens`` unchanged.
     """
     if plan.seq_layout == "zigzag" and plan.sp_axis is not None:
-        return sp.to_zigzag(tokens, plan.sp_axis)
+        return sp.to_zigzag(tokens, plan.sp_axis, dim=-1)
     return tokens
 
 
@@ -172,9 +172,10 @@ def local_loss(
     under ring attention the tokens and targets are first re-laid out zig-zag
     (:func:`relayout`).
     """
-    x = embed(params["embed"], relayout(batch["tokens"], plan), config, plan)
+    tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)
+    x = embed(params["embed"], tokens, config, plan)
     x, aux = layers_forward(params["layers"], x, config, plan)
-    nll, count = head_sums(params, x, relayout(batch["targets"], plan), config, plan)
+    nll, count = head_sums(params, x, targets, config, plan)
     return _mean(nll, count, plan) + config.aux_loss_coef * aux
 
 

@@ -74,6 +74,7 @@ def to_zigzag(x: torch.Tensor, axis: str, dim: int = 1) -> torch.Tensor:
     n = axis_size(axis)
     if n == 1:
         return x
+    dim = dim % x.ndim
     whole = all_gather(x, axis, axis_dim=dim, tiled=True)
     c = whole.shape[dim] // (2 * n)
     parts = [whole.narrow(dim, j * c, c) for j in chunk_ids("zigzag", n, int(axis_index(axis)))]

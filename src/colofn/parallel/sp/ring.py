@@ -47,18 +47,24 @@ from colofn.models import gpt
 from colofn.parallel.sp.blockwise import block, merge
 from colofn.parallel.sp.chunks import Layout, chunk_ids
 
-__all__ = ["attention", "ring_attention", "schedule", "work"]
+__all__ = ["attend_step", "attention", "ring_attention", "schedule", "work"]
 
 
-def schedule(layout: Layout, n: int, i: int) -> list[list[tuple[int, int, int, int]]]:
+def schedule(
+    layout: Layout, n: int, i: int, skip: bool | None = None
+) -> list[list[tuple[int, int, int, int]]]:
     """The blocks rank ``i`` of ``n`` computes at each ring step.
 
     ``steps[t]`` lists ``(q_local, kv_local, q_chunk, kv_chunk)``: the local
     index of the query chunk among this rank's and of the key/value chunk among
     the block received at step ``t``, then their global chunk indices. A pair
-    whose key chunk is entirely in the query chunk's future is left out under
-    ``"zigzag"`` (skipped) and kept under ``"contiguous"`` (masked).
+    whose key chunk is entirely in the query chunk's future is left out if
+    ``skip``; by default (None, what :func:`ring_attention` runs) it is under
+    ``"zigzag"`` and kept (masked) under ``"contiguous"``. ``skip=True`` with
+    ``"contiguous"`` is for counting only: the causal work of that split.
     """
+    if skip is None:
+        skip = layout == "zigzag"
     mine = chunk_ids(layout, n, i)
     steps = []
     for t in range(n):
@@ -68,13 +74,13 @@ def schedule(layout: Layout, n: int, i: int) -> list[list[tuple[int, int, int, i
                 (a, b, qa, kb)
                 for a, qa in enumerate(mine)
                 for b, kb in enumerate(theirs)
-                if layout == "contiguous" or kb <= qa
+                if not skip or kb <= qa
             ]
         )
     return steps
 
 
-def work(layout: Layout, n: int, i: int, seq: int) -> dict[str, int]:
+def work(layout: Layout, n: int, i: int, seq: int, skip: bool | None = None) -> dict[str, int]:
     """Attention scores rank ``i`` of ``n`` computes for a sequence of ``seq`` tokens, by :func:`schedule`.
 
     ``"computed"``: query-key scores evaluated (``c * c`` per block, ``c`` the
@@ -82,12 +88,13 @@ def work(layout: Layout, n: int, i: int, seq: int) -> dict[str, int]:
     proportional to the attention FLOPs (``4 * head_dim`` per score, forward).
     """
     c = seq // (n * len(chunk_ids(layout, n, 0)))
+    steps = schedule(layout, n, i, skip)
     computed = useful = 0
-    for step in schedule(layout, n, i):
+    for step in steps:
         for _, _, qa, kb in step:
             computed += c * c
             useful += c * c if kb < qa else c * (c + 1) // 2 if kb == qa else 0
-    return {"blocks": sum(map(len, schedule(layout, n, i))), "computed": computed, "useful": useful}
+    return {"blocks": sum(map(len, steps)), "computed": computed, "useful": useful}
 
 
 def ring_attention(
@@ -107,18 +114,35 @@ def ring_attention(
             f"use a sequence length that is a multiple of {m * n}"
         )
     c = q.shape[-2] // m
-    qs = q.split(c, dim=-2)
-    acc: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * m
+    acc: Partials = [None] * m
     kv = torch.stack([k, v])
     for t, step in enumerate(schedule(layout, n, i)):
         if t:
             kv = ppermute(kv, axis, to_next)  # now the block of rank (i - t) mod n
-        kvs = kv.split(c, dim=-2)
-        for a, b, qa, kb in step:
-            o, lse = block(qs[a], kvs[b][0], kvs[b][1], q_offset=qa * c, kv_offset=kb * c)
-            prev = acc[a]
-            acc[a] = (o, lse) if prev is None else merge(*prev, o, lse)
+        acc = attend_step(acc, q, kv, step, c)
     return torch.cat([part[0] for part in acc if part is not None], dim=-2).to(q.dtype)
+
+
+Partials = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def attend_step(
+    acc: Partials, q: torch.Tensor, kv: torch.Tensor, step: list[tuple[int, int, int, int]], c: int
+) -> Partials:
+    """One ring step's compute: each block of ``step`` (:func:`schedule`) merged into its query chunk's partial.
+
+    ``acc[a]`` is ``(out, lse)`` of local query chunk ``a`` so far (None before
+    its first block); ``q`` is ``[b, h, s/n, hd]`` and ``kv`` the received ``k``
+    and ``v`` stacked; ``c`` is the chunk length. No communication (the
+    benchmark times ranks' compute with it).
+    """
+    qs, kvs = q.split(c, dim=-2), kv.split(c, dim=-2)
+    acc = list(acc)
+    for a, b, qa, kb in step:
+        o, lse = block(qs[a], kvs[b][0], kvs[b][1], q_offset=qa * c, kv_offset=kb * c)
+        prev = acc[a]
+        acc[a] = (o, lse) if prev is None else merge(*prev, o, lse)
+    return acc
 
 
 def attention(
