@@ -63,7 +63,7 @@ def setups(draw, name):
     top_k = draw(st.integers(1, min(2, n_experts))) if n_experts else 1
     batch_ranks = math.prod(sizes[a] for a in plan.batch_axes)
     b = batch_ranks * draw(st.sampled_from([1, 2]))
-    s = sp * draw(st.sampled_from([1, 2, 3]))
+    s = sp * (2 if plan.seq_layout == "zigzag" else 1) * draw(st.sampled_from([1, 2, 3]))  # ring: 2 chunks a rank
     cfg = gpt.config(
         "tiny",
         vocab_size=tp * draw(st.sampled_from([8, 12])),
