@@ -70,6 +70,9 @@ Params = dict[str, Any]
 def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """Token (+ learned position) embeddings of this rank's ``tokens`` in the plan's residual layout.
 
+    ``tokens`` are in :attr:`Plan.seq_layout` (under ring attention, zig-zag:
+    pass the :func:`~colofn.parallel.batch_specs` block through :func:`relayout`).
+
     With ``tp`` the table is split by vocabulary: partial embeddings summed
     over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
     """
