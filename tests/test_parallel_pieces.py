@@ -186,6 +186,34 @@ def test_routing_with_whole_batch_statistics(capacity, batch_n, seq_n):
     assert_equivalent(f, single, router, x, world_size=batch_n * seq_n)
 
 
+@pytest.mark.parametrize("capacity", [0.5, 1.0])
+@pytest.mark.parametrize(("batch_n", "seq_n"), [(1, 3), (2, 2)])
+def test_routing_in_the_zigzag_layout(capacity, batch_n, seq_n):
+    """Ring attention's tokens (two chunks a rank) drop by capacity in global token order, as one device."""
+    cfg = gpt.config("tiny", n_experts=4, top_k=2, capacity_factor=capacity)
+    router = random.normal(random.key(0), (cfg.d_model, 4), torch.float64)
+    x = random.normal(random.key(1), (4, 12, cfg.d_model), torch.float64)
+    order = sp.chunks.zigzag_order(12, seq_n)
+
+    def local(router, x):
+        r = ep.route(router, x, cfg, batch_axes=("b",), seq_axis="s", seq_layout="zigzag")
+        b, s = x.shape[:2]
+        return r.gates.reshape(b, s, -1), r.keep.reshape(b, s, -1).double(), r.aux_loss
+
+    mapped = _mapped(local, {"b": batch_n, "s": seq_n}, (P(), P("b", "s")), (P("b", "s"), P("b", "s"), P()))
+
+    def parallel(router, x):
+        gates, keep, aux = mapped(router, x[:, order])
+        back = torch.argsort(order)
+        return gates.full_tensor()[:, back], keep.full_tensor()[:, back], aux
+
+    def single(router, x):
+        r = gpt.route(router, x.reshape(-1, x.shape[-1]), cfg)
+        return r.gates.reshape(4, 12, -1), r.keep.reshape(4, 12, -1).double(), r.aux_loss
+
+    assert_equivalent(parallel, single, router, x, world_size=batch_n * seq_n)
+
+
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_expert_parallel_equals_local_experts(n):
     cfg = gpt.config("tiny", n_experts=4, top_k=2, capacity_factor=1.0)
