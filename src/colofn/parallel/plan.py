@@ -44,7 +44,8 @@ class Plan:
             2022: norms and residuals on sequence shards of the ``tp`` axis);
             ``"ulysses"`` (Jacobs et al. 2023: all-to-all heads <-> sequence
             around attention over ``sp_axis``); ``"ring"`` (Liu et al. 2023:
-            key/value blocks passed around the ``sp_axis`` ring).
+            key/value blocks passed around the ``sp_axis`` ring; each rank
+            holds two zig-zag chunks of the sequence, see :attr:`seq_layout`).
         sp_axis: the axis the sequence is split over for ``"ulysses"`` and
             ``"ring"``; ``"megatron"`` uses ``tp`` (leave it None or equal to ``tp``).
         ep: expert parallel: the experts of MoE layers are split over it and
