@@ -252,7 +252,7 @@ def check_batch(
         chunks = n * (2 if plan.seq_layout == "zigzag" else 1)
         if plan.seq_axis is not None and s % chunks:
             what = f"sp={n}" if chunks == n else f"2 * sp = {chunks}"
-            why = " (zig-zag: two chunks per rank, one from each end)" if plan.seq_layout == "zigzag" else ""
+            why = " into 2 zig-zag chunks per rank, one from each end" if plan.seq_layout == "zigzag" else ""
             failures.append(
                 f"seq {s} is not divisible by {what} (sp={plan.sp!r} splits the sequence over "
                 f"{plan.seq_axis!r}{why}); use a seq length that is a multiple of {chunks}"
