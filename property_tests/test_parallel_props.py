@@ -35,6 +35,7 @@ COMBOS = {
     "dp+ulysses": (Plan(dp="dp", sp="ulysses", sp_axis="sp"), ("dp", "sp"), False),
     "tp+ulysses": (Plan(tp="tp", sp="ulysses", sp_axis="sp"), ("sp", "tp"), False),
     "dp+ring": (Plan(dp="dp", sp="ring", sp_axis="sp"), ("dp", "sp"), False),
+    "tp+ring": (Plan(tp="tp", sp="ring", sp_axis="sp"), ("sp", "tp"), False),
     "dp+ep": (Plan(dp="dp", ep="ep"), ("dp", "ep"), True),
     "tp+ep": (Plan(tp="tp", ep="ep"), ("ep", "tp"), True),
     "megatron_sp+ep_on_dp": (Plan(dp="dp", tp="tp", sp="megatron", ep="dp"), ("dp", "tp"), True),
