@@ -35,6 +35,7 @@ COMBOS = {
     "dp+ulysses": (Plan(dp="dp", sp="ulysses", sp_axis="sp"), ("dp", "sp"), False),
     "tp+ulysses": (Plan(tp="tp", sp="ulysses", sp_axis="sp"), ("sp", "tp"), False),
     "dp+ring": (Plan(dp="dp", sp="ring", sp_axis="sp"), ("dp", "sp"), False),
+    "tp+ring": (Plan(tp="tp", sp="ring", sp_axis="sp"), ("sp", "tp"), False),
     "dp+ep": (Plan(dp="dp", ep="ep"), ("dp", "ep"), True),
     "tp+ep": (Plan(tp="tp", ep="ep"), ("ep", "tp"), True),
     "megatron_sp+ep_on_dp": (Plan(dp="dp", tp="tp", sp="megatron", ep="dp"), ("dp", "tp"), True),
@@ -63,7 +64,7 @@ def setups(draw, name):
     top_k = draw(st.integers(1, min(2, n_experts))) if n_experts else 1
     batch_ranks = math.prod(sizes[a] for a in plan.batch_axes)
     b = batch_ranks * draw(st.sampled_from([1, 2]))
-    s = sp * draw(st.sampled_from([1, 2, 3]))
+    s = sp * (2 if plan.seq_layout == "zigzag" else 1) * draw(st.sampled_from([1, 2, 3]))  # ring: 2 chunks a rank
     cfg = gpt.config(
         "tiny",
         vocab_size=tp * draw(st.sampled_from([8, 12])),

@@ -266,7 +266,7 @@ def test_bad_batch_fails_before_any_communication():
         _bad_batch_program, cfg, Plan(dp="dp", sp="ring", sp_axis="sp"), world_size=4
     )[0]
     assert n == 0
-    assert "batch 3 is not divisible" in msg and "seq 7 is not divisible by sp=2" in msg
+    assert "batch 3 is not divisible" in msg and "seq 7 is not divisible by 2 * sp = 4" in msg and "zig-zag" in msg
 
 
 def test_make_loss_checks_the_plan_first():

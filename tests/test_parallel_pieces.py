@@ -49,14 +49,33 @@ def test_fully_masked_block_has_zero_weight_and_no_nan():
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_ring_attention(n):
+def test_ring_attention_contiguous(n):
     q, k, v = _qkv()
     f = _mapped(
+        lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp", "contiguous"),
+        {"sp": n},
+        P(None, None, "sp"),
+        P(None, None, "sp"),
+    )
+    assert_equivalent(f, gpt.attention_core, q, k, v, world_size=n)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ring_attention_zigzag(n):
+    """The zig-zag layout: the inputs permuted by ``zigzag_order`` and the output permuted back."""
+    q, k, v = _qkv()
+    order = sp.chunks.zigzag_order(q.shape[-2], n)
+    inverse = torch.argsort(order)
+    ring = _mapped(
         lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp"),
         {"sp": n},
         P(None, None, "sp"),
         P(None, None, "sp"),
     )
+
+    def f(q, k, v):
+        return ring(q[:, :, order], k[:, :, order], v[:, :, order]).full_tensor()[:, :, inverse]
+
     assert_equivalent(f, gpt.attention_core, q, k, v, world_size=n)
 
 
@@ -67,7 +86,7 @@ def test_ring_attention_communication():
         mesh = colofn.Mesh((n,), ("sp",))
         q, k, v = (t.requires_grad_() for t in _qkv())
         f = colofn.shard_map(
-            lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp"),
+            lambda q, k, v: sp.ring.ring_attention(q, k, v, "sp", "contiguous"),
             mesh=mesh,
             in_specs=P(None, None, "sp"),
             out_specs=P(None, None, "sp"),
@@ -165,6 +184,34 @@ def test_routing_with_whole_batch_statistics(capacity, batch_n, seq_n):
         (P("b", "s"), P("b", "s"), P()),
     )
     assert_equivalent(f, single, router, x, world_size=batch_n * seq_n)
+
+
+@pytest.mark.parametrize("capacity", [0.5, 1.0])
+@pytest.mark.parametrize(("batch_n", "seq_n"), [(1, 3), (2, 2)])
+def test_routing_in_the_zigzag_layout(capacity, batch_n, seq_n):
+    """Ring attention's tokens (two chunks a rank) drop by capacity in global token order, as one device."""
+    cfg = gpt.config("tiny", n_experts=4, top_k=2, capacity_factor=capacity)
+    router = random.normal(random.key(0), (cfg.d_model, 4), torch.float64)
+    x = random.normal(random.key(1), (4, 12, cfg.d_model), torch.float64)
+    order = sp.chunks.zigzag_order(12, seq_n)
+
+    def local(router, x):
+        r = ep.route(router, x, cfg, batch_axes=("b",), seq_axis="s", seq_layout="zigzag")
+        b, s = x.shape[:2]
+        return r.gates.reshape(b, s, -1), r.keep.reshape(b, s, -1).double(), r.aux_loss
+
+    mapped = _mapped(local, {"b": batch_n, "s": seq_n}, (P(), P("b", "s")), (P("b", "s"), P("b", "s"), P()))
+
+    def parallel(router, x):
+        gates, keep, aux = mapped(router, x[:, order])
+        back = torch.argsort(order)
+        return gates.full_tensor()[:, back], keep.full_tensor()[:, back], aux
+
+    def single(router, x):
+        r = gpt.route(router, x.reshape(-1, x.shape[-1]), cfg)
+        return r.gates.reshape(4, 12, -1), r.keep.reshape(4, 12, -1).double(), r.aux_loss
+
+    assert_equivalent(parallel, single, router, x, world_size=batch_n * seq_n)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])

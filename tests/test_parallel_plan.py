@@ -178,8 +178,13 @@ def test_check_batch():
         check_batch(plan, {"dp": 2, "sp": 4}, (3, 10), 8)
     msg = str(e.value)
     assert "batch 3 is not divisible by the 2 ranks of ('dp',)" in msg
-    assert "seq 10 is not divisible by sp=4 (sp='ring' splits the sequence over 'sp')" in msg
+    assert (
+        "seq 10 is not divisible by 2 * sp = 8 (sp='ring' splits the sequence over 'sp' "
+        "into 2 zig-zag chunks per rank, one from each end); use a seq length that is a multiple of 8"
+    ) in msg
     assert "seq 10 is longer than config.seq_len=8" in msg
     with pytest.raises(PlanError, match=r"tokens must be \[batch, seq\]"):
         check_batch(plan, {"dp": 2, "sp": 4}, (4,), 8)
     check_batch(Plan(dp="dp", tp="tp", sp="megatron"), {"dp": 1, "tp": 2}, torch.Size([1, 6]), 8)
+    with pytest.raises(PlanError, match=r"seq 6 is not divisible by sp=4 \(sp='ulysses'"):
+        check_batch(Plan(sp="ulysses", sp_axis="sp"), {"sp": 4}, (1, 6), 8)

@@ -35,6 +35,7 @@ def losses(tmp_path) -> tuple[list[float], list[float]]:
         ("pp=2,dp=2", {"schedule": "gpipe", "microbatches": 2}),
         ("dp=2,ep=2", {"experts": 2}),
         ("dp=2,sp=2", {"sp": "ring"}),
+        ("pp=2,sp=2", {"sp": "ring", "schedule": "1f1b", "microbatches": 2}),  # zig-zag tokens/targets per stage
     ],
 )
 def test_composed_strategies_equal_single_device(tmp_path, capsys, mesh, extra):

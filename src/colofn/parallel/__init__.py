@@ -20,6 +20,7 @@ from colofn.parallel.gpt import (
     local_loss,
     make_loss,
     make_value_and_grad,
+    relayout,
     shard_params,
     stage_forward,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "make_loss",
     "make_value_and_grad",
     "param_specs",
+    "relayout",
     "rules",
     "shard_params",
     "sp",

@@ -59,6 +59,7 @@ __all__ = [
     "local_loss",
     "make_loss",
     "make_value_and_grad",
+    "relayout",
     "shard_params",
     "stage_forward",
 ]
@@ -69,23 +70,41 @@ Params = dict[str, Any]
 def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """Token (+ learned position) embeddings of this rank's ``tokens`` in the plan's residual layout.
 
+    ``tokens`` are in :attr:`Plan.seq_layout` (under ring attention, zig-zag:
+    pass the :func:`~colofn.parallel.batch_specs` block through :func:`relayout`).
+
     With ``tp`` the table is split by vocabulary: partial embeddings summed
     over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
     """
     if plan.tp is None:
-        positions = sp.local_positions(tokens.shape[1], plan.seq_axis, tokens.device)
+        positions = sp.local_positions(tokens.shape[1], plan.seq_axis, tokens.device, plan.seq_layout)
         return gpt.embed(params, tokens, config, positions=positions)
     x = tp.leave(tp.embed_partial(params["tok"], tokens, plan.tp), plan)
     if config.pos == "learned":
-        x = x + params["pos"][sp.local_positions(x.shape[1], plan.seq_axis, x.device)]
+        x = x + params["pos"][sp.local_positions(x.shape[1], plan.seq_axis, x.device, plan.seq_layout)]
     return x
 
 
+def relayout(tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """This rank's contiguous ``[..., b, s]`` block of token ids (or targets) -> the plan's :attr:`~Plan.seq_layout`.
+
+    Ring attention holds the zig-zag layout (:func:`colofn.parallel.sp.to_zigzag`:
+    one tiled all-gather of the ids over ``sp``); the residual stream stays in it
+    from the embedding to the loss, a sum over tokens that ignores their order.
+    Other plans return ``tokens`` unchanged.
+    """
+    if plan.seq_layout == "zigzag" and plan.sp_axis is not None:
+        return sp.to_zigzag(tokens, plan.sp_axis, dim=-1)
+    return tokens
+
+
 def _attention(params: Params, h: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
-    if plan.sp in ("ulysses", "ring"):
-        positions = sp.local_positions(h.shape[1], plan.sp_axis, h.device)
-        strategy = sp.ulysses if plan.sp == "ulysses" else sp.ring
-        return strategy.attention(params, h, config, plan.sp_axis, positions)
+    axis = plan.sp_axis
+    if plan.sp in ("ulysses", "ring") and axis is not None:
+        positions = sp.local_positions(h.shape[1], axis, h.device, plan.seq_layout)
+        if plan.sp == "ring":
+            return sp.ring.attention(params, h, config, axis, positions, plan.seq_layout)
+        return sp.ulysses.attention(params, h, config, axis, positions)
     return gpt.attention(params, h, config)  # whole sequences (Megatron-SP gathered them)
 
 
@@ -150,10 +169,16 @@ def _mean(nll: torch.Tensor, count: torch.Tensor, plan: Plan) -> torch.Tensor:
 def local_loss(
     params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Plan
 ) -> torch.Tensor:
-    """The step's loss on this rank's blocks, equal to ``gpt.loss`` of the whole batch (invariant on every rank)."""
-    x = embed(params["embed"], batch["tokens"], config, plan)
+    """The step's loss on this rank's blocks, equal to ``gpt.loss`` of the whole batch (invariant on every rank).
+
+    The blocks are the contiguous ones of :func:`~colofn.parallel.batch_specs`;
+    under ring attention the tokens and targets are first re-laid out zig-zag
+    (:func:`relayout`).
+    """
+    tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)
+    x = embed(params["embed"], tokens, config, plan)
     x, aux = layers_forward(params["layers"], x, config, plan)
-    nll, count = head_sums(params, x, batch["targets"], config, plan)
+    nll, count = head_sums(params, x, targets, config, plan)
     return _mean(nll, count, plan) + config.aux_loss_coef * aux
 
 
@@ -174,7 +199,8 @@ def stage_forward(
         ``"final_norm"`` and ``"head"`` (or ``"embed"`` with ``"tok"`` when tied)
         on the last (``layers.stop == config.n_layers``). Shard them with
         :func:`~colofn.parallel.layer_specs` / :func:`~colofn.parallel.param_specs`.
-      * ``inputs``: this rank's token block on the first stage, else the
+      * ``inputs``: this rank's token block on the first stage (contiguous, as
+        :func:`~colofn.parallel.batch_specs` lays it out), else the
         previous stage's activations (the residual stream in the plan's layout).
       * Returns ``(out, aux)``: the activations for the next stage, or on the
         last stage the mean cross-entropy of the microbatch (needs ``targets``);
@@ -182,14 +208,14 @@ def stage_forward(
         The microbatch's loss is the last stage's ``out`` plus every stage's ``aux``.
     """
     first, last = layers.start == 0, layers.stop == config.n_layers
-    x = embed(params["embed"], inputs, config, plan) if first else inputs
+    x = embed(params["embed"], relayout(inputs, plan), config, plan) if first else inputs
     x, aux = layers_forward(params["layers"], x, config, plan, first_layer=layers.start)
     aux = config.aux_loss_coef * aux
     if not last:
         return x, aux
     if targets is None:
         raise TypeError("stage_forward: the last stage needs targets=... to compute the loss")
-    return _mean(*head_sums(params, x, targets, config, plan), plan), aux
+    return _mean(*head_sums(params, x, relayout(targets, plan), config, plan), plan), aux
 
 
 def make_loss(

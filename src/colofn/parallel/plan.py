@@ -44,7 +44,8 @@ class Plan:
             2022: norms and residuals on sequence shards of the ``tp`` axis);
             ``"ulysses"`` (Jacobs et al. 2023: all-to-all heads <-> sequence
             around attention over ``sp_axis``); ``"ring"`` (Liu et al. 2023:
-            key/value blocks passed around the ``sp_axis`` ring).
+            key/value blocks passed around the ``sp_axis`` ring; each rank
+            holds two zig-zag chunks of the sequence, see :attr:`seq_layout`).
         sp_axis: the axis the sequence is split over for ``"ulysses"`` and
             ``"ring"``; ``"megatron"`` uses ``tp`` (leave it None or equal to ``tp``).
         ep: expert parallel: the experts of MoE layers are split over it and
@@ -84,6 +85,16 @@ class Plan:
         if self.sp == "megatron":
             return self.tp
         return self.sp_axis if self.sp in ("ulysses", "ring") else None
+
+    @property
+    def seq_layout(self) -> Literal["contiguous", "zigzag"]:
+        """Which tokens a rank of :attr:`seq_axis` holds: ``"zigzag"`` under ring attention, else ``"contiguous"``.
+
+        Ring attention cuts the sequence into ``2 * sp`` chunks and gives rank
+        ``i`` chunks ``i`` and ``2 * sp - 1 - i`` (:mod:`colofn.parallel.sp.chunks`),
+        so every rank has the same causal attention work.
+        """
+        return "zigzag" if self.sp == "ring" else "contiguous"
 
     @property
     def token_axes(self) -> tuple[str, ...]:
@@ -236,11 +247,15 @@ def check_batch(
             failures.append(
                 f"batch {b} is not divisible by the {nb} ranks of {plan.batch_axes} it is split over"
             )
-        if plan.seq_axis is not None and s % size.get(plan.seq_axis, 1):
-            n = size[plan.seq_axis]
+        # Ring attention's zig-zag layout cuts the sequence into 2 chunks per rank.
+        n = size.get(plan.seq_axis, 1) if plan.seq_axis else 1
+        chunks = n * (2 if plan.seq_layout == "zigzag" else 1)
+        if plan.seq_axis is not None and s % chunks:
+            what = f"sp={n}" if chunks == n else f"2 * sp = {chunks}"
+            why = " into 2 zig-zag chunks per rank, one from each end" if plan.seq_layout == "zigzag" else ""
             failures.append(
-                f"seq {s} is not divisible by sp={n} (sp={plan.sp!r} splits the sequence over "
-                f"{plan.seq_axis!r}); use a seq length that is a multiple of {n}"
+                f"seq {s} is not divisible by {what} (sp={plan.sp!r} splits the sequence over "
+                f"{plan.seq_axis!r}{why}); use a seq length that is a multiple of {chunks}"
             )
         if s > seq_len:
             failures.append(f"seq {s} is longer than config.seq_len={seq_len}")

@@ -132,8 +132,10 @@ def batch_specs(plan: Plan) -> dict[str, PartitionSpec]:
     """Specs of ``{"tokens", "targets"}`` ``[batch, seq]``.
 
     The batch dim is split over :attr:`Plan.batch_axes`; the sequence over the
-    ring/Ulysses axis. Megatron-SP keeps whole sequences on each ``tp`` rank
-    (the vocabulary-parallel embedding reduce-scatters them into shards).
+    ring/Ulysses axis, in contiguous blocks (ring attention's zig-zag layout is
+    made inside, by :func:`~colofn.parallel.relayout`). Megatron-SP keeps whole
+    sequences on each ``tp`` rank (the vocabulary-parallel embedding
+    reduce-scatters them into shards).
 
     >>> batch_specs(Plan(dp="dp", sp="ulysses", sp_axis="sp"))["tokens"]
     P('dp', 'sp')

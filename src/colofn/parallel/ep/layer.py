@@ -27,7 +27,9 @@ def moe(
     loss is their ``pmean``: invariant, with each rank's share of the gradient.
     """
     seq_axis = plan.sp_axis if plan.sp in ("ulysses", "ring") else None
-    r = route(params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis)
+    r = route(
+        params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis, seq_layout=plan.seq_layout
+    )
     tokens = rearrange(x, "b s d -> (b s) d")
     if plan.ep is None:
         y = local_experts(params, tokens, r, config)

@@ -26,6 +26,7 @@ from einops import rearrange, reduce
 
 from colofn.collectives import all_gather, axis_index, axis_size, psum
 from colofn.models import gpt
+from colofn.parallel.sp.chunks import Layout, chunk_ids
 
 __all__ = ["route"]
 
@@ -41,10 +42,12 @@ def route(
     *,
     batch_axes: tuple[str, ...] = (),
     seq_axis: str | None = None,
+    seq_layout: Layout = "contiguous",
 ) -> gpt.Routing:
     """Route this rank's tokens ``x`` ``[b, s, d]``, a block of the global ``[B, S, d]``.
 
-    ``batch_axes`` split ``B`` (first axis major) and ``seq_axis`` splits ``S``.
+    ``batch_axes`` split ``B`` (first axis major) and ``seq_axis`` splits ``S``
+    in ``seq_layout`` (ring attention's zig-zag: :mod:`~colofn.parallel.sp.chunks`).
     Returns a :class:`colofn.models.gpt.Routing` for the ``b * s`` local tokens
     (row-major) equal to ``gpt.route`` on the global tokens, restricted to this block.
     """
@@ -65,35 +68,45 @@ def route(
     else:
         capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
         per_token = rearrange(chosen.detach(), "(b s) k e -> b s k e", b=b)
-        keep = rearrange(_rank_in_expert(per_token, batch_axes, seq_axis) < capacity, "b s k -> (b s) k")
+        keep = rearrange(_rank_in_expert(per_token, batch_axes, seq_axis, seq_layout) < capacity, "b s k -> (b s) k")
     return gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
 
 
 def _rank_in_expert(
-    chosen: torch.Tensor, batch_axes: tuple[str, ...], seq_axis: str | None
+    chosen: torch.Tensor, batch_axes: tuple[str, ...], seq_axis: str | None, seq_layout: Layout = "contiguous"
 ) -> torch.Tensor:
     """For each local assignment ``[b, s, k]``: how many assignments to its expert precede it in GShard order.
 
     The order is slot-major, then global token order (row ``B``, then
-    position ``S``). ``chosen`` is ``[b, s, k, E]`` one-hot.
+    position ``S``). ``chosen`` is ``[b, s, k, E]`` one-hot; its ``s`` tokens
+    are this rank's chunks of the sequence in ``seq_layout``
+    (:mod:`~colofn.parallel.sp.chunks`: one chunk, or two under zig-zag).
     """
-    per_row = reduce(chosen, "b s k e -> b k e", "sum")  # this shard's count in each row, slot and expert
-    grid = rearrange(per_row, "b k e -> 1 b k e")  # [n_seq, b, k, E] once gathered
+    n_seq = axis_size(seq_axis) if seq_axis else 1
+    i_s = int(axis_index(seq_axis)) if seq_axis else 0
+    layout = seq_layout if seq_axis else "contiguous"
+    mine = chunk_ids(layout, n_seq, i_s)
+    m = len(mine)
+    chunks = rearrange(chosen, "b (m c) k e -> m b c k e", m=m)
+    per_chunk = reduce(chunks, "m b c k e -> b m k e", "sum")  # this shard's count per row, chunk, slot, expert
+    grid = rearrange(per_chunk, "b m k e -> 1 b m k e")  # [n_seq, b, m, k, E] once gathered
     if seq_axis:
-        grid = all_gather(per_row, seq_axis, axis_dim=0, to="invariant")
-    grid = rearrange(grid, "n_seq b k e -> 1 n_seq b k e")  # [n_batch, n_seq, b, k, E] once gathered
+        grid = all_gather(per_chunk, seq_axis, axis_dim=0, to="invariant")
+    owner = {g: (r, a) for r in range(n_seq) for a, g in enumerate(chunk_ids(layout, n_seq, r))}
+    grid = torch.stack([grid[owner[g][0], :, owner[g][1]] for g in range(n_seq * m)])  # [chunks, b, k, E]
+    grid = rearrange(grid, "n_chunk b k e -> 1 n_chunk b k e")  # [n_batch, n_chunk, b, k, E] once gathered
     if batch_axes:
         grid = all_gather(grid.squeeze(0), batch_axes, axis_dim=0, to="invariant")
-    n_batch, n_seq, b, k, e = grid.shape
-    # Blocks in GShard order: slot, global row (batch shard, local row), sequence shard.
-    flat = rearrange(grid, "n_batch n_seq b k e -> k (n_batch b n_seq) e")
+    n_batch, n_chunk, b, k, e = grid.shape
+    # Blocks in GShard order: slot, global row (batch shard, local row), sequence chunk.
+    flat = rearrange(grid, "n_batch n_chunk b k e -> k (n_batch b n_chunk) e")
     before_slot = flat.sum(dim=1).cumsum(dim=0) - flat.sum(dim=1)  # [k, E]: all earlier slots
     before_block = flat.cumsum(dim=1) - flat  # [k, blocks, E]: earlier blocks of the same slot
     i_b = int(axis_index(batch_axes)) if batch_axes else 0
-    i_s = int(axis_index(seq_axis)) if seq_axis else 0
-    rows = (i_b * b + torch.arange(b)) * n_seq + i_s  # this shard's block of each local row
-    offset = before_slot.unsqueeze(1) + before_block[:, rows]  # [k, b, E]
-    within = (
-        chosen.cumsum(dim=1) - chosen
-    )  # [b, s, k, E]: earlier positions of the same row and shard
-    return ((rearrange(offset, "k b e -> b 1 k e") + within) * chosen).sum(dim=-1)  # [b, s, k]
+    out = []
+    for a, g in enumerate(mine):
+        rows = (i_b * b + torch.arange(b)) * n_chunk + g  # this chunk's block of each local row
+        offset = before_slot.unsqueeze(1) + before_block[:, rows]  # [k, b, E]
+        within = chunks[a].cumsum(dim=1) - chunks[a]  # [b, c, k, E]: earlier positions of the same row and chunk
+        out.append(((rearrange(offset, "k b e -> b 1 k e") + within) * chunks[a]).sum(dim=-1))  # [b, c, k]
+    return torch.cat(out, dim=1)
