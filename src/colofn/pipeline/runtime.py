@@ -316,16 +316,16 @@ def _broadcast_tree(tree: Any, g: _comm.AxisGroup, source: int) -> Any:
         leaves, treedef = jt.flatten(tree)
         leaves = [x.detach().contiguous() for x in leaves]
         wire = _wire_meta.encode((treedef, [(tuple(x.shape), x.dtype) for x in leaves]))
-        size = torch.tensor([wire.numel()], dtype=torch.int64)
+        dist.broadcast(torch.tensor([wire.numel()], dtype=torch.int64), src=src, group=g.group)
+        dist.broadcast(wire, src=src, group=g.group)
     else:
         size = torch.zeros(1, dtype=torch.int64)
-    dist.broadcast(size, src=src, group=g.group)
-    if tree is None:
+        dist.broadcast(size, src=src, group=g.group)
         wire = torch.empty(int(size), dtype=torch.int64)
-    dist.broadcast(wire, src=src, group=g.group)
-    if tree is None:
-        treedef, specs = _wire_meta.decode(wire)
-        leaves = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+        dist.broadcast(wire, src=src, group=g.group)
+        received, specs = _wire_meta.decode(wire)
+        assert received is not None  # encoded from a tree above, on the source rank
+        treedef, leaves = received, [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
     for x in leaves:
         dist.broadcast(x, src=src, group=g.group)
     return jt.unflatten(treedef, leaves)
