@@ -361,16 +361,19 @@ def _failures(plan: ModulePlan, module: nn.Module, params: Any, mesh_shape: Mapp
             continue
         if value is not None and value % tp:
             out.append(f"{path}={value} is not divisible by tp={tp}; {what} are split over tp")
-    if module.training:
-        for name, m in module.named_modules():
-            p = m.p if isinstance(m, nn.Dropout) else m.dropout if isinstance(m, nn.MultiheadAttention) else 0.0
-            if p > 0:
-                out.append(
-                    f"{name} is nn.{type(m).__name__}({'p' if isinstance(m, nn.Dropout) else 'dropout'}={p}) in "
-                    "training mode: dropout is not reproduced across ranks; set the model's dropout probabilities "
-                    "to 0.0 (or call model.eval())"
-                )
-                break
+    if module.training:  # the first nn.Dropout, else the first nn.MultiheadAttention, with p > 0
+        modules = list(module.named_modules())
+        dropping = [(n, f"nn.Dropout(p={m.p})") for n, m in modules if isinstance(m, nn.Dropout) and m.p > 0] + [
+            (n, f"nn.MultiheadAttention(dropout={m.dropout})")
+            for n, m in modules
+            if isinstance(m, nn.MultiheadAttention) and m.dropout > 0
+        ]
+        if dropping:
+            name, what = dropping[0]
+            out.append(
+                f"{name or 'the module'} is {what} in training mode: dropout is not reproduced across ranks; "
+                "set the model's dropout probabilities to 0.0 (or call model.eval())"
+            )
     flat = to_state_dict(params)
     used = set()
     for name, t in flat.items():

@@ -177,7 +177,7 @@ def encoder(
         (rf"{pre}linear1\.(weight|bias)", P(tp)),
         (rf"{pre}linear2\.weight", P(None, tp)),
     )
-    rewrites = (
+    rewrites: tuple[tuple[str, Rewrite], ...] = (
         (rf"{pre}self_attn", Rewrite("mha", dim=seq)),
         (rf"{pre}linear1", Rewrite("enter_input", dim=seq)),
         (rf"{pre}linear2", Rewrite("row", dim=seq)),
