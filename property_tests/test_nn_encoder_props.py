@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import colofn
+from _nn_steps import (
+    loss_grads_and_adamw_steps,  # a module of property_tests/ (on sys.path under pytest)
+)
 from colofn import P, optim, zero
-from colofn import tree as jt
 from colofn.nn import hf, parallelize, to_state_dict
 from colofn.testing import assert_trees_close
 
@@ -128,25 +130,14 @@ def test_encoder_stack_under_plan_equals_one_device(s):
         batch_specs = {k: P(dp) for k in data}
         loss_fn = colofn.shard_map(lambda p, b: colofn.pmean(local(p, b), "dp") if dp else local(p, b), mesh=mesh,
                                    in_specs=(par.specs, batch_specs), out_specs=P())
-        params = jt.map(torch.Tensor.requires_grad_, par.shard())
-        loss = loss_fn(params, data)
-        grads = jt.unflatten(jt.structure(params), torch.autograd.grad(loss.to_local(), jt.leaves(params)))
-        out = {"loss": float(loss.to_local()), "grads": to_state_dict(par.module_params(grads))}
-        if s["zero"] is not None:  # ZeRO owns dp: the per-device loss is this rank's mean
-            opt = optim.sgd(LR, momentum=0.9)
-            state = zero.init(par.shard(), opt, mesh, axis="dp", stage=s["zero"])
-            for _ in range(STEPS):
-                state, _ = zero.train_step(local, opt, state, data)
-            out["params"] = to_state_dict(par.module_params(zero.export_state(state)["params"]))
-            return out
-        opt = optim.adamw(LR, weight_decay=0.01)
-        state = opt.init(params)
+        if s["zero"] is None:
+            return loss_grads_and_adamw_steps(par, loss_fn, data, STEPS, LR)
+        out = loss_grads_and_adamw_steps(par, loss_fn, data, 0, LR)
+        opt = optim.sgd(LR, momentum=0.9)  # ZeRO owns dp: the per-device loss is this rank's mean
+        state = zero.init(par.shard(), opt, mesh, axis="dp", stage=s["zero"])
         for _ in range(STEPS):
-            p = jt.map(lambda t: t.detach().requires_grad_(), params)
-            g = torch.autograd.grad(loss_fn(p, data).to_local(), jt.leaves(p))
-            updates, state = opt.update(jt.unflatten(jt.structure(p), g), state, p)
-            params = jt.map(torch.Tensor.detach, optim.apply_updates(p, updates))
-        out["params"] = to_state_dict(par.module_params(params))
+            state, _ = zero.train_step(local, opt, state, data)
+        out["params"] = to_state_dict(par.module_params(zero.export_state(state)["params"]))
         return out
 
     got = colofn.launch(program, world_size=math.prod(axes.values()))[0]
