@@ -3,7 +3,7 @@
 Hypothesis draws the stack (``d_model``, heads, feed-forward width, layers,
 ``norm_first``, ``batch_first``, relu or gelu, bias on or off, inside an
 ``nn.TransformerEncoder`` or an ``nn.Sequential``), the mask (none, causal,
-key padding), the sequence length, the mesh (dp and tp sizes 1, 2 or 4),
+key padding, per head), the sequence length, the mesh (dp and tp sizes 1, 2 or 4),
 Megatron-SP on or off, and the optimizer path: three AdamW steps on the mesh,
 or ZeRO 1-3 over dp with SGD. The attention runs tensor parallel: the packed
 ``in_proj_weight`` split by heads over ``tp``, ``num_heads / tp`` local heads,
@@ -53,7 +53,7 @@ def setups(draw):
         norm_first=draw(st.booleans()),
         bias=draw(st.booleans()),
     )
-    mask = draw(st.sampled_from(["none", "causal", "padding"]))
+    mask = draw(st.sampled_from(["none", "causal", "padding", "per_head"]))
     container = "encoder" if mask != "none" else draw(st.sampled_from(["encoder", "sequential"]))
     return {
         "mesh": {"dp": dp, "tp": tp}, "sp": sp, "layer": layer, "layers": draw(st.integers(1, 3)),
@@ -83,6 +83,8 @@ def _data(s):
         pad = torch.rand(b, n, generator=g) < 0.4
         pad[:, 0] = False
         data["pad"] = pad
+    if s["mask"] == "per_head":  # an additive [batch * heads, L, L] mask: each rank takes its heads' rows
+        data["head_mask"] = torch.randn(b * s["layer"]["nhead"], n, n, generator=g, dtype=torch.float64)
     return data
 
 
@@ -95,6 +97,8 @@ def _loss(apply, s, params, b):
                   "is_causal": True}
     elif s["mask"] == "padding":
         kwargs = {"src_key_padding_mask": b["pad"]}
+    elif s["mask"] == "per_head":
+        kwargs = {"mask": b["head_mask"]}
     out = apply(params, x, **kwargs)
     out = out if s["layer"]["batch_first"] else out.transpose(0, 1)
     return (out - b["y"]).square().mean()
@@ -112,7 +116,7 @@ def _reference(net, s, data):
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
-    return float(loss), grads, {n: p.detach().clone() for n, p in net.named_parameters()}
+    return float(loss.detach()), grads, {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

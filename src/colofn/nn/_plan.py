@@ -229,7 +229,7 @@ def _first(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _attention_mask(
-    m: Any, plan: ModulePlan, q: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+    plan: ModulePlan, q: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
     is_causal: bool,
 ) -> tuple[torch.Tensor | None, bool]:
     """``(mask for scaled_dot_product_attention, is_causal)`` as ``F.multi_head_attention_forward`` forms them, for the local heads."""
@@ -280,7 +280,7 @@ def _mha(plan: ModulePlan, m: Any, dim: int, tp_size: int) -> Callable[..., tupl
             F.linear(x, w[i], None if bias is None else bias[i]).unflatten(-1, (heads, -1)).transpose(1, 2)
             for i in range(3)
         )
-        mask, causal = _attention_mask(m, plan, q, attn_mask, key_padding_mask, is_causal)
+        mask, causal = _attention_mask(plan, q, attn_mask, key_padding_mask, is_causal)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).transpose(1, 2).flatten(2)
         if not m.batch_first:
             o = o.transpose(0, 1)
