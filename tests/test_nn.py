@@ -250,6 +250,14 @@ def test_mha_rewrite_splits_a_bare_multihead_attention_by_heads():
 
     with pytest.raises(PlanError, match=r"the module is nn.MultiheadAttention\(dropout=0.1\) in training mode"):
         colofn.launch(program2, world_size=1)
+    cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+
+    def program3():
+        parallelize(cross, _mha_plan(), colofn.Mesh((2,), ("tp",)))
+
+    with pytest.raises(PlanError) as e:
+        colofn.launch(program3, world_size=2)
+    assert "the module: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim)" in str(e.value)
 
 
 def _encoder_gloo_program(net, x):

@@ -361,6 +361,17 @@ def _failures(plan: ModulePlan, module: nn.Module, params: Any, mesh_shape: Mapp
             continue
         if value is not None and value % tp:
             out.append(f"{path}={value} is not divisible by tp={tp}; {what} are split over tp")
+    for name, m, rw in _matches(plan, module):
+        if rw.kind != "mha":
+            continue
+        where = name or "the module"
+        if not isinstance(m, nn.MultiheadAttention):
+            out.append(f"{where} is a {type(m).__name__}: Rewrite('mha') is for nn.MultiheadAttention")
+        elif not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            out.append(f"{where}: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim) and no "
+                       "add_bias_kv / add_zero_attn")
+        elif m.num_heads % tp:
+            out.append(f"{where}.num_heads={m.num_heads} is not divisible by tp={tp}; attention heads are split over tp")
     if module.training:  # the first nn.Dropout, else the first nn.MultiheadAttention, with p > 0
         modules = list(module.named_modules())
         dropping = [(n, f"nn.Dropout(p={m.p})") for n, m in modules if isinstance(m, nn.Dropout) and m.p > 0] + [

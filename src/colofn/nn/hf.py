@@ -184,9 +184,8 @@ def encoder(
     )
     if sp:
         rewrites += ((re.escape(layers[0]), Rewrite("split_seq", dim=seq)), (re.escape(layers[-1]), Rewrite("gather_seq", ("invariant",), dim=seq)))
-    checks = tuple((f"{n}.self_attn.num_heads" if n else "self_attn.num_heads", "attention heads") for n in layers)
     return ModulePlan(rules=rules, rewrites=rewrites, packed=((rf"{pre}self_attn\.in_proj_(weight|bias)", 0, 3),),
-                      dp=dp, tp=tp, sp=sp, checks=checks, name="the TransformerEncoderLayer plan")
+                      dp=dp, tp=tp, sp=sp, name="the TransformerEncoderLayer plan")  # parallelize checks the heads against tp
 
 
 def _encoder_plan(model: nn.Module, dp: str | tuple[str, ...] | None, tp: str | None, sp: bool) -> ModulePlan:
