@@ -29,7 +29,7 @@ from colofn import P, optim, zero
 from colofn.nn import hf, parallelize, to_state_dict
 from colofn.testing import assert_trees_close
 
-EXAMPLES = max(3, settings.default.max_examples // 3)  # 4 under the quick profile, 100 under long
+EXAMPLES = max(3, settings.default.max_examples // 2)  # 6 under the quick profile, 150 under long
 RTOL, ATOL = 1e-7, 1e-10
 # the key bias's gradient is 0 up to rounding (softmax ignores a per-query constant); AdamW scales that
 # rounding to ~lr * 1e-9 in a few steps, so the parameters after AdamW are compared to 1e-8

@@ -259,26 +259,3 @@ def test_mha_rewrite_splits_a_bare_multihead_attention_by_heads():
         colofn.launch(program3, world_size=2)
     assert "the module: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim)" in str(e.value)
 
-
-def _encoder_gloo_program(net, x):
-    mesh = colofn.Mesh((2,), ("tp",))
-    par = parallelize(net, hf.plan_for(net, tp="tp", sp=True), mesh)
-    f = colofn.shard_map(lambda p, x: par.apply(p, x).square().mean(), mesh=mesh, in_specs=(par.specs, P()), out_specs=P())
-    params = jt.map(torch.Tensor.requires_grad_, par.shard())
-    loss = f(params, x)
-    grads = torch.autograd.grad(loss.to_local(), jt.leaves(params))
-    return float(loss.to_local().detach()), to_state_dict(par.module_params(jt.unflatten(jt.structure(params), grads)))
-
-
-@pytest.mark.gloo
-def test_encoder_attention_tp_megatron_sp_seq_first_on_gloo_processes():
-    """Heads split over tp and the sequence (dim 0: batch_first=False) split by Megatron-SP, on real gloo ranks."""
-    torch.manual_seed(3)
-    net = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 4, 8, dropout=0.0, norm_first=True), 2,
-                                enable_nested_tensor=False)
-    x = torch.randn(6, 2, 8)  # [seq, batch, d_model]
-    loss, grads = colofn.launch(_encoder_gloo_program, net, x, world_size=2, backend="gloo", timeout=120)[0]
-    ref = net(x).square().mean()
-    ref_grads = dict(zip([n for n, _ in net.named_parameters()], torch.autograd.grad(ref, list(net.parameters())), strict=True))
-    assert loss == pytest.approx(float(ref), rel=1e-5)
-    assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
