@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers")
 
 import colofn  # noqa: E402
+from _nn_steps import loss_grads_and_adamw_steps  # noqa: E402  # a module of property_tests/ (on sys.path under pytest)
 from colofn import optim  # noqa: E402
-from colofn import tree as jt  # noqa: E402
 from colofn.nn import functionalize, hf, to_state_dict  # noqa: E402
 from colofn.testing import assert_trees_close  # noqa: E402
 
@@ -95,21 +95,7 @@ def test_hf_model_under_plan_equals_one_device(check, setup):
         mesh = colofn.Mesh(tuple(axes.values()), tuple(axes))
         plan = hf.plan_for(model, dp="dp" if "dp" in axes else None, tp="tp" if "tp" in axes else None, sp=sp)
         loss_fn, par = hf.make_loss(model, plan, mesh)
-        params = jt.map(torch.Tensor.requires_grad_, par.shard())
-        b = hf.batch(ids)
-        loss = loss_fn(params, b)
-        grads = jt.unflatten(jt.structure(params), torch.autograd.grad(loss.to_local(), jt.leaves(params)))
-        out = {"loss": float(loss.to_local()), "grads": to_state_dict(par.module_params(grads))}
-        if steps:
-            opt = optim.adamw(1e-2, weight_decay=0.01)
-            state = opt.init(params)
-            for _ in range(steps):
-                p = jt.map(lambda t: t.detach().requires_grad_(), params)
-                g = torch.autograd.grad(loss_fn(p, b).to_local(), jt.leaves(p))
-                updates, state = opt.update(jt.unflatten(jt.structure(p), g), state, p)
-                params = jt.map(torch.Tensor.detach, optim.apply_updates(p, updates))
-            out["params"] = to_state_dict(par.module_params(params))
-        return out
+        return loss_grads_and_adamw_steps(par, loss_fn, hf.batch(ids), steps, 1e-2)
 
     got = colofn.launch(program, world_size=math.prod(axes.values()))[0]
     ref_loss, ref_grads, ref_params = _reference(model, ids, steps, 1e-2)

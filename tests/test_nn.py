@@ -13,6 +13,7 @@ from colofn.errors import TreeError
 from colofn.nn import (
     ModulePlan,
     ModuleSharingError,
+    Rewrite,
     functionalize,
     hf,
     parallelize,
@@ -155,9 +156,9 @@ def test_encoder_plan_tp_equals_one_device():
 
 def test_plan_errors_list_every_problem_before_communication():
     net = _encoder(heads=2)
-    with pytest.raises(PlanError, match="does not support sp=True"):
-        hf.plan_for(net, tp="tp", sp=True)
-    plan = hf.plan_for(net, tp="tp")
+    with pytest.raises(PlanError, match="sp=True splits the sequence over the tp axis, but tp is None"):
+        hf.plan_for(net, dp="dp", sp=True)
+    plan = hf.plan_for(net, tp="tp", sp=True)
 
     def program():
         parallelize(net, plan, colofn.Mesh((3,), ("tp",)))
@@ -166,6 +167,12 @@ def test_plan_errors_list_every_problem_before_communication():
         colofn.launch(program, world_size=3)
     text = str(e.value)
     assert "['0']['linear1']['weight']: dim 0 of shape (16, 8) is not divisible by 3 (spec P('tp'))" in text.replace("[0]", "['0']")
+    assert "0.self_attn.num_heads=2 is not divisible by tp=3; attention heads are split over tp" in text
+    assert "1.self_attn.num_heads=2 is not divisible by tp=3" in text
+    mixed = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0))
+    with pytest.raises(PlanError, match="mix batch_first=True and False"):
+        hf.plan_for(mixed, tp="tp")
     with pytest.raises(PlanError, match="no shipped plan for Linear"):
         hf.plan_for(nn.Linear(2, 2))
     dropout = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1))
@@ -202,3 +209,53 @@ def test_functionalized_module_under_jit_equals_one_device():
     ref = apply(ps, x).square().mean()
     assert abs(loss - float(ref)) < 1e-6
     assert_trees_close(grads, list(torch.autograd.grad(ref, jt.leaves(ps))), rtol=1e-5, atol=1e-7)
+
+
+def _mha_plan():
+    return ModulePlan(rules=((r"in_proj_(weight|bias)", P(None, "tp")), (r"out_proj\.weight", P(None, "tp"))),
+                      rewrites=((r"", Rewrite("mha")),), packed=((r"in_proj_(weight|bias)", 0, 3),), tp="tp")
+
+
+def test_mha_rewrite_splits_a_bare_multihead_attention_by_heads():
+    """Rewrite("mha") on its own: each rank holds its heads' q, k, v rows; misuse raises before any collective."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 4, batch_first=True)
+    x, other = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+
+    def program():
+        mesh = colofn.Mesh((2,), ("tp",))
+        par = parallelize(mha, _mha_plan(), mesh)
+        shapes = {n: tuple(t.to_local().shape) for n, t in to_state_dict(par.shard()).items()}
+        f = colofn.shard_map(lambda p, x: par.apply(p, x, x, x, need_weights=False)[0], mesh=mesh,
+                             in_specs=(par.specs, P()), out_specs=P())
+        out = f(par.shard(), x).full_tensor()
+        errors = []
+        for call in (lambda p, x: par.apply(p, x, other, other, need_weights=False)[0],  # cross-attention
+                     lambda p, x: par.apply(p, x, x, x)[0]):  # need_weights=True, nn.MultiheadAttention's default
+            with pytest.raises(ValueError) as e:
+                colofn.shard_map(call, mesh=mesh, in_specs=(par.specs, P()), out_specs=P())(par.shard(), x)
+            errors.append(str(e.value))
+        return shapes, out, errors
+
+    shapes, out, errors = colofn.launch(program, world_size=2)[0]
+    assert shapes["in_proj_weight"] == (3, 4, 8) and shapes["in_proj_bias"] == (3, 4)
+    assert shapes["out_proj.weight"] == (8, 4) and shapes["out_proj.bias"] == (8,)
+    torch.testing.assert_close(out, mha(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+    assert "runs self-attention only" in errors[0]
+    assert "does not return attention weights" in errors[1] and "need_weights=False" in errors[1]
+    dropout = nn.MultiheadAttention(8, 4, dropout=0.1)
+
+    def program2():
+        parallelize(dropout, _mha_plan(), colofn.Mesh((1,), ("tp",)))
+
+    with pytest.raises(PlanError, match=r"the module is nn.MultiheadAttention\(dropout=0.1\) in training mode"):
+        colofn.launch(program2, world_size=1)
+    cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+
+    def program3():
+        parallelize(cross, _mha_plan(), colofn.Mesh((2,), ("tp",)))
+
+    with pytest.raises(PlanError) as e:
+        colofn.launch(program3, world_size=2)
+    assert "the module: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim)" in str(e.value)
+

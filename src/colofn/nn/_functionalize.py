@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,7 +74,7 @@ def _flatten_into(node: Any, prefix: str, out: dict[str, Any]) -> None:
     if isinstance(node, Mapping):
         for k, v in node.items():
             _flatten_into(v, f"{prefix}{k}.", out)
-    elif isinstance(node, (list, tuple)):
+    elif isinstance(node, Sequence) and not isinstance(node, (str, bytes)):  # lists, and ZeRO-3's lazily gathered units
         for i, v in enumerate(node):
             _flatten_into(v, f"{prefix}{i}.", out)
     else:
@@ -131,7 +131,7 @@ class _Functional:
         return mine
 
     def flat(self, params: Any) -> dict[str, Any]:
-        if not isinstance(params, (Mapping, list)):
+        if not isinstance(params, (Mapping, Sequence)) or isinstance(params, (str, bytes)):
             raise TreeError(
                 f"apply of a functionalized {self.module_name} takes the params tree functionalize returned, "
                 f"got {type(params).__name__}"

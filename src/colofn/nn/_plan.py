@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colofn import tree as jt
-from colofn.collectives import axis_index, axis_size, psum, pvary
+from colofn.collectives import all_gather, axis_index, axis_size, psum, psum_scatter, pvary
 from colofn.errors import format_failures
 from colofn.mesh import Mesh, get_mesh
 from colofn.nn._functionalize import _Functional, from_state_dict, to_state_dict
@@ -42,7 +42,7 @@ from colofn.sharding import device_put
 
 __all__ = ["ModulePlan", "Parallelized", "Rewrite", "parallelize"]
 
-Kind = Literal["row", "vocab_embed", "enter", "split_seq", "gather_seq", "local", "packed"]
+Kind = Literal["row", "vocab_embed", "enter", "enter_input", "split_seq", "gather_seq", "local", "packed", "mha"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +59,36 @@ class Rewrite:
         look up the ids this rank holds, zero the rest, sum over ``tp``.
       ``"enter"``: the module's output enters a tensor-parallel region
         (``pvary``; an all-gather of the sequence under sequence parallelism).
+      ``"enter_input"``: the same for the module's first input.
       ``"split_seq"`` / ``"gather_seq"``: the module's first input is split
         into sequence shards over ``tp`` / its first output gathered back
-        (where the sequence-parallel residual stream begins and ends).
+        (where the sequence-parallel residual stream begins and ends); with
+        ``attrs=("invariant",)`` the gathered output is invariant along ``tp``
+        (as a ``psum`` leaves it without sequence parallelism: what follows
+        runs the same on every ``tp`` rank), else it varies (what follows is
+        still split over ``tp``, as a vocabulary-parallel head).
       ``"local"``: divide the integer attributes ``attrs`` by the ``tp``
         size (head counts and split sizes of attention, a column-parallel
         ``Conv1D``'s ``nf``).
       ``"packed"``: a ``Conv1D`` whose packed weight arrives as ``(in, blocks, n)``:
         flattened back before the product.
+      ``"mha"``: an ``nn.MultiheadAttention`` used for self-attention, its packed
+        ``in_proj_weight``/``in_proj_bias`` carried as ``(3, embed_dim, ...)`` and
+        split over ``tp`` by heads (each rank holds its heads' q, k and v rows),
+        ``out_proj`` split by its input dim: runs as a functional computation
+        with ``num_heads / tp`` local heads, entering the tensor-parallel region
+        before the projections and leaving it after ``out_proj`` (as ``"row"``).
+
+    Attributes:
+      kind: one of the kinds above.
+      attrs: the attributes ``"local"`` divides; ``("invariant",)`` for ``"gather_seq"``.
+      dim: the sequence dim of the activations, which Megatron-SP splits
+        (``1`` for ``[batch, seq, ...]``, ``0`` for ``[seq, batch, ...]``).
     """
 
     kind: Kind
     attrs: tuple[str, ...] = ()
+    dim: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +172,20 @@ def take_chunk(x: torch.Tensor, axis: str, dim: int = 1) -> torch.Tensor:
     return blocks.index_select(dim, axis_index(axis).reshape(1).to(x.device)).squeeze(dim)
 
 
+def _enter(x: torch.Tensor, plan: ModulePlan, dim: int) -> torch.Tensor:
+    if plan.sp and dim != megatron.SEQ_DIM:
+        assert plan.tp is not None
+        return all_gather(x, plan.tp, axis_dim=dim, tiled=True)
+    return tp_regions.enter(x, plan.region)
+
+
+def _leave(y: torch.Tensor, plan: ModulePlan, dim: int) -> torch.Tensor:
+    if plan.sp and dim != megatron.SEQ_DIM:
+        assert plan.tp is not None
+        return psum_scatter(y, plan.tp, scatter_dimension=dim, tiled=True)
+    return tp_regions.leave(y, plan.region)
+
+
 def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D: weight [in, out]
 
@@ -164,9 +196,9 @@ def _product(m: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     return F.linear(x, weight)
 
 
-def _row(plan: ModulePlan, m: Any) -> Callable[..., torch.Tensor]:
+def _row(plan: ModulePlan, m: Any, dim: int = 1) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = tp_regions.leave(_product(m, x, m.weight), plan.region)
+        y = _leave(_product(m, x, m.weight), plan, dim)
         return y if m.bias is None else y + m.bias
 
     return forward
@@ -196,31 +228,98 @@ def _first(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return fn(value)
 
 
+def _attention_mask(
+    plan: ModulePlan, q: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+) -> tuple[torch.Tensor | None, bool]:
+    """``(mask for scaled_dot_product_attention, is_causal)`` as ``F.multi_head_attention_forward`` forms them, for the local heads."""
+    if is_causal and key_padding_mask is None:
+        return None, True  # torch's hint: the mask is the causal one
+    b, h, length, _ = q.shape
+    mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=q.dtype, check_other=False)
+    if mask is None and is_causal:
+        mask = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    if mask is not None:
+        if mask.dim() == 3:  # [batch * heads, L, S]: this rank's heads
+            assert plan.tp is not None
+            mask = take_chunk(mask.unflatten(0, (b, -1)), plan.tp, 1)
+        else:
+            mask = mask.view(1, 1, *mask.shape[-2:])
+    if key_padding_mask is not None:
+        kpm = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None, other_name="",
+                                target_type=q.dtype, check_other=False)
+        assert kpm is not None
+        kpm = kpm.view(b, 1, 1, -1)
+        mask = kpm if mask is None else mask + kpm
+    return mask, False
+
+
+def _mha(plan: ModulePlan, m: Any, dim: int, tp_size: int) -> Callable[..., tuple[torch.Tensor, None]]:
+    heads = m.num_heads // tp_size
+
+    def forward(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if key is not query or value is not query:
+            raise ValueError("colofn's tensor-parallel nn.MultiheadAttention runs self-attention only (key and value "
+                             "are the query, as in nn.TransformerEncoderLayer); cross-attention has no plan")
+        if need_weights:
+            raise ValueError("colofn's tensor-parallel nn.MultiheadAttention does not return attention weights "
+                             "(each rank holds only its heads); call it with need_weights=False")
+        if m.training and m.dropout > 0:
+            raise ValueError(f"nn.MultiheadAttention(dropout={m.dropout}) in training mode: dropout is not "
+                             "reproduced across ranks; set dropout=0.0 (or call model.eval())")
+        x = _enter(query, plan, dim)
+        if not m.batch_first:
+            x = x.transpose(0, 1)  # [batch, seq, embed]
+        w, bias = m.in_proj_weight, m.in_proj_bias  # [3, embed / tp, embed], [3, embed / tp]: this rank's heads
+        q, k, v = (
+            F.linear(x, w[i], None if bias is None else bias[i]).unflatten(-1, (heads, -1)).transpose(1, 2)
+            for i in range(3)
+        )
+        mask, causal = _attention_mask(plan, q, attn_mask, key_padding_mask, is_causal)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).transpose(1, 2).flatten(2)
+        if not m.batch_first:
+            o = o.transpose(0, 1)
+        y = _leave(F.linear(o, m.out_proj.weight), plan, dim)
+        return (y if m.out_proj.bias is None else y + m.out_proj.bias), None
+
+    return forward
+
+
 def _apply_rewrite(plan: ModulePlan, m: nn.Module, rw: Rewrite, tp_size: int) -> None:
-    region = plan.region
+    dim = rw.dim
     if rw.kind == "row":
-        m.forward = _row(plan, m)  # type: ignore[method-assign]
+        m.forward = _row(plan, m, dim)  # type: ignore[method-assign]
+    elif rw.kind == "mha":
+        m.forward = _mha(plan, m, dim, tp_size)  # type: ignore[method-assign]
     elif rw.kind == "packed":
         m.forward = _packed(m)  # type: ignore[method-assign]
     elif rw.kind == "vocab_embed":
         m.forward = _vocab_embed(plan, m)  # type: ignore[method-assign]
     elif rw.kind == "enter":
-        m.register_forward_hook(lambda _m, _i, out: _first(out, lambda t: tp_regions.enter(t, region)))
+        m.register_forward_hook(lambda _m, _i, out: _first(out, lambda t: _enter(t, plan, dim)))
+    elif rw.kind == "enter_input":
+        m.register_forward_pre_hook(lambda _m, args: (_enter(args[0], plan, dim), *args[1:]))
     elif rw.kind == "split_seq":
         assert plan.tp is not None
         axis = plan.tp
 
         def split(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
-                return (take_chunk(args[0], axis), *args[1:]), kwargs
+                return (take_chunk(args[0], axis, dim), *args[1:]), kwargs
             key = next(iter(kwargs))
-            return args, {**kwargs, key: take_chunk(kwargs[key], axis)}
+            return args, {**kwargs, key: take_chunk(kwargs[key], axis, dim)}
 
         m.register_forward_pre_hook(split, with_kwargs=True)
     elif rw.kind == "gather_seq":
         assert plan.tp is not None
         axis = plan.tp
-        m.register_forward_hook(lambda _m, _i, out: _first(out, lambda t: megatron.gather(t, axis)))
+        to: Literal["varying", "invariant"] = "invariant" if "invariant" in rw.attrs else "varying"
+        m.register_forward_hook(lambda _m, _i, out: _first(out, lambda t: all_gather(t, axis, axis_dim=dim, tiled=True, to=to)))
     elif rw.kind == "local":
         for a in rw.attrs:
             setattr(m, a, getattr(m, a) // tp_size)
@@ -262,14 +361,30 @@ def _failures(plan: ModulePlan, module: nn.Module, params: Any, mesh_shape: Mapp
             continue
         if value is not None and value % tp:
             out.append(f"{path}={value} is not divisible by tp={tp}; {what} are split over tp")
-    if module.training:
-        for name, m in module.named_modules():
-            if isinstance(m, nn.Dropout) and m.p > 0:
-                out.append(
-                    f"{name} is nn.Dropout(p={m.p}) in training mode: dropout is not reproduced across "
-                    "ranks; set the model's dropout probabilities to 0.0 (or call model.eval())"
-                )
-                break
+    for name, m, rw in _matches(plan, module):
+        if rw.kind != "mha":
+            continue
+        where = name or "the module"
+        if not isinstance(m, nn.MultiheadAttention):
+            out.append(f"{where} is a {type(m).__name__}: Rewrite('mha') is for nn.MultiheadAttention")
+        elif not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            out.append(f"{where}: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim) and no "
+                       "add_bias_kv / add_zero_attn")
+        elif m.num_heads % tp:
+            out.append(f"{where}.num_heads={m.num_heads} is not divisible by tp={tp}; attention heads are split over tp")
+    if module.training:  # the first nn.Dropout, else the first nn.MultiheadAttention, with p > 0
+        modules = list(module.named_modules())
+        dropping = [(n, f"nn.Dropout(p={m.p})") for n, m in modules if isinstance(m, nn.Dropout) and m.p > 0] + [
+            (n, f"nn.MultiheadAttention(dropout={m.dropout})")
+            for n, m in modules
+            if isinstance(m, nn.MultiheadAttention) and m.dropout > 0
+        ]
+        if dropping:
+            name, what = dropping[0]
+            out.append(
+                f"{name or 'the module'} is {what} in training mode: dropout is not reproduced across ranks; "
+                "set the model's dropout probabilities to 0.0 (or call model.eval())"
+            )
     flat = to_state_dict(params)
     used = set()
     for name, t in flat.items():

@@ -13,8 +13,11 @@ over ``tp`` and which submodules get a forward-side change. Nothing here imports
   ``nn.Linear``), so column parallel splits dim 1 and row parallel dim 0;
   ``c_attn`` packs q, k and v along dim 1, carried as ``(3, n_embd)`` so each is
   split over ``tp``; the attention's ``split_size`` and ``num_heads`` become local.
-* ``nn.TransformerEncoderLayer`` stacks: the MLP (``linear1`` column,
-  ``linear2`` row) over ``tp``; attention replicated.
+* ``nn.TransformerEncoderLayer`` stacks: the self-attention's packed
+  ``in_proj`` carried as ``(3, d_model)`` rows and split by heads (column
+  parallel), ``out_proj`` row parallel, the attention run as a functional
+  computation with ``nhead / tp`` local heads; the MLP (``linear1`` column,
+  ``linear2`` row) over ``tp``. ``batch_first`` either way.
 
 With ``sp=True`` (Megatron-SP over ``tp``) the residual stream between
 the first and the last block is split along the sequence: norms run on
@@ -24,6 +27,7 @@ reduce-scatter. The embedding and the final norm stay on whole sequences.
 
 from __future__ import annotations
 
+import re
 import threading
 import typing
 from collections.abc import Mapping
@@ -131,23 +135,68 @@ def gpt2(config: Any, *, dp: str | tuple[str, ...] | None = None, tp: str | None
     return ModulePlan(rules=rules, rewrites=rewrites, packed=packed, dp=dp, tp=tp, sp=sp, checks=checks, name="the GPT-2 plan")
 
 
-def encoder(*, dp: str | tuple[str, ...] | None = None, tp: str | None = None, sp: bool = False) -> ModulePlan:
-    """A plan for modules built of ``nn.TransformerEncoderLayer``s: the MLPs over ``tp``, attention replicated.
+def encoder(
+    *, dp: str | tuple[str, ...] | None = None, tp: str | None = None, sp: bool = False,
+    layers: tuple[str, ...] = (), batch_first: bool = True,
+) -> ModulePlan:
+    """A plan for modules built of ``nn.TransformerEncoderLayer``s: attention and MLP over ``tp``.
 
-    >>> encoder(tp="tp").spec_for("layers.3.linear2.weight")
-    P(None, 'tp')
+    The self-attention's packed ``in_proj_weight`` ``[3 * d_model, d_model]`` is
+    carried as ``[3, d_model, d_model]`` and split over ``tp`` by heads (each
+    rank holds its heads' q, k and v rows), ``out_proj`` row parallel, the
+    attention run with ``num_heads / tp`` local heads; ``linear1`` column and
+    ``linear2`` row parallel. Torch's and the user's module source are unchanged:
+    the plan rewrites the forward of colofn's private copy.
+
+    Args:
+      dp, tp, sp: the data axis, the tensor axis, Megatron-SP over ``tp``.
+      layers: the dotted paths of the encoder layers in order (as
+        :func:`plan_for` finds them); needed for ``sp=True``, whose sequence
+        split begins at the first and ends after the last. Modules between them
+        must act on each token alone.
+      batch_first: the layers' layout (``[batch, seq, d]`` or ``[seq, batch, d]``).
+
+    >>> plan = encoder(tp="tp")
+    >>> plan.spec_for("layers.3.linear2.weight"), plan.spec_for("layers.3.self_attn.in_proj_weight")
+    (P(None, 'tp'), P(None, 'tp'))
     """
-    if sp:
-        raise PlanError(
-            "the nn.TransformerEncoderLayer plan does not support sp=True: its attention is replicated, "
-            "so there is no region to gather the sequence for; use tp alone (or dp)"
-        )
+    failures = []
+    if sp and tp is None:
+        failures.append("sp=True splits the sequence over the tp axis, but tp is None; set tp=...")
+    if sp and not layers:
+        failures.append("sp=True needs layers=(the encoder layers' dotted paths, in order): use hf.plan_for(model, ...)")
+    if failures:
+        raise PlanError(format_failures("cannot plan the nn.TransformerEncoderLayer stack:", failures))
+    pre = "(?:" + "|".join(re.escape(f"{n}.") if n else "" for n in layers) + ")" if layers else _ANY
+    if tp is None:
+        return ModulePlan(dp=dp, name="the TransformerEncoderLayer plan")  # dp alone: nothing is split or rewritten
+    seq = 1 if batch_first else 0
     rules = (
-        (rf"{_ANY}linear1\.(weight|bias)", P(tp)),
-        (rf"{_ANY}linear2\.weight", P(None, tp)),
+        (rf"{pre}self_attn\.in_proj_(weight|bias)", P(None, tp)),  # carried [3, d_model(, d_model)]: heads over tp
+        (rf"{pre}self_attn\.out_proj\.weight", P(None, tp)),  # row parallel
+        (rf"{pre}linear1\.(weight|bias)", P(tp)),
+        (rf"{pre}linear2\.weight", P(None, tp)),
     )
-    rewrites = ((rf"{_ANY}linear2", Rewrite("row")),) if tp is not None else ()
-    return ModulePlan(rules=rules, rewrites=rewrites, dp=dp, tp=tp, checks=(), name="the TransformerEncoderLayer plan")
+    rewrites: tuple[tuple[str, Rewrite], ...] = (
+        (rf"{pre}self_attn", Rewrite("mha", dim=seq)),
+        (rf"{pre}linear1", Rewrite("enter_input", dim=seq)),
+        (rf"{pre}linear2", Rewrite("row", dim=seq)),
+    )
+    if sp:
+        rewrites += ((re.escape(layers[0]), Rewrite("split_seq", dim=seq)), (re.escape(layers[-1]), Rewrite("gather_seq", ("invariant",), dim=seq)))
+    return ModulePlan(rules=rules, rewrites=rewrites, packed=((rf"{pre}self_attn\.in_proj_(weight|bias)", 0, 3),),
+                      dp=dp, tp=tp, sp=sp, name="the TransformerEncoderLayer plan")  # parallelize checks the heads against tp
+
+
+def _encoder_plan(model: nn.Module, dp: str | tuple[str, ...] | None, tp: str | None, sp: bool) -> ModulePlan:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    firsts = {m.self_attn.batch_first for _, m in layers}
+    if len(firsts) > 1:
+        raise PlanError(
+            f"cannot plan {type(model).__name__}: its nn.TransformerEncoderLayers mix batch_first=True and False "
+            "(the sequence dim must be the same in every layer); build them with one layout"
+        )
+    return encoder(dp=dp, tp=tp, sp=sp, layers=tuple(n for n, _ in layers), batch_first=firsts.pop())
 
 
 def plan_for(model: nn.Module, *, dp: str | tuple[str, ...] | None = None, tp: str | None = None, sp: bool = False) -> ModulePlan:
@@ -164,7 +213,7 @@ def plan_for(model: nn.Module, *, dp: str | tuple[str, ...] | None = None, tp: s
     elif kind == "gpt2":
         plan = gpt2(config, dp=dp, tp=tp, sp=sp)
     elif config is None and any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
-        plan = encoder(dp=dp, tp=tp, sp=sp)
+        return _encoder_plan(model, dp, tp, sp)
     else:
         failures.append(
             f"no shipped plan for {type(model).__name__} (model_type={kind!r}); the shipped plans are "
