@@ -259,3 +259,11 @@ def test_mha_rewrite_splits_a_bare_multihead_attention_by_heads():
         colofn.launch(program3, world_size=2)
     assert "the module: Rewrite('mha') needs the packed in_proj_weight (kdim = vdim = embed_dim)" in str(e.value)
 
+
+
+def test_pipeline_stages_refuse_a_stack_they_do_not_cover():
+    from colofn.nn._stages import check_stages
+
+    stack = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 2, enable_nested_tensor=False)
+    with pytest.raises(PlanError, match="not a module without a Hugging Face config; for another stack, write its stage functions"):
+        check_stages(stack, 2)

@@ -38,10 +38,14 @@ def n_layers(config: Any) -> int:
 
 def check_stages(model: Any, n_stages: int) -> None:
     """Raise a :class:`PlanError` if ``model`` cannot be cut into ``n_stages`` pipeline stages."""
-    config = model.config
+    config = getattr(model, "config", None)
     failures = []
-    if config.model_type not in ("llama", "gpt2"):
-        failures.append(f"pipelines support model_type 'llama' and 'gpt2', not {config.model_type!r}")
+    if config is None or getattr(config, "model_type", None) not in ("llama", "gpt2"):
+        kind = repr(config.model_type) if config is not None and hasattr(config, "model_type") else "a module without a Hugging Face config"
+        failures.append(
+            f"shipped pipeline stages cover Hugging Face model_type 'llama' and 'gpt2', not {kind}; for another "
+            "stack, write its stage functions and run them with colofn.pipeline.Pipeline (docs/pipeline.md)"
+        )
     else:
         n = n_layers(config)
         if n % n_stages:
