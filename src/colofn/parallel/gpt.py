@@ -41,6 +41,7 @@ import torch
 
 from colofn import _comm
 from colofn import tree as jt
+from colofn._vma import vary_over
 from colofn.collectives import psum
 from colofn.errors import TreeError
 from colofn.mesh import Mesh, get_mesh
@@ -74,6 +75,8 @@ def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Pla
     With ``tp`` the table is split by vocabulary: partial embeddings summed
     over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
     """
+    if config.pos == "learned":  # the table is sliced below: vary it first, so its gradient sum is bucketed
+        params = {**params, "pos": vary_over(params["pos"], plan.token_axes)}
     if plan.tp is None:
         positions = sp.local_positions(tokens.shape[1], plan.seq_axis, tokens.device)
         return gpt.embed(params, tokens, config, positions=positions)
@@ -140,6 +143,8 @@ def head_sums(
     With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss).
     """
     h = tp.enter(gpt.norm(params["final_norm"], x, config), plan)
+    if config.tie_embeddings:  # vary the table, not its transpose, so its gradient sum is bucketed
+        params = {**params, "embed": {**params["embed"], "tok": vary_over(params["embed"]["tok"], plan.token_axes)}}
     return tp.cross_entropy_sums(h @ gpt.head_weight(params, config), targets, plan.tp)
 
 
