@@ -122,8 +122,8 @@ def expected_bytes(layout: FlatLayout, stage: int, n: int) -> dict[tuple[str, st
     if stage == 0:
         return {("all_reduce", "forward"): sum(2 * (n - 1) * p // n for p in padded)}
     if stage in (1, 2):
-        rs_phase = "forward" if stage == 1 else "backward"
-        return {("reduce_scatter", rs_phase): (n - 1) * sum(shard), ("all_gather", "forward"): (n - 1) * sum(shard)}
+        # both reduce-scatter during the backward (stage 1's buckets since the overlap, same bytes)
+        return {("reduce_scatter", "backward"): (n - 1) * sum(shard), ("all_gather", "forward"): (n - 1) * sum(shard)}
     # stage 3: the first unit is fed raw data, so the backward does not read its params again
     later = [s for b, s in zip(layout.buckets, shard, strict=True) if b.unit > 0]
     out = {("all_gather", "forward"): (n - 1) * sum(shard), ("reduce_scatter", "backward"): (n - 1) * sum(shard)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
@@ -105,6 +106,39 @@ def test_data_parallel():
     # instead of one per use of each of the model's weights.
     n_leaves = len(tree.leaves(gpt.init(random.key(0), DENSE)))
     assert 1 <= bwd(c, "all_reduce", ("dp",)) <= 3 < n_leaves
+
+
+def _value_and_grad_program(cfg, plan, mesh_shape, params, batch):
+    mesh = colofn.Mesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+    vg, sharded = make_value_and_grad(cfg, plan, mesh), shard_params(params, cfg, plan, mesh)
+    loss, _ = vg(sharded, batch)
+    return float(loss.to_local())
+
+
+def test_value_and_grad_has_no_rendezvous_in_the_forward():
+    # DDP's step synchronises once, in the backward; make_value_and_grad's loss sum (the only
+    # forward collective of dp) is started asynchronously before the backward and waited after it.
+    # dist.all_reduce is patched around the launch (the ranks are threads sharing the module).
+    params, batch = gpt.init(random.key(0), DENSE), _batch(DENSE, 4, 8)
+    want, _ = _reference(params, batch, DENSE)
+    events = {r: [] for r in range(4)}
+    real = torch.distributed.all_reduce
+
+    def watched(*args, **kwargs):
+        in_backward = torch._C._current_graph_task_id() != -1
+        events[torch.distributed.get_rank()].append((kwargs.get("async_op", False), in_backward))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(torch.distributed, "all_reduce", watched):
+        losses = colofn.launch(
+            _value_and_grad_program, DENSE, Plan(dp="dp"), {"dp": 4}, params, batch, world_size=4
+        )
+    for rank, loss in enumerate(losses):
+        assert abs(loss - float(want)) < 1e-5
+        got = events[rank]
+        assert len(got) >= 2 and all(asynchronous for asynchronous, _ in got), got  # nobody blocks
+        assert got[0] == (True, False)  # the loss: started before the backward, waited after it
+        assert all(in_backward for _, in_backward in got[1:]), got  # the gradient buckets
 
 
 def test_tensor_parallel_two_all_reduces_per_layer():

@@ -341,3 +341,31 @@ def test_a_unit_read_twice_is_gathered_again_and_both_uses_reach_its_gradient(st
         assert schedule.count("forward gather ['embed'] wait") == 2
         embed_shard_bytes = -(-15 // 2) * 4
         assert fwd_gather == (2 * embed_shard_bytes + -(-25 // 2) * 4) * 1  # (n-1) = 1
+
+
+def _extra_on_some_ranks(params, batch):
+    """``extra`` reaches the graph only on ranks whose first row starts positive (data-dependent)."""
+    x, _ = batch
+    loss = mlp_loss({"layers": params["layers"]}, batch)
+    if float(x[0, 0]) > 0:
+        loss = loss + 0.1 * (params["extra"] ** 2).sum()
+    return loss
+
+
+def test_stage1_overlapped_reduce_scatters_keep_one_order_when_a_unit_is_unused_on_some_ranks():
+    # Stage 1 starts each bucket's reduce-scatter when autograd completes it; a unit no gradient
+    # reaches on one rank must still be summed in the same order on every rank (else the
+    # collectives pair up wrongly): the result equals stage 0's all-reduce of the same gradients.
+    params = {**mlp_params(ODD, torch.float64), "extra": torch.linspace(-1, 1, 6, dtype=torch.float64)}
+    data = batches(ODD, 4, 2, torch.float64)
+    for x, _ in data:
+        x[0, 0], x[2, 0] = 1.0, -1.0  # rank 0 of 2 uses "extra", rank 1 does not
+    runs = {
+        stage: colofn.launch(train_program, (2,), ("dp",), params, None, _extra_on_some_ranks, data, stage, world_size=2)
+        for stage in (0, 1)
+    }
+    for (got1, losses1, steps), (got0, losses0, _) in zip(runs[1], runs[0], strict=True):
+        assert max_error(got1, got0) < 1e-12
+        assert losses1 == pytest.approx(losses0, abs=1e-12)
+        assert not torch.equal(got1["extra"], params["extra"])  # it did learn
+        assert [r.op for r in steps[-1][1]].count("reduce_scatter") == len(FlatLayout.build(params, 2).buckets)

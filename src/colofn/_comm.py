@@ -149,6 +149,27 @@ def all_reduce(x: torch.Tensor, g: AxisGroup, op: dist.ReduceOp.RedOpType = dist
     return out
 
 
+class AsyncAllReduce:
+    """The sum of ``x`` over ``g`` started now and read with :meth:`wait`, so other work runs meanwhile.
+
+    Recorded as :func:`all_reduce` records it (same op, bytes and phase), at the start.
+    """
+
+    def __init__(self, x: torch.Tensor, g: AxisGroup) -> None:
+        self.out = x.detach().clone().contiguous()
+        self.work = None
+        if g.size > 1:
+            _rec("all_reduce", g, x, _phase())
+            self.work = dist.all_reduce(self.out, group=g.group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        """The sum (waits for it the first time)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.out
+
+
 def all_gather(x: torch.Tensor, g: AxisGroup, dim: int = 0) -> torch.Tensor:
     """Blocks of every rank concatenated along ``dim`` (tiled)."""
     if g.size == 1:

@@ -311,6 +311,23 @@ def _tag(ctx: Context, out: Any, vma: Vma) -> None:
                 ctx.set_vma(o, vma)
 
 
+def vary_over(t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+    """``t`` varying over ``axes`` too, by the pvary an op mixing it with such a value would insert.
+
+    The same (cached) implicit pvary, so for a ``shard_map`` argument its
+    gradient sum goes to the gradient buckets. Call it on the argument before
+    taking a view of it (a slice, a transpose) that meets varying data: the
+    implicit pvary would otherwise be on the view, summed on its own, blocking.
+    Outside tracking, or where ``t`` varies over ``axes`` already, ``t`` itself.
+    """
+    ctx = current()
+    if ctx is None or not axes or set(axes) <= ctx.vma(t):
+        return t
+    with suspended():
+        (out,), _ = _pvary_operands(ctx, frozenset(ctx.vma(t) | set(axes)), (t,), {})
+    return out
+
+
 def _pvary_operands(ctx: Context, union: Vma, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     from colofn.collectives import _pvary_one
 

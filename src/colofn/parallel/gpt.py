@@ -39,7 +39,9 @@ from typing import Any
 
 import torch
 
+from colofn import _comm
 from colofn import tree as jt
+from colofn._vma import vary_over
 from colofn.collectives import psum
 from colofn.errors import TreeError
 from colofn.mesh import Mesh, get_mesh
@@ -47,9 +49,10 @@ from colofn.models import gpt
 from colofn.parallel import ep, sp, tp
 from colofn.parallel.plan import Plan, check_batch, check_plan
 from colofn.parallel.specs import batch_specs, param_specs
+from colofn.parallel.tp import vocab
 from colofn.partition_spec import P
 from colofn.shard_map import shard_map
-from colofn.sharding import device_put
+from colofn.sharding import device_put, from_local_block
 
 __all__ = [
     "block",
@@ -76,6 +79,8 @@ def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Pla
     With ``tp`` the table is split by vocabulary: partial embeddings summed
     over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
     """
+    if config.pos == "learned":  # the table is sliced below: vary it first, so its gradient sum is bucketed
+        params = {**params, "pos": vary_over(params["pos"], plan.token_axes)}
     if plan.tp is None:
         positions = sp.local_positions(tokens.shape[1], plan.seq_axis, tokens.device, plan.seq_layout)
         return gpt.embed(params, tokens, config, positions=positions)
@@ -157,6 +162,8 @@ def head_sums(
     With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss).
     """
     h = tp.enter(gpt.norm(params["final_norm"], x, config), plan)
+    if config.tie_embeddings:  # vary the table, not its transpose, so its gradient sum is bucketed
+        params = {**params, "embed": {**params["embed"], "tok": vary_over(params["embed"]["tok"], plan.token_axes)}}
     return tp.cross_entropy_sums(h @ gpt.head_weight(params, config), targets, plan.tp)
 
 
@@ -257,12 +264,58 @@ def make_value_and_grad(
     (:func:`shard_params`) each gradient is a DTensor with its parameter's
     sharding, ready for ``colofn.optim`` or ZeRO. ``params`` need not require grad.
     """
+    if plan.token_axes:
+        return _split_value_and_grad(config, plan, get_mesh(mesh, "make_value_and_grad"))
     loss_fn = make_loss(config, plan, mesh)
 
     def value_and_grad(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[Any, Params]:
         params = jt.map(lambda p: p if p.requires_grad else p.detach().requires_grad_(), params)
         loss = loss_fn(params, batch)
         grads = torch.autograd.grad(loss.to_local(), jt.leaves(params))
+        return loss, jt.unflatten(jt.structure(params), grads)
+
+    return value_and_grad
+
+
+def _split_value_and_grad(
+    config: gpt.GPTConfig, plan: Plan, m: Mesh
+) -> Callable[[Params, Mapping[str, torch.Tensor]], tuple[Any, Params]]:
+    """:func:`make_value_and_grad` without a rendezvous in the forward, for plans that split the tokens.
+
+    :func:`local_loss` sums ``[nll, count]`` over the token axes in the forward:
+    every rank waits there for the slowest, once more than DDP does. Here the
+    global token count comes from the (global) batch, so each rank's part of the
+    mean, ``nll / count``, is differentiated locally (its cotangent is the same
+    ``1 / count`` the psum's transpose gives, and the parameters' sums over the
+    token axes are the usual overlapped gradient buckets), while the same
+    ``[nll, count]`` all-reduce runs asynchronously over the backward and is
+    waited for only after it, to report the same loss value, computed the same way.
+    """
+    axes = plan.token_axes
+    specs = dict(batch_specs(plan), count=P())
+
+    def parts(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = embed(params["embed"], batch["tokens"], config, plan)
+        x, aux = layers_forward(params["layers"], x, config, plan)
+        nll, count = head_sums(params, x, batch["targets"], config, plan)
+        share = nll / batch["count"].to(nll.dtype)
+        return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
+
+    mapped = shard_map(parts, mesh=m, in_specs=(param_specs(config, plan), specs), out_specs=(P(axes), P(), P(axes)))
+
+    def value_and_grad(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[Any, Params]:
+        if not isinstance(batch, Mapping) or "tokens" not in batch or "targets" not in batch:
+            raise TreeError('the batch must be {"tokens": [batch, seq], "targets": [batch, seq]}')
+        check_batch(plan, m.shape, tuple(batch["tokens"].shape), config.seq_len)
+        params = jt.map(lambda p: p if p.requires_grad else p.detach().requires_grad_(), params)
+        count = (batch["targets"] != vocab.IGNORE).sum()
+        out: Any = mapped(params, {"tokens": batch["tokens"], "targets": batch["targets"], "count": count})
+        share, aux, stats = out  # DTensors
+        sums = _comm.AsyncAllReduce(stats.to_local().reshape(2), _comm.axis_group(m, axes))
+        aux = aux.to_local()
+        grads = torch.autograd.grad(share.to_local().sum() + aux, jt.leaves(params))
+        nll, total = sums.wait().unbind(0)
+        loss = from_local_block(nll / total + aux.detach(), P(), m)
         return loss, jt.unflatten(jt.structure(params), grads)
 
     return value_and_grad

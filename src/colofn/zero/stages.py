@@ -7,8 +7,8 @@ this rank's buckets hold and ``n`` ranks on the data axis:
 stage  communication over the data axis                           bytes sent per rank
 =====  =========================================================  ===================
 0      all-reduce of the gradients                                2Ψ(n-1)/n
-1      reduce-scatter of the gradients (after the backward),      2Ψ(n-1)/n
-       all-gather of the updated params
+1      reduce-scatter of each bucket's gradients during the       2Ψ(n-1)/n
+       backward, all-gather of the updated params
 2      reduce-scatter of each unit's gradients during the         2Ψ(n-1)/n
        backward, all-gather of the updated params
 3      all-gather of each unit in the forward, again in the       3Ψ(n-1)/n at most
@@ -30,7 +30,7 @@ import torch
 
 from colofn import _vma
 from colofn import tree as jt
-from colofn.collectives import pmean, psum, psum_scatter
+from colofn.collectives import pmean, psum
 from colofn.optim.base import GradientTransformation, apply_updates
 from colofn.partition_spec import P
 from colofn.shard_map import shard_map
@@ -163,22 +163,31 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
     if prec is not None and prec.cast_batch:
         batch = jt.map(lambda x: x.to(prec.compute_dtype) if x.is_floating_point() else x, batch)
     i = plan.index
-    if plan.stage in (0, 1):
+    if plan.stage == 0:
         fulls = [p.detach().requires_grad_(True) for p in params]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
         loss = loss_of(tree)
         del tree
-        local = backward(loss, fulls)
-        if plan.stage == 0:
-            grads = [psum(g, axis) for g in local]
-        else:
-            grads = []
-            for b, g in enumerate(local):
-                mine = layout.shard(g, i, b)
-                with torch.no_grad():
-                    mine.copy_(psum_scatter(g, axis, tiled=True))  # reduced in place: the full buffer is the grad storage
-                grads.append(mine)
-            held["full"] = local
+        grads = [psum(g, axis) for g in backward(loss, fulls)]
+    elif plan.stage == 1:
+        fulls = [p.detach().requires_grad_(True) for p in params]
+        launch = _InOrder(AsyncReduceScatter(plan.mesh, axis), len(fulls))  # overlaps the rest of the backward
+        inputs = [unit_grad(f, f.detach(), functools.partial(launch.ready, b)) for b, f in enumerate(fulls)]
+        tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(inputs))])
+        loss = loss_of(tree)
+        del tree, inputs
+        try:
+            local = backward(loss, fulls)
+            summed = launch.finish(local)
+        finally:
+            launch.rs.wait()
+        grads = []
+        for b, g in enumerate(local):
+            mine = layout.shard(g, i, b)
+            with torch.no_grad():
+                mine.copy_(summed[b])  # reduced in place: the full buffer is the grad storage
+            grads.append(mine)
+        held["full"] = local
     elif plan.stage == 2:
         shard_leaves = [layout.shard(p, i, b).detach().requires_grad_(True) for b, p in enumerate(params)]
         rs = AsyncReduceScatter(plan.mesh, axis)  # each unit's reduce-scatter overlaps the rest of the backward
@@ -203,6 +212,36 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
         g3.end_backward()
         grads = [next(got) if x is not None else torch.zeros_like(params[b]) for b, x in enumerate(leaves)]
     return tuple(grads), _metrics(plan, loss, grads)
+
+
+class _InOrder:
+    """ZeRO-1's reduce-scatters started during the backward, in one order on every rank.
+
+    :meth:`ready` (bucket ``b``'s full gradient is complete) starts the
+    reduce-scatters of the last bucket down to the first as soon as each and all
+    after it are complete; autograd usually completes them in that order. A
+    bucket no gradient reached on this rank (unused, or used only on another)
+    is summed, with the rest, by :meth:`finish` after the backward, so every
+    rank issues the same reduce-scatters in the same order whatever its graph.
+    """
+
+    def __init__(self, rs: AsyncReduceScatter, n: int) -> None:
+        self.rs, self.next = rs, n - 1
+        self.grads: dict[int, torch.Tensor] = {}
+        self.summed: dict[int, torch.Tensor] = {}
+
+    def ready(self, b: int, g: torch.Tensor) -> torch.Tensor:
+        g = self.grads[b] = g.detach().contiguous()  # read by the reduce-scatter until rs.wait(); nothing writes it before
+        while self.next in self.grads:
+            self.summed[self.next] = self.rs.hook(self.grads.pop(self.next))
+            self.next -= 1
+        return g
+
+    def finish(self, local: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        for b in range(self.next, -1, -1):
+            self.summed[b] = self.rs.hook(local[b].detach().contiguous())
+        self.next = -1
+        return self.summed
 
 
 def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
