@@ -295,9 +295,10 @@ def _split_value_and_grad(
     specs = dict(batch_specs(plan), count=P())
 
     def parts(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = embed(params["embed"], batch["tokens"], config, plan)
+        tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)  # as local_loss
+        x = embed(params["embed"], tokens, config, plan)
         x, aux = layers_forward(params["layers"], x, config, plan)
-        nll, count = head_sums(params, x, batch["targets"], config, plan)
+        nll, count = head_sums(params, x, targets, config, plan)
         share = nll / batch["count"].to(nll.dtype)
         return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
 

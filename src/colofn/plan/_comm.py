@@ -8,10 +8,10 @@ trace entry by entry (``tests/test_plan.py`` does, on the simulated world).
 What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
 ``h`` width, ``L`` layers on the device, ``P`` parameter bytes on the device):
 
-* dp: one all-reduce of the gradients (``P``) in the backward, a tied
-  embedding's twice (once per read); ZeRO 0 the
+* dp: one all-reduce of the gradients (``P``) in the backward (overlapped,
+  in buckets); ZeRO 0 the
   same after the backward; ZeRO 1 and 2: a reduce-scatter of the gradients
-  (stage 2: unit by unit in the backward) and an all-gather of the updated
+  (overlapped with the backward) and an all-gather of the updated
   parameter shards; ZeRO 3: an all-gather in the forward, another in the
   backward (less an untied embedding, which the backward does not read) and
   a reduce-scatter (Rajbhandari et al. 2020, section 7). Phases are
@@ -35,7 +35,7 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
 
 >>> from colofn.plan import Candidate, model
 >>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
-['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 84608 B']
+['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 68224 B']
 """
 
 from __future__ import annotations
@@ -90,16 +90,11 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
     calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
-    if c.zero is None and m.tie_embeddings and c.size("pp") == 1:
-        # Gradients are summed over dp where a parameter is read (the transpose of
-        # its pvary): the tied embedding, read twice, is all-reduced twice.
-        p += m.vocab_size * m.d_model // c.size("tp")
-        grads = p * pr.comm_grad
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
-        # Norm gradients are summed over dp and tp at once; the position table's
-        # over tp (in _tp), then its sequence shard over dp.
-        t, (norms, pos) = c.size("tp"), _replicated(m, c, stage)
-        dp_grads = (p - norms - pos + pos // t) * pr.comm_grad
+        # Norm gradients are summed over dp and tp at once; the position table is
+        # summed whole over tp (in _tp) and whole over dp (varied before it is sliced).
+        t, (norms, _) = c.size("tp"), _replicated(m, c, stage)
+        dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
     if c.zero is None:  # plain dp: all-reduced inside the backward
@@ -111,7 +106,7 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
     if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
         return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
     if c.stage in (1, 2):
-        return [Collective("grads", "reduce_scatter", "dp", n, "backward" if c.stage == 2 else "forward", 1, grads),
+        return [Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads),  # overlapped with the backward
                 Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
     # The backward does not read an untied embedding (its gradient is a scatter of
     # the output gradient), so stage 3 does not gather it again.
