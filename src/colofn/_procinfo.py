@@ -10,8 +10,10 @@ the pid now belongs to a process that started at another time.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 
-__all__ = ["gone", "pid_namespace", "stat"]
+__all__ = ["gone", "pid_namespace", "remove_dirs", "stat"]
 
 
 def stat(pid: int) -> tuple[str, int] | None:
@@ -45,3 +47,15 @@ def gone(pid: int, start: int) -> bool:
         pass
     s = stat(pid)
     return s is not None and (s[0] in ("Z", "X") or (start != 0 and s[1] != start))
+
+
+def remove_dirs(parent: str, dead: Callable[[str], bool]) -> list[str]:
+    """Remove each entry ``name`` of ``parent`` for which ``dead(name)``; the names removed (none if unreadable)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = [name for name in names if dead(name)]
+    for name in removed:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return removed

@@ -274,18 +274,12 @@ def _launcher_gone(ns: int, pid: int, start: int) -> bool:
 def sweep(parent: str | None = None) -> list[str]:
     """Remove world directories whose launcher is provably gone; returns the paths removed."""
     parent = parent or tempfile.gettempdir()
-    removed: list[str] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
+
+    def dead(name: str) -> bool:
         m = _DIR_NAME.fullmatch(name)
-        if m and _launcher_gone(*map(int, m.groups())):
-            path = os.path.join(parent, name)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+        return m is not None and _launcher_gone(*map(int, m.groups()))
+
+    return [os.path.join(parent, name) for name in _procinfo.remove_dirs(parent, dead)]
 
 
 def _died(rank: int, proc: Any, status: board.Status) -> RankError:

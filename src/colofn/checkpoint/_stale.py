@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 from typing import Any
 
@@ -70,21 +69,16 @@ def is_dead(info: Any) -> bool:
 
 def remove_dead(parent: str) -> list[str]:
     """Remove the temporary directories in ``parent`` whose save is provably dead; their names."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
+
+    def dead(name: str) -> bool:
         full = os.path.join(parent, name)
         if not _TMP.match(name) or not os.path.isdir(full):
-            continue
+            return False
         try:
             with open(os.path.join(full, OWNER)) as f:
                 info = json.load(f)
         except (OSError, ValueError):
-            continue
-        if is_dead(info):
-            shutil.rmtree(full, ignore_errors=True)
-            removed.append(name)
-    return removed
+            return False
+        return is_dead(info)
+
+    return _procinfo.remove_dirs(parent, dead)
