@@ -145,10 +145,7 @@ def validate(cfg: TrainConfig) -> None:
     if "ep" in m and not cfg.experts:
         failures.append("--mesh has an ep axis: pass --experts N (a mixture-of-experts model)")
     if cfg.zero is not None:
-        if cfg.zero not in (0, 1, 2, 3):
-            failures.append(f"--zero {cfg.zero}: the stages are 0, 1, 2, 3")
-        if "dp" not in m:
-            failures.append("--zero shards over the dp axis: add dp=N to --mesh")
+        failures += _zero_failures(cfg)
         if cfg.pp > 1 or "ep" in m or cfg.sp in ("ulysses", "ring"):
             failures.append("--zero composes with dp, tp and --sp megatron only (not pp, ep, ulysses or ring) in this release")
     if cfg.pp == 1 and cfg.microbatches is not None:
@@ -195,6 +192,16 @@ def validate(cfg: TrainConfig) -> None:
                 failures.append(str(e))
     if failures:
         raise ConfigError(format_failures("colofn train: the run cannot start:", failures))
+
+
+def _zero_failures(cfg: TrainConfig) -> list[str]:
+    """``--zero``'s own checks, for colofn's GPT and ``--hf`` models alike (each refuses its own combinations)."""
+    out = []
+    if cfg.zero not in (0, 1, 2, 3):
+        out.append(f"--zero {cfg.zero}: the stages are 0, 1, 2, 3")
+    if "dp" not in cfg.mesh_shape:
+        out.append("--zero shards over the dp axis: add dp=N to --mesh")
+    return out
 
 
 def _is_int(value: Any) -> bool:
@@ -277,10 +284,7 @@ def hf_failures(cfg: TrainConfig) -> list[str]:
     if cfg.sp == "megatron" and "tp" not in m:
         out.append("--sp megatron splits the sequence over the tp axis: add tp=N to --mesh")
     if cfg.zero is not None:
-        if cfg.zero not in (0, 1, 2, 3):
-            out.append(f"--zero {cfg.zero}: the stages are 0, 1, 2, 3")
-        if "dp" not in m:
-            out.append("--zero shards over the dp axis: add dp=N to --mesh")
+        out += _zero_failures(cfg)
         if cfg.pp > 1:
             out.append("--zero with pp is not supported in this release; drop one of them")
     if cfg.batch_size % m.get("dp", 1):
