@@ -196,7 +196,8 @@ def backward_weight(work: WeightWork, params: Sequence[torch.Tensor]) -> list[to
     def add(indices: Sequence[int], found: Sequence[torch.Tensor | None]) -> None:
         for i, g in zip(indices, found, strict=True):
             if g is not None:
-                total[i] = g if total[i] is None else total[i] + g
+                prev = total[i]
+                total[i] = g if prev is None else prev + g
 
     if work.roots:
         wanted = [i for i, p in enumerate(params) if p.requires_grad]
