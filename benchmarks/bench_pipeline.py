@@ -164,7 +164,9 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
                 if k >= cfg["warmup"]:
                     times[fw].append(time.perf_counter() - t0)
         outs = steps["colofn"].outputs[-cfg["steps"]:]
-        entry["colofn"] = {"times": times["colofn"], "events": [o.events for o in outs],
+        # Events as plain tuples (kind, stage, start, end): launch returns data, not objects.
+        events = [[(e.action.kind.value, e.action.stage, e.start, e.end) for e in o.events] for o in outs]
+        entry["colofn"] = {"times": times["colofn"], "events": events,
                            "grads": outs[-1].grads}
         if "torch" in steps:
             entry["torch"] = {"times": times["torch"], "grads": steps["torch"].grads()}
@@ -180,8 +182,8 @@ def costs_from(events: list[list[Any]], num_stages: int) -> pipeline.Costs:
     acc: dict[tuple[str, int], list[float]] = defaultdict(list)
     for rank_events in events:
         for step in rank_events:
-            for e in step:
-                acc[(e.action.kind.value, e.action.stage)].append(e.end - e.start)
+            for kind, stage, start, end in step:
+                acc[(kind, stage)].append(end - start)
 
     def mean(kind: str, s: int) -> float | None:  # the median: robust to preempted actions
         v = acc.get((kind, s))
@@ -207,11 +209,12 @@ def summarize(world: int, backend: str, per_rank: list[dict], cfg: dict) -> list
         for r in range(world):
             fr = []
             for k, span in enumerate(step_c):
-                busy = sum(e.end - e.start for e in c[r]["events"][k])
+                busy = sum(end - start for _, _, start, end in c[r]["events"][k])
                 fr.append(1 - busy / span)
             idle.append(statistics.median(fr))
-        sim = pipeline.simulate(schedule, costs_from([x["events"] for x in c], schedule.num_stages))
-        row = {"world": world, "backend": backend, "schedule": name, "chunks": chunks,
+        costs = costs_from([x["events"] for x in c], schedule.num_stages)
+        sim = pipeline.simulate(schedule, costs)
+        row = {"costs": costs, "world": world, "backend": backend, "schedule": name, "chunks": chunks,
                "torch": cls_name, "colofn_ms": 1e3 * statistics.median(step_c),
                "idle": idle, "predicted": list(sim.bubble), "torch_ms": None, "diff": None,
                "error": per_rank[0][name].get("torch_error")}
@@ -248,9 +251,80 @@ def print_table(rows: list[dict]) -> None:
         print(f"\ngeometric mean of torch / colofn, world {world} {backend}: "
               f"{statistics.geometric_mean(ratios):.2f}", end="")
     print()
+    print_split(rows)
     errors = {(r["backend"], r["error"]) for r in rows if r["error"]}
     for backend, err in sorted(errors):
         print(f"\ntorch.distributed.pipelining on {backend}: {err}")
+
+
+def print_split(rows: list[dict]) -> None:
+    """Per stage: ``B`` as 1F1B measured it, ``I`` and ``W`` as ZB-H1 measured them, and ``(I + W) / B``."""
+    print("\nThe split backward, median ms per action (B from the 1f1b row, I and W from the zb_h1 row):\n")
+    print("| world | backend | stage | B | I | W | (I + W) / B |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if r["schedule"] != "zb_h1":
+            continue
+        full = next(x for x in rows if x["schedule"] == "1f1b" and x["world"] == r["world"]
+                    and x["backend"] == r["backend"])
+        for s, (b, i, w) in enumerate(zip(full["costs"].backward, r["costs"].input_grad,
+                                          r["costs"].weight_grad, strict=True)):
+            print(f"| {r['world']} | {r['backend']} | {s} | {1e3 * b:.2f} | {1e3 * i:.2f} | {1e3 * w:.2f} | "
+                  f"{(i + w) / b:.2f} |")
+
+
+def split_backward_costs(cfg: dict, stages: int = 2, repeats: int = 30) -> None:
+    """One middle stage in this process, no communication: ``B`` against ``I`` + ``W``, the split's two ways.
+
+    ``I`` + ``W`` as colofn runs it (``_split_backward``: ``W`` starts from the
+    gradients ``I`` recorded) and as it ran before (``W`` differentiates the
+    stage outputs again), alternating, median of ``repeats``.
+    """
+    from colofn.pipeline._split_backward import backward_input, backward_weight
+
+    torch.set_num_threads(1)
+    params = make_params(stages, cfg)[0]
+    leaves = [t.requires_grad_() for layer in params for t in layer.values()]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(cfg["microbatch_size"], cfg["width"], generator=g).requires_grad_()
+    dy = torch.randn(cfg["microbatch_size"], cfg["width"], generator=g)
+
+    def split() -> tuple[float, float]:
+        y = stage_fn(params, x)
+        t0 = time.perf_counter()
+        _, work = backward_input([y], [dy], [x], leaves)
+        del y
+        t1 = time.perf_counter()
+        backward_weight(work, leaves)
+        return t1 - t0, time.perf_counter() - t1
+
+    def again() -> tuple[float, float]:
+        y = stage_fn(params, x)
+        t0 = time.perf_counter()
+        torch.autograd.grad([y], [x], [dy], retain_graph=True)
+        t1 = time.perf_counter()
+        torch.autograd.grad([y], leaves, [dy])
+        return t1 - t0, time.perf_counter() - t1
+
+    times: dict[str, list[float]] = defaultdict(list)
+    for k in range(repeats + 3):
+        stage_fn(params, x)  # the forward, outside the timed backward (as in an action)
+        y = stage_fn(params, x)
+        t0 = time.perf_counter()
+        torch.autograd.grad([y], [x, *leaves], [dy])
+        b = time.perf_counter() - t0
+        (i, w), (i0, w0) = split(), again()
+        if k >= 3:
+            for key, v in (("B", b), ("I", i), ("W", w), ("I (before)", i0), ("W (before)", w0)):
+                times[key].append(v)
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    print(f"\nOne stage ({cfg['depth'] // stages} layers of width {cfg['width']}, microbatch "
+          f"{cfg['microbatch_size']}), backward only, median of {repeats}, ms:\n")
+    print("| B | I | W | (I + W) / B | I, W recomputing (before) | (I + W) / B before |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {med['B']:.2f} | {med['I']:.2f} | {med['W']:.2f} | {(med['I'] + med['W']) / med['B']:.2f} | "
+          f"{med['I (before)']:.2f}, {med['W (before)']:.2f} | "
+          f"{(med['I (before)'] + med['W (before)']) / med['B']:.2f} |")
 
 
 def main() -> None:
@@ -259,6 +333,8 @@ def main() -> None:
     ap.add_argument("--worlds", default="2,4", help="gloo world sizes (comma separated)")
     ap.add_argument("--sim-torch", action="store_true", default=True,
                     help="also try torch's pipelining on the simulated world")
+    ap.add_argument("--split-only", action="store_true",
+                    help="only the in-process B versus I + W comparison (seconds)")
     args = ap.parse_args()
     cfg = {"width": 512, "depth": 8, "microbatches": 8, "microbatch_size": 32, "warmup": 2,
            "steps": 8}
@@ -267,6 +343,9 @@ def main() -> None:
     print(f"# bench_pipeline: {cfg}, torch {torch.__version__}, 1 intra-op thread per rank, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     start = time.perf_counter()
+    if args.split_only:
+        split_backward_costs(cfg)
+        return
     rows = []
     for world in [int(w) for w in args.worlds.split(",") if w]:
         per_rank = colofn.launch(rank_program, world, cfg, world_size=world, backend="gloo")
@@ -278,6 +357,7 @@ def main() -> None:
             print(f"# torch pipelining on the simulated world failed; first traceback:\n{trace}",
                   file=sys.stderr)
     print_table(rows)
+    split_backward_costs(cfg)
     print(f"\n# total {time.perf_counter() - start:.0f} s")
 
 

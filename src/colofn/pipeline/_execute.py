@@ -22,6 +22,7 @@ from colofn import tree as jt
 from colofn.errors import ShapeError, TreeError, TreeTypeError
 from colofn.pipeline._p2p import Meta, Pending, Wire, meta_of
 from colofn.pipeline._program import LOSS_LINK, Link, Msg, Op, loss_tag
+from colofn.pipeline._split_backward import WeightWork, backward_input, backward_weight
 from colofn.pipeline.comm import Payload
 from colofn.pipeline.ir import ActionKind
 from colofn.pipeline.simulation import Event
@@ -63,7 +64,7 @@ class _Saved:
     def __init__(self, inputs: dict[int, list[torch.Tensor]], outputs: dict[int, list[torch.Tensor]]) -> None:
         self.inputs = inputs  # incoming link -> the stage input's floating leaves (requires_grad)
         self.outputs = outputs  # outgoing link (or LOSS_LINK) -> the output's floating leaves
-        self.pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # I -> W
+        self.pending: WeightWork | None = None  # I -> W
 
 
 def _floating(leaves: Sequence[Any]) -> list[torch.Tensor]:
@@ -267,13 +268,13 @@ class Step:
                     outs.append(t)
                     grads.append(gt)
         ins = [t for leaves in saved.inputs.values() for t in leaves]
-        wrt = ins + (self.param_leaves[s] if full else [])
-        found = _grad(outs, wrt, grads, retain=not full)
         if full:
+            found = _grad(outs, ins + self.param_leaves[s], grads, retain=False)
             self._accumulate(s, found[len(ins):])
             del self.saved[(s, m)]
         else:
-            saved.pending = (outs, grads)
+            found, saved.pending = backward_input(outs, grads, ins, self.param_leaves[s])
+            saved.outputs = {}  # W starts from what I recorded: the graph above the joins can go
         sends: list[tuple[Msg, list[torch.Tensor], Meta | None]] = []
         k = 0
         for link, leaves in saved.inputs.items():
@@ -289,8 +290,7 @@ class Step:
     def _weight(self, s: int, m: int) -> None:
         saved = self.saved.pop((s, m))
         assert saved.pending is not None
-        outs, grads = saved.pending
-        self._accumulate(s, _grad(outs, self.param_leaves[s], grads, retain=False))
+        self._accumulate(s, backward_weight(saved.pending, self.param_leaves[s]))
 
     def _accumulate(self, s: int, grads: Sequence[torch.Tensor]) -> None:
         for acc, g in zip(self.acc[s], grads, strict=True):

@@ -73,11 +73,11 @@ lists the schedules whose orders disagree.
 Backward passes
 ---------------
 ``B`` is one ``torch.autograd.grad`` with respect to the stage inputs and
-parameters. ``I`` differentiates with respect to the inputs only, keeping the
-graph (``retain_graph=True``); the later ``W`` differentiates the same outputs
-with respect to the parameters and frees the graph. ``W`` therefore runs the
-backward again through the stage's layers (it does not reuse ``I``'s
-intermediate gradients), so ``I + W`` costs more than ``B``.
+parameters. ``I`` differentiates with respect to the inputs only and records
+the gradients arriving where the parameters' branches join the input path
+(for ``x @ w``, the matmul's node); ``W`` starts from those recorded gradients
+and runs only the parameters' branches. Every backward op runs once over ``I``
+and ``W`` together, as in ``B`` (see :mod:`colofn.pipeline._split_backward`).
 
 >>> import torch, colofn
 >>> from colofn import pipeline
