@@ -22,9 +22,10 @@ from typing import Literal, get_args
 
 from colofn.errors import ColofnError, format_failures
 
-__all__ = ["SP", "Plan", "PlanError", "check_batch", "check_plan"]
+__all__ = ["SP", "TP_MODE", "Plan", "PlanError", "check_batch", "check_plan"]
 
 SP = Literal["none", "megatron", "ulysses", "ring"]
+TP_MODE = Literal["1d", "2d", "2.5d", "3d"]
 
 
 class PlanError(ColofnError, ValueError):
@@ -53,6 +54,11 @@ class Plan:
             if it is not a ``dp`` or ``sp_axis`` axis, the batch is also split over it.
         pp: the pipeline axis, for ``colofn.pipeline``; this package only checks
             that it is a distinct mesh axis (see :func:`colofn.parallel.layer_specs`).
+        tp_mode: ``"1d"`` is Megatron over ``tp``; ``"3d"`` (Bian et al. 2021) splits
+            weights and activations over the three mesh axes of ``tp_grid``
+            (:mod:`colofn.parallel.tp3d`; ``tp`` is then None).
+        tp_grid: the mesh axes of a multi-dimensional ``tp_mode``, in the mode's
+            order; for ``"3d"``: (input, weight, output).
     """
 
     dp: str | tuple[str, ...] | None = None
@@ -61,6 +67,17 @@ class Plan:
     sp_axis: str | None = None
     ep: str | None = None
     pp: str | None = None
+    tp_mode: TP_MODE = "1d"
+    tp_grid: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        """The dataclass repr, leaving out ``tp_mode`` and ``tp_grid`` at their defaults (a 1D plan reads as before)."""
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in ("tp_mode", "tp_grid") or getattr(self, f.name) != f.default
+        ]
+        return f"Plan({', '.join(shown)})"
 
     @property
     def dp_axes(self) -> tuple[str, ...]:
@@ -114,6 +131,7 @@ class Plan:
             "sp_axis": (self.sp_axis,) if self.sp_axis else (),
             "ep": (self.ep,) if self.ep else (),
             "pp": (self.pp,) if self.pp else (),
+            "tp_grid": tuple(self.tp_grid or ()),
         }
         return {k: v for k, v in roles.items() if v}
 
@@ -122,6 +140,12 @@ def _plan_failures(plan: Plan) -> list[str]:
     out: list[str] = []
     if plan.sp not in get_args(SP):
         out.append(f"sp={plan.sp!r} is not one of {', '.join(map(repr, get_args(SP)))}")
+    if plan.tp_mode not in get_args(TP_MODE):
+        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TP_MODE)))}")
+    if plan.tp_mode == "3d":
+        from colofn.parallel import tp3d
+
+        out += tp3d.plan_failures(plan)
     if plan.sp == "megatron":
         if plan.tp is None:
             out.append(
@@ -183,6 +207,10 @@ def check_plan(plan: Plan, config: object, mesh_shape: Mapping[str, int]) -> Non
             f"the batch is split over {batch}, which must be listed in mesh order {tuple(names)}"
         )
     failures += _config_failures(plan, config, mesh_shape)
+    if plan.tp_mode == "3d" and not failures:
+        from colofn.parallel import tp3d
+
+        failures += tp3d.mesh_failures(plan, config, mesh_shape)
     if failures:
         raise PlanError(
             format_failures(f"{plan} does not fit the model or mesh {dict(mesh_shape)}:", failures)
@@ -243,7 +271,11 @@ def check_batch(
         b, s = shape
         # An axis the mesh lacks counts as size 1 here: check_plan reports it.
         nb = math.prod(size.get(a, 1) for a in plan.batch_axes)
-        if b % nb:
+        if plan.tp_mode == "3d":
+            from colofn.parallel import tp3d
+
+            failures += tp3d.batch_failures(plan, size, b)
+        elif b % nb:
             failures.append(
                 f"batch {b} is not divisible by the {nb} ranks of {plan.batch_axes} it is split over"
             )
