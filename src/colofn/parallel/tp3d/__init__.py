@@ -12,6 +12,7 @@ every weight and the activations over the three mesh axes:
 :func:`~colofn.parallel.param_specs` and :func:`~colofn.parallel.shard_params` take a 3D plan.
 """
 
+from colofn.parallel.tp3d import volume
 from colofn.parallel.tp3d.grid import (
     Grid,
     batch_failures,
@@ -35,4 +36,5 @@ __all__ = [
     "norm",
     "plan_failures",
     "rules",
+    "volume",
 ]
