@@ -266,7 +266,7 @@ def make_value_and_grad(
     (:func:`shard_params`) each gradient is a DTensor with its parameter's
     sharding, ready for ``colofn.optim`` or ZeRO. ``params`` need not require grad.
     """
-    if plan.token_axes and plan.tp_mode == "1d":
+    if plan.token_axes and plan.tp_mode != "3d":  # 3d: its own local_loss, by make_loss
         return _split_value_and_grad(config, plan, get_mesh(mesh, "make_value_and_grad"))
     loss_fn = make_loss(config, plan, mesh)
 

@@ -22,10 +22,10 @@ from typing import Literal, get_args
 
 from colofn.errors import ColofnError, format_failures
 
-__all__ = ["SP", "TP_MODE", "Plan", "PlanError", "check_batch", "check_plan"]
+__all__ = ["SP", "TPMode", "Plan", "PlanError", "check_batch", "check_plan"]
 
 SP = Literal["none", "megatron", "ulysses", "ring"]
-TP_MODE = Literal["1d", "2d", "2.5d", "3d"]
+TPMode = Literal["1d", "2d", "2.5d", "3d"]
 
 
 class PlanError(ColofnError, ValueError):
@@ -54,11 +54,13 @@ class Plan:
             if it is not a ``dp`` or ``sp_axis`` axis, the batch is also split over it.
         pp: the pipeline axis, for ``colofn.pipeline``; this package only checks
             that it is a distinct mesh axis (see :func:`colofn.parallel.layer_specs`).
-        tp_mode: ``"1d"`` is Megatron over ``tp``; ``"3d"`` (Bian et al. 2021) splits
-            weights and activations over the three mesh axes of ``tp_grid``
-            (:mod:`colofn.parallel.tp3d`; ``tp`` is then None).
-        tp_grid: the mesh axes of a multi-dimensional ``tp_mode``, in the mode's
-            order; for ``"3d"``: (input, weight, output).
+        tp_mode: how tensor parallelism splits the weights: ``"1d"`` (Megatron,
+            over ``tp``); ``"2d"`` (Xu et al. 2021, Optimus: SUMMA on a ``q x q``
+            grid of two axes, :mod:`colofn.parallel.tp2d`); ``"2.5d"`` (Wang et
+            al. 2021, Tesseract: the ``q x q`` grid replicated over a depth axis
+            that splits the batch); ``"3d"`` (Bian et al. 2021).
+        tp_grid: the grid's mesh axes in the mode's order (``tp`` stays None):
+            2d ``(row, col)``, 2.5d ``(row, col, depth)``, 3d three axes.
     """
 
     dp: str | tuple[str, ...] | None = None
@@ -67,17 +69,8 @@ class Plan:
     sp_axis: str | None = None
     ep: str | None = None
     pp: str | None = None
-    tp_mode: TP_MODE = "1d"
+    tp_mode: TPMode = "1d"
     tp_grid: tuple[str, ...] | None = None
-
-    def __repr__(self) -> str:
-        """The dataclass repr, leaving out ``tp_mode`` and ``tp_grid`` at their defaults (a 1D plan reads as before)."""
-        shown = [
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.name not in ("tp_mode", "tp_grid") or getattr(self, f.name) != f.default
-        ]
-        return f"Plan({', '.join(shown)})"
 
     @property
     def dp_axes(self) -> tuple[str, ...]:
@@ -140,8 +133,8 @@ def _plan_failures(plan: Plan) -> list[str]:
     out: list[str] = []
     if plan.sp not in get_args(SP):
         out.append(f"sp={plan.sp!r} is not one of {', '.join(map(repr, get_args(SP)))}")
-    if plan.tp_mode not in get_args(TP_MODE):
-        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TP_MODE)))}")
+    if plan.tp_mode not in get_args(TPMode):
+        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TPMode)))}")
     if plan.tp_mode == "3d":
         from colofn.parallel import tp3d
 
@@ -186,7 +179,7 @@ def check_plan(plan: Plan, config: object, mesh_shape: Mapping[str, int]) -> Non
     >>> check_plan(Plan(tp="tp"), gpt.config("tiny", vocab_size=255), {"tp": 2})
     Traceback (most recent call last):
     ...
-    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None) does not fit the model or mesh {'tp': 2}:
+    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None, tp_mode='1d', tp_grid=None) does not fit the model or mesh {'tp': 2}:
       * vocab_size=255 is not divisible by tp=2 (vocabulary-parallel embedding and loss); pad it: vocab_size=256
     """
     if not isinstance(plan, Plan):

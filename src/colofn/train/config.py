@@ -77,6 +77,11 @@ class TrainConfig:
         return dict(self.mesh)
 
     @property
+    def device_mesh_shape(self) -> dict[str, int]:
+        """The mesh the run builds: ``--mesh``, with ``tp`` factored into the cube of ``--tp-mode 3d``."""
+        return tp3d.device_mesh_shape(self.mesh_shape, self.tp_mode)
+
+    @property
     def world_size(self) -> int:
         return math.prod(self.mesh_shape.values())
 
@@ -191,7 +196,7 @@ def validate(cfg: TrainConfig) -> None:
     mode_failures = tp3d.failures(m, cfg.tp_mode, zero=cfg.zero, sp=cfg.sp, experts=cfg.experts, hf=cfg.hf is not None)
     failures += mode_failures
     if mcfg is not None and not mode_failures:
-        plan, m = cfg.plan(), tp3d.device_mesh_shape(m, cfg.tp_mode)
+        plan, m = cfg.plan(), cfg.device_mesh_shape
         for check in (lambda: check_plan(plan, mcfg, m), lambda: check_batch(plan, m, (cfg.batch_size, mcfg.seq_len), mcfg.seq_len)):
             try:
                 check()

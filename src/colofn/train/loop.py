@@ -17,7 +17,6 @@ from colofn.mesh import Mesh
 from colofn.models import gpt
 from colofn.optim.adam import AdamState
 from colofn.tracing import comm_trace
-from colofn.train import tp3d
 from colofn.train.config import TrainConfig
 from colofn.train.trainers import DenseTrainer, PipelineTrainer, ZeroTrainer
 from colofn.world import process_index
@@ -139,8 +138,7 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
         from colofn.train import hf_loop
 
         return hf_loop.rank_program(cfg)
-    shape = tp3d.device_mesh_shape(cfg.mesh_shape, cfg.tp_mode)  # --tp-mode 3d: tp factored into a cube
-    mesh = Mesh(tuple(shape.values()), tuple(shape))
+    mesh = Mesh(tuple(cfg.device_mesh_shape.values()), tuple(cfg.device_mesh_shape))
     mcfg = cfg.model_config()
     opt = make_optimizer(cfg)
     start, params, state = initial_state(cfg, mcfg, opt)
