@@ -10,11 +10,12 @@ import json
 
 import pytest
 
-from colofn import cli, world
+from colofn import cli
 from colofn.models import gpt
 from colofn.parallel import Plan, PlanError, check_batch, check_plan, param_specs
 from colofn.parallel.tp3d import volume
 from colofn.train import tp3d as train_tp3d
+from test_train_flags import no_world  # noqa: F401 - the fixture: any world started fails the test
 
 PLAN = Plan(tp_mode="3d", tp_grid=("i", "w", "o"))
 CUBE = {"i": 2, "w": 2, "o": 2}
@@ -31,19 +32,6 @@ def test_train_3d_check_equals_single_device(tmp_path, capsys):
     assert all(abs(a - b) < 1e-5 for a, b in zip(record["loss"], record["single"], strict=True))
 
 
-@pytest.fixture
-def no_world(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a world was started")
-
-    monkeypatch.setattr(world, "launch", refuse)
-    monkeypatch.setattr(world, "initialize", refuse)
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     "flags,needle",
     [
@@ -56,7 +44,8 @@ def no_world(monkeypatch, tmp_path):
         (["--mesh", "tp=27", "--preset", "tiny"], "d_model=32 is not divisible by output=3"),
     ],
 )
-def test_bad_3d_flags_exit_2_before_any_world(no_world, capsys, flags, needle):
+@pytest.mark.usefixtures("no_world")
+def test_bad_3d_flags_exit_2_before_any_world(capsys, flags, needle):
     assert cli.main(["train", "--tp-mode", "3d", *flags]) == 2
     err = capsys.readouterr().err
     assert needle in err, err
