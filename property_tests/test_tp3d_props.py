@@ -14,6 +14,7 @@ embeddings, 1 or 2 layers), a batch and a seed. On a simulated world:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -119,3 +120,5 @@ def test_3d_comm_volume_matches_formula(setup):
     want = volume.step_ops(cfg, plan, sizes, b, s)
     for rank, ops in enumerate(got):
         assert ops == want, f"rank {rank}: traced {dict(ops)}\nformula {dict(want)}"
+    deeper = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)  # one layer more costs layer_bytes
+    assert volume.step_bytes(deeper, plan, sizes, b, s) - volume.step_bytes(cfg, plan, sizes, b, s) == volume.layer_bytes(cfg, plan, sizes, b, s)

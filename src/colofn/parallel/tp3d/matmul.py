@@ -62,6 +62,18 @@ def matmul(
 
     Returns:
         ``op(X, W)``'s block: rows over (weight, output) (``flip``: (weight, input)).
+
+    >>> import colofn, torch
+    >>> from colofn import P, random, shard_map
+    >>> g = Grid("i", "w", "o")
+    >>> x, w = random.normal(random.key(0), (8, 4)), random.normal(random.key(1), (4, 8))
+    >>> def program():
+    ...     mesh = colofn.Mesh((2, 2, 2), g)
+    ...     f = shard_map(lambda x, w: matmul(x, w, g), mesh=mesh,
+    ...                   in_specs=(P(("w", "i"), "o"), P("o", ("i", "w"))), out_specs=P(("w", "o"), "i"))
+    ...     return f(x, w).full_tensor()
+    >>> torch.allclose(colofn.launch(program, world_size=8)[0], x @ w, atol=1e-6)
+    True
     """
     x_axis, y_axis = (g.out, g.inp) if flip else (g.inp, g.out)
     xs = all_gather(x, x_axis, axis_dim=0, tiled=True)
