@@ -9,7 +9,10 @@ embeddings, 1 or 2 layers), a batch and a seed. On a simulated world:
   ``Plan(tp_mode="3d")`` match ``colofn.models.gpt`` on one device (float64);
 * the bytes :func:`colofn.comm_trace` records for a loss-and-gradient step,
   op by op (collective, axes, forward/backward), equal
-  :func:`colofn.parallel.tp3d.volume.step_ops`.
+  :func:`colofn.parallel.tp3d.volume.step_ops`;
+* the 3D product itself (:func:`colofn.parallel.tp3d.matmul`, plain and
+  flipped, on random cuboids) equals ``X @ W``, and its backward ``dY W^T``
+  and ``X^T dY``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from hypothesis import strategies as st
 import colofn
 from colofn import optim, random, tree
 from colofn.models import gpt
-from colofn.parallel import Plan, make_loss, make_value_and_grad, shard_params
+from colofn.parallel import Plan, make_loss, make_value_and_grad, shard_params, tp3d
 from colofn.parallel.tp3d import volume
+from colofn.partition_spec import P
 from colofn.sharding import gather
 from colofn.testing import assert_trees_close
 
@@ -122,3 +126,31 @@ def test_3d_comm_volume_matches_formula(setup):
         assert ops == want, f"rank {rank}: traced {dict(ops)}\nformula {dict(want)}"
     deeper = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)  # one layer more costs layer_bytes
     assert volume.step_bytes(deeper, plan, sizes, b, s) - volume.step_bytes(cfg, plan, sizes, b, s) == volume.layer_bytes(cfg, plan, sizes, b, s)
+
+
+def _product(x, w, sizes, flip):
+    g = tp3d.Grid(*AXES)
+    mesh = colofn.Mesh(tuple(sizes.values()), tuple(sizes))
+    xa, ya = ("o", "i") if flip else ("i", "o")
+    f = colofn.shard_map(
+        lambda x, w: tp3d.matmul(x, w, g, flip=flip, w_dim=1), mesh=mesh,
+        in_specs=(P(("w", xa), ya), P(ya, (xa, "w"))), out_specs=P(("w", ya), xa),
+    )
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = f(xs, ws)
+    dy = random.normal(random.key(7), tuple(y.shape), torch.float64)
+    gx, gw = torch.autograd.grad(y.to_local(), (xs, ws), colofn.device_put(dy, P(("w", ya), xa), mesh=mesh).to_local())
+    return y.full_tensor().detach(), dy, gx, gw
+
+
+@settings(max_examples=max(2, EXAMPLES // 2))  # the GPT tests above use every product too
+@given(sizes=st.tuples(*[st.sampled_from([1, 2])] * 3), m=st.integers(1, 2), k=st.integers(1, 2), n=st.integers(1, 2), flip=st.booleans())
+def test_3d_product_equals_matmul_forward_and_backward(sizes, m, k, n, flip):
+    shape = dict(zip(AXES, sizes, strict=True))
+    pi, pw, po = sizes
+    px, py = (po, pi) if flip else (pi, po)
+    x = random.normal(random.key(m), (pw * px * py * m, py * k), torch.float64)  # rows over (w, x-axis), k over the y-axis
+    w = random.normal(random.key(n), (py * k, px * pw * n), torch.float64)
+    for y, dy, gx, gw in colofn.launch(_product, x, w, shape, flip, world_size=math.prod(sizes)):
+        assert_trees_close(y, x @ w, what="X W", rtol=1e-12, atol=1e-12)
+        assert_trees_close((gx, gw), (dy @ w.T, x.T @ dy), what="(dX, dW)", rtol=1e-12, atol=1e-12)
