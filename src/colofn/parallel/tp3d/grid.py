@@ -34,9 +34,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from colofn.parallel.plan import Plan
 from colofn.partition_spec import P, PartitionSpec
+
+if TYPE_CHECKING:
+    from colofn.models.gpt import GPTConfig
 
 __all__ = ["Grid", "batch_failures", "batch_specs", "grid", "mesh_failures", "plan_failures", "rules"]
 
@@ -49,13 +53,13 @@ class Grid(NamedTuple):
     out: str  # the output is reduce-scattered along it
 
 
-def grid(plan: Any) -> Grid:
+def grid(plan: Plan) -> Grid:
     """``plan.tp_grid`` as a :class:`Grid` (``plan.tp_mode`` must be ``"3d"``)."""
-    inp, wt, out = plan.tp_grid
+    inp, wt, out = plan.tp_grid or ()
     return Grid(inp, wt, out)
 
 
-def rules(plan: Any) -> dict[str, PartitionSpec]:
+def rules(plan: Plan) -> dict[str, PartitionSpec]:
     """The ordered ``{path pattern: spec}`` rules of a 3D plan (unmatched paths, none in the GPT, are replicated)."""
     i, w, o = grid(plan)
     first, second = P(o, (i, w)), P((i, w), o)  # [d_model, n] and [n, d_model]
@@ -74,13 +78,13 @@ def rules(plan: Any) -> dict[str, PartitionSpec]:
     }
 
 
-def batch_specs(plan: Any) -> dict[str, PartitionSpec]:
+def batch_specs(plan: Plan) -> dict[str, PartitionSpec]:
     """Token ids split over ``(dp..., weight)`` (the embedding gathers no ids), targets as the logits: ``(dp..., weight, output)``."""
     g = grid(plan)
     return {"tokens": P(plan.dp_axes + (g.wt,)), "targets": P(plan.dp_axes + (g.wt, g.out))}
 
 
-def plan_failures(plan: Any) -> list[str]:
+def plan_failures(plan: Plan) -> list[str]:
     """What a 3D plan cannot have, whatever the mesh."""
     out = []
     names = plan.tp_grid
@@ -97,7 +101,7 @@ def plan_failures(plan: Any) -> list[str]:
     return out
 
 
-def mesh_failures(plan: Any, c: Any, shape: Mapping[str, int]) -> list[str]:
+def mesh_failures(plan: Plan, c: GPTConfig | Any, shape: Mapping[str, int]) -> list[str]:
     """Every reason the config (a ``GPTConfig``) or the mesh order does not fit the 3D grid."""
     g = grid(plan)
     out = []
@@ -126,7 +130,7 @@ def mesh_failures(plan: Any, c: Any, shape: Mapping[str, int]) -> list[str]:
     return out
 
 
-def batch_failures(plan: Any, shape: Mapping[str, int], batch: int) -> list[str]:
+def batch_failures(plan: Plan, shape: Mapping[str, int], batch: int) -> list[str]:
     """The batch must split over ``(dp..., weight, input)`` (the stream) and ``(dp..., weight, output)`` (the logits)."""
     g = grid(plan)
     dp = math.prod(shape.get(a, 1) for a in plan.dp_axes)

@@ -33,6 +33,7 @@ from einops import einsum
 from colofn._vma import vary_over
 from colofn.collectives import all_gather, psum, psum_scatter
 from colofn.models import gpt
+from colofn.parallel.plan import Plan
 from colofn.parallel.tp.vocab import cross_entropy_sums, embed_partial
 from colofn.parallel.tp3d.grid import Grid, grid
 from colofn.parallel.tp3d.matmul import matmul, norm
@@ -41,7 +42,7 @@ __all__ = ["attention", "block", "embed", "head_sums", "local_loss", "mlp"]
 
 Params = dict[str, Any]
 
-def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Any) -> torch.Tensor:
+def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """Token (+ learned position) embeddings of ``tokens`` ``[batch / (dp p_w), seq]`` as the residual stream."""
     g, dp = grid(plan), plan.dp_axes
     # The flipped product of one-hot ids with the table; the ids are not split over output, so not gathered.
@@ -68,14 +69,14 @@ def mlp(params: Params, h: torch.Tensor, g: Grid, dp: tuple[str, ...]) -> torch.
     a = F.gelu(matmul(h, vary_over(params["w1"], dp), g, w_dim=1), approximate="tanh")
     return matmul(a, vary_over(params["w2"], dp), g, flip=True, w_dim=0)
 
-def block(layer: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Any) -> torch.Tensor:
+def block(layer: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """One pre-norm dense block on this rank's residual stream."""
     g, dp, eps, d = grid(plan), plan.dp_axes, config.norm_eps, config.d_model
     x = x + attention(layer["attn"], norm(layer["norm1"], x, g, eps, d), config, g, dp)
     return x + mlp(layer["mlp"], norm(layer["norm2"], x, g, eps, d), g, dp)
 
 def head_sums(
-    params: Params, x: torch.Tensor, targets: torch.Tensor, config: gpt.GPTConfig, plan: Any
+    params: Params, x: torch.Tensor, targets: torch.Tensor, config: gpt.GPTConfig, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of token losses, token count)`` of this rank's targets ``[batch / (dp p_w p_out), seq]``, invariant along input."""
     g, dp = grid(plan), plan.dp_axes
@@ -83,7 +84,7 @@ def head_sums(
     w = vary_over(params["embed"]["tok"], dp).T if config.tie_embeddings else vary_over(params["head"], dp)
     return cross_entropy_sums(matmul(h, w, g, w_dim=1), targets, g.inp)
 
-def local_loss(params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Any) -> torch.Tensor:
+def local_loss(params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """The step's loss on this rank's blocks, equal to ``gpt.loss`` of the whole batch (invariant on every rank)."""
     g = grid(plan)
     x = embed(params["embed"], batch["tokens"], config, plan)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from colofn.models.gpt import GPTConfig
+from colofn.parallel.plan import Plan
 from colofn.parallel.tp3d.grid import grid
 
 __all__ = ["layer_bytes", "memory", "step_ops", "step_bytes"]
@@ -46,7 +48,7 @@ def _ring(op: str, nbytes: int, n: int) -> int:
 
 
 class _Ops:
-    def __init__(self, plan: Any, shape: Mapping[str, int]) -> None:
+    def __init__(self, plan: Plan, shape: Mapping[str, int]) -> None:
         self.g, self.shape, self.dp = grid(plan), shape, plan.dp_axes
         self.sizes = [shape[a] for a in self.g]
         self.P = math.prod(self.sizes)
@@ -70,7 +72,7 @@ class _Ops:
         if dp_sum:  # the data-parallel gradient sum of W's shard
             self.add("all_reduce", self.dp, "backward", e * w // self.P)
 
-    def norm(self, tokens: int, config: Any, ef: int, e: int) -> None:
+    def norm(self, tokens: int, config: GPTConfig, ef: int, e: int) -> None:
         """A LayerNorm/RMSNorm of ``tokens`` (global count per dp replica) and its ``scale`` (and ``bias``) gradients."""
         rows = tokens // (self.shape[self.g.wt] * self.shape[self.g.inp])
         for _ in range(2 if config.norm == "layernorm" else 1):  # mean and variance, or the mean square
@@ -81,13 +83,13 @@ class _Ops:
             self.add("all_reduce", (*self.dp, self.g.inp, self.g.wt), "backward", config.d_model // self.shape[self.g.out] * e)
 
 
-def _sizes(config: Any) -> tuple[int, int]:
+def _sizes(config: GPTConfig) -> tuple[int, int]:
     e = torch.empty((), dtype=config.dtype).element_size()
     ef = torch.empty((), dtype=torch.promote_types(config.dtype, torch.float32)).element_size()
     return e, ef
 
 
-def _layer(o: _Ops, config: Any, tokens: int) -> None:
+def _layer(o: _Ops, config: GPTConfig, tokens: int) -> None:
     e, ef = _sizes(config)
     d, ff = config.d_model, config.d_ff
     o.norm(tokens, config, ef, e)
@@ -98,7 +100,7 @@ def _layer(o: _Ops, config: Any, tokens: int) -> None:
     o.product(tokens * ff, ff * d, tokens * d, e, flip=True)  # w2
 
 
-def step_ops(config: Any, plan: Any, shape: Mapping[str, int], batch: int, seq: int) -> Counter[Key]:
+def step_ops(config: GPTConfig, plan: Plan, shape: Mapping[str, int], batch: int, seq: int) -> Counter[Key]:
     """``{(op, axes, phase): bytes sent per rank}`` of one loss-and-gradient step of :func:`colofn.parallel.make_loss`."""
     o = _Ops(plan, shape)
     g, e, ef = o.g, *_sizes(config)
@@ -122,19 +124,19 @@ def step_ops(config: Any, plan: Any, shape: Mapping[str, int], batch: int, seq: 
     return +o.out
 
 
-def step_bytes(config: Any, plan: Any, shape: Mapping[str, int], batch: int, seq: int) -> int:
+def step_bytes(config: GPTConfig, plan: Plan, shape: Mapping[str, int], batch: int, seq: int) -> int:
     """Bytes one rank sends in a loss-and-gradient step (the sum of :func:`step_ops`)."""
     return sum(step_ops(config, plan, shape, batch, seq).values())
 
 
-def layer_bytes(config: Any, plan: Any, shape: Mapping[str, int], batch: int, seq: int) -> int:
+def layer_bytes(config: GPTConfig, plan: Plan, shape: Mapping[str, int], batch: int, seq: int) -> int:
     """Bytes one rank sends for one transformer block, forward and backward (dp gradient sums included)."""
     o = _Ops(plan, shape)
     _layer(o, config, batch // math.prod(shape[a] for a in plan.dp_axes) * seq)
     return sum(o.out.values())
 
 
-def memory(config: Any, plan: Any, shape: Mapping[str, int], batch: int, seq: int) -> dict[str, int]:
+def memory(config: GPTConfig, plan: Plan, shape: Mapping[str, int], batch: int, seq: int) -> dict[str, int]:
     """Elements one rank holds: ``"weights"`` (its shards) and ``"stream"`` (one ``[b, s, d_model]`` activation).
 
     Every weight matrix is split ``P = p_in p_w p_out`` ways; the norms' and
