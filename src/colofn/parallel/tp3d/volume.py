@@ -101,7 +101,12 @@ def _layer(o: _Ops, config: GPTConfig, tokens: int) -> None:
 
 
 def step_ops(config: GPTConfig, plan: Plan, shape: Mapping[str, int], batch: int, seq: int) -> Counter[Key]:
-    """``{(op, axes, phase): bytes sent per rank}`` of one loss-and-gradient step of :func:`colofn.parallel.make_loss`."""
+    """``{(op, axes, phase): bytes sent per rank}`` of one loss-and-gradient step of :func:`colofn.parallel.make_loss`.
+
+    Gradient sums are counted parameter by parameter; colofn buckets those of
+    one group into one all-reduce, which sends the same bytes (the ring
+    formula's rounding aside, exact when the group's size divides the bytes).
+    """
     o = _Ops(plan, shape)
     g, e, ef = o.g, *_sizes(config)
     tokens = batch // math.prod(shape[a] for a in plan.dp_axes) * seq  # per dp replica
