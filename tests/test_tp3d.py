@@ -40,7 +40,7 @@ def test_train_3d_check_equals_single_device(tmp_path, capsys):
         (["--mesh", "dp=2,tp=8", "--zero", "1"], "--tp-mode 3d composes with dp only in this release: drop --zero"),
         (["--mesh", "tp=8", "--sp", "megatron"], "drop --sp"),
         (["--mesh", "tp=8", "--batch-size", "6"], "batch 6 is not divisible by 4: tp_mode='3d' splits it"),
-        (["--mesh", "tp=8,dp=2"], "must list the grid's axes in the order input 'tp_in', weight 'tp_w', output 'tp_out', with the dp axes before 'tp_w'"),
+        (["--mesh", "tp=8,dp=2"], "list dp before tp in --mesh (--mesh dp=2,tp=8)"),
         (["--mesh", "tp=27", "--preset", "tiny"], "d_model=32 is not divisible by output=3"),
     ],
 )
@@ -70,6 +70,8 @@ def test_check_plan_names_every_misfit_of_the_grid():
         check_plan(Plan(tp="tp", tp_mode="3d", tp_grid=("i", "w", "o")), cfg, {**CUBE, "tp": 1})
     with pytest.raises(PlanError, match="tp_mode='4d' is not one of '1d', '2d', '2.5d', '3d'"):
         check_plan(Plan(tp_mode="4d"), cfg, {})  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="the mesh \\('w', 'i', 'o'\\) must list the grid's axes in the order input 'i', weight 'w', output 'o'"):
+        check_plan(PLAN, gpt.config("tiny"), {"w": 2, "i": 2, "o": 2})
     with pytest.raises(PlanError, match="batch 2 is not divisible by 4"):
         check_batch(PLAN, CUBE, (2, 8), 32)
 

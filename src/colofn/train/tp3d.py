@@ -51,6 +51,12 @@ def failures(mesh: Mapping[str, int], tp_mode: str, *, zero: int | None, sp: str
             f"--tp-mode 3d splits tp over a p x p x p cube, but tp={n} is not a cube: "
             f"use tp={below**3} or tp={(below + 1) ** 3} ({below + 1}^3)"
         )
+    names = list(mesh)
+    if "tp" in mesh and "dp" in mesh and names.index("dp") > names.index("tp"):
+        out.append(
+            "--tp-mode 3d splits the batch over dp, then the cube's weight and input axes: list dp before tp "
+            f"in --mesh (--mesh dp={mesh['dp']},tp={mesh['tp']})"
+        )
     for bad, why in (
         ("pp" in mesh, "pp (pipeline stages)"),
         ("sp" in mesh or sp != "none", "--sp"),
