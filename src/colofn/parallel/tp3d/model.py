@@ -40,7 +40,9 @@ from colofn.parallel.tp3d.matmul import matmul, norm
 
 __all__ = ["attention", "block", "embed", "head_sums", "local_loss", "mlp"]
 
+
 Params = dict[str, Any]
+
 
 def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """Token (+ learned position) embeddings of ``tokens`` ``[batch / (dp p_w), seq]`` as the residual stream."""
@@ -53,6 +55,7 @@ def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Pla
         x = x + pos[: x.shape[1]]
     return x
 
+
 def attention(params: Params, h: torch.Tensor, config: gpt.GPTConfig, g: Grid, dp: tuple[str, ...]) -> torch.Tensor:
     """Causal self-attention of the normed stream ``h``; returns the branch in the stream's layout."""
     w = torch.stack([vary_over(params[n], dp) for n in ("wq", "wk", "wv")])  # [3, d/po, h/pi, hd/pw]
@@ -64,16 +67,19 @@ def attention(params: Params, h: torch.Tensor, config: gpt.GPTConfig, g: Grid, d
     o = gpt.attention_core(q, k, v)
     return matmul(o, vary_over(params["wo"], dp), g, flip=True, w_dim=1, op=lambda o, wo: einsum(o, wo, "b h s e, h e d -> b s d"))
 
+
 def mlp(params: Params, h: torch.Tensor, g: Grid, dp: tuple[str, ...]) -> torch.Tensor:
     """``gelu(h @ w1) @ w2`` (tanh GELU, as ``gpt.mlp``) as two products; ``d_ff`` is over input between them."""
     a = F.gelu(matmul(h, vary_over(params["w1"], dp), g, w_dim=1), approximate="tanh")
     return matmul(a, vary_over(params["w2"], dp), g, flip=True, w_dim=0)
+
 
 def block(layer: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """One pre-norm dense block on this rank's residual stream."""
     g, dp, eps, d = grid(plan), plan.dp_axes, config.norm_eps, config.d_model
     x = x + attention(layer["attn"], norm(layer["norm1"], x, g, eps, d), config, g, dp)
     return x + mlp(layer["mlp"], norm(layer["norm2"], x, g, eps, d), g, dp)
+
 
 def head_sums(
     params: Params, x: torch.Tensor, targets: torch.Tensor, config: gpt.GPTConfig, plan: Plan
@@ -83,6 +89,7 @@ def head_sums(
     h = norm(params["final_norm"], x, g, config.norm_eps, config.d_model)
     w = vary_over(params["embed"]["tok"], dp).T if config.tie_embeddings else vary_over(params["head"], dp)
     return cross_entropy_sums(matmul(h, w, g, w_dim=1), targets, g.inp)
+
 
 def local_loss(params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:
     """The step's loss on this rank's blocks, equal to ``gpt.loss`` of the whole batch (invariant on every rank)."""
