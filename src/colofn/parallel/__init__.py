@@ -5,13 +5,14 @@
 * :mod:`~colofn.parallel.tp`: Megatron tensor parallelism (regions, vocabulary-parallel embedding and loss).
 * :mod:`~colofn.parallel.sp`: sequence parallelism (Megatron-SP, DeepSpeed-Ulysses, ring attention).
 * :mod:`~colofn.parallel.ep`: expert parallelism (whole-batch routing, all-to-all dispatch and combine).
+* :mod:`~colofn.parallel.tp3d`: 3D tensor parallelism (Bian et al. 2021), for ``Plan(tp_mode="3d")``.
 * :mod:`~colofn.parallel.gpt`: the per-device model under a plan, :func:`make_loss` and :func:`shard_params`.
 
 ``docs/strategies.md`` is the guide: what each strategy shards and
 communicates, and when to pick it.
 """
 
-from colofn.parallel import ep, sp, tp
+from colofn.parallel import ep, sp, tp, tp3d
 from colofn.parallel.gpt import (
     block,
     embed,
@@ -59,4 +60,5 @@ __all__ = [
     "stage_forward",
     "stage_slice",
     "tp",
+    "tp3d",
 ]

@@ -46,7 +46,7 @@ from colofn.collectives import psum
 from colofn.errors import TreeError
 from colofn.mesh import Mesh, get_mesh
 from colofn.models import gpt
-from colofn.parallel import ep, sp, tp
+from colofn.parallel import ep, sp, tp, tp3d
 from colofn.parallel.plan import Plan, check_batch, check_plan
 from colofn.parallel.specs import batch_specs, param_specs
 from colofn.parallel.tp import vocab
@@ -182,6 +182,8 @@ def local_loss(
     under ring attention the tokens and targets are first re-laid out zig-zag
     (:func:`relayout`).
     """
+    if plan.tp_mode == "3d":
+        return tp3d.local_loss(params, batch, config, plan)
     tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)
     x = embed(params["embed"], tokens, config, plan)
     x, aux = layers_forward(params["layers"], x, config, plan)
@@ -264,7 +266,7 @@ def make_value_and_grad(
     (:func:`shard_params`) each gradient is a DTensor with its parameter's
     sharding, ready for ``colofn.optim`` or ZeRO. ``params`` need not require grad.
     """
-    if plan.token_axes:
+    if plan.token_axes and plan.tp_mode != "3d":  # 3d: its own local_loss, by make_loss
         return _split_value_and_grad(config, plan, get_mesh(mesh, "make_value_and_grad"))
     loss_fn = make_loss(config, plan, mesh)
 

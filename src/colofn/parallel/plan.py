@@ -22,9 +22,10 @@ from typing import Literal, get_args
 
 from colofn.errors import ColofnError, format_failures
 
-__all__ = ["SP", "Plan", "PlanError", "check_batch", "check_plan"]
+__all__ = ["SP", "TPMode", "Plan", "PlanError", "check_batch", "check_plan"]
 
 SP = Literal["none", "megatron", "ulysses", "ring"]
+TPMode = Literal["1d", "2d", "2.5d", "3d"]
 
 
 class PlanError(ColofnError, ValueError):
@@ -53,6 +54,13 @@ class Plan:
             if it is not a ``dp`` or ``sp_axis`` axis, the batch is also split over it.
         pp: the pipeline axis, for ``colofn.pipeline``; this package only checks
             that it is a distinct mesh axis (see :func:`colofn.parallel.layer_specs`).
+        tp_mode: how tensor parallelism splits the weights: ``"1d"`` (Megatron,
+            over ``tp``); ``"2d"`` (Xu et al. 2021, Optimus: SUMMA on a ``q x q``
+            grid of two axes, :mod:`colofn.parallel.tp2d`); ``"2.5d"`` (Wang et
+            al. 2021, Tesseract: the ``q x q`` grid replicated over a depth axis
+            that splits the batch); ``"3d"`` (Bian et al. 2021).
+        tp_grid: the grid's mesh axes in the mode's order (``tp`` stays None):
+            2d ``(row, col)``, 2.5d ``(row, col, depth)``, 3d three axes.
     """
 
     dp: str | tuple[str, ...] | None = None
@@ -61,6 +69,8 @@ class Plan:
     sp_axis: str | None = None
     ep: str | None = None
     pp: str | None = None
+    tp_mode: TPMode = "1d"
+    tp_grid: tuple[str, ...] | None = None
 
     @property
     def dp_axes(self) -> tuple[str, ...]:
@@ -114,6 +124,7 @@ class Plan:
             "sp_axis": (self.sp_axis,) if self.sp_axis else (),
             "ep": (self.ep,) if self.ep else (),
             "pp": (self.pp,) if self.pp else (),
+            "tp_grid": tuple(self.tp_grid or ()),
         }
         return {k: v for k, v in roles.items() if v}
 
@@ -122,6 +133,12 @@ def _plan_failures(plan: Plan) -> list[str]:
     out: list[str] = []
     if plan.sp not in get_args(SP):
         out.append(f"sp={plan.sp!r} is not one of {', '.join(map(repr, get_args(SP)))}")
+    if plan.tp_mode not in get_args(TPMode):
+        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TPMode)))}")
+    if plan.tp_mode == "3d":
+        from colofn.parallel import tp3d
+
+        out += tp3d.plan_failures(plan)
     if plan.sp == "megatron":
         if plan.tp is None:
             out.append(
@@ -162,7 +179,7 @@ def check_plan(plan: Plan, config: object, mesh_shape: Mapping[str, int]) -> Non
     >>> check_plan(Plan(tp="tp"), gpt.config("tiny", vocab_size=255), {"tp": 2})
     Traceback (most recent call last):
     ...
-    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None) does not fit the model or mesh {'tp': 2}:
+    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None, tp_mode='1d', tp_grid=None) does not fit the model or mesh {'tp': 2}:
       * vocab_size=255 is not divisible by tp=2 (vocabulary-parallel embedding and loss); pad it: vocab_size=256
     """
     if not isinstance(plan, Plan):
@@ -183,6 +200,10 @@ def check_plan(plan: Plan, config: object, mesh_shape: Mapping[str, int]) -> Non
             f"the batch is split over {batch}, which must be listed in mesh order {tuple(names)}"
         )
     failures += _config_failures(plan, config, mesh_shape)
+    if plan.tp_mode == "3d" and not failures:
+        from colofn.parallel import tp3d
+
+        failures += tp3d.mesh_failures(plan, config, mesh_shape)
     if failures:
         raise PlanError(
             format_failures(f"{plan} does not fit the model or mesh {dict(mesh_shape)}:", failures)
@@ -243,7 +264,11 @@ def check_batch(
         b, s = shape
         # An axis the mesh lacks counts as size 1 here: check_plan reports it.
         nb = math.prod(size.get(a, 1) for a in plan.batch_axes)
-        if b % nb:
+        if plan.tp_mode == "3d":
+            from colofn.parallel import tp3d
+
+            failures += tp3d.batch_failures(plan, size, b)
+        elif b % nb:
             failures.append(
                 f"batch {b} is not divisible by the {nb} ranks of {plan.batch_axes} it is split over"
             )

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from colofn import tree as jt
+from colofn.parallel import tp3d
 from colofn.parallel.plan import Plan
 from colofn.partition_spec import P, PartitionSpec
 
@@ -43,6 +44,8 @@ __all__ = [
 
 def rules(plan: Plan) -> dict[str, PartitionSpec]:
     """The ordered ``{path pattern: spec}`` rules of ``plan`` (unmatched paths are replicated)."""
+    if plan.tp_mode == "3d":
+        return tp3d.rules(plan)
     tp, ep = plan.tp, plan.ep
     return {
         "embed.tok": P(tp),  # vocabulary-parallel embedding (and tied head)
@@ -140,6 +143,8 @@ def batch_specs(plan: Plan) -> dict[str, PartitionSpec]:
     >>> batch_specs(Plan(dp="dp", sp="ulysses", sp_axis="sp"))["tokens"]
     P('dp', 'sp')
     """
+    if plan.tp_mode == "3d":
+        return tp3d.batch_specs(plan)
     b = plan.batch_axes or None
     s = plan.sp_axis if plan.sp in ("ulysses", "ring") else None
     spec = P(b, s)

@@ -12,6 +12,7 @@ from colofn.errors import ConfigError, format_failures
 from colofn.models import gpt
 from colofn.parallel import Plan, check_batch, check_plan
 from colofn.parallel.plan import PlanError
+from colofn.train import tp3d
 
 AXES = ("pp", "dp", "sp", "tp", "ep")
 """The mesh axis names ``--mesh`` knows: pipeline, data, sequence (Ulysses/ring), tensor, expert."""
@@ -69,10 +70,16 @@ class TrainConfig:
     experts: int = 0
     hf: str | None = None
     data: str | None = None
+    tp_mode: str = "1d"
 
     @property
     def mesh_shape(self) -> dict[str, int]:
         return dict(self.mesh)
+
+    @property
+    def device_mesh_shape(self) -> dict[str, int]:
+        """The mesh the run builds: ``--mesh``, with ``tp`` factored into the cube of ``--tp-mode 3d``."""
+        return tp3d.device_mesh_shape(self.mesh_shape, self.tp_mode)
 
     @property
     def world_size(self) -> int:
@@ -96,6 +103,8 @@ class TrainConfig:
 
     def plan(self) -> Plan:
         m = self.mesh_shape
+        if self.tp_mode == "3d":
+            return Plan(dp="dp" if "dp" in m else None, tp_mode="3d", tp_grid=tp3d.GRID)
         return Plan(
             dp="dp" if "dp" in m else None,
             tp="tp" if "tp" in m else None,
@@ -128,6 +137,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.hf is not None or cfg.data is not None:
         failures += hf_failures(cfg)
         if cfg.hf is not None:
+            failures += tp3d.failures(m, cfg.tp_mode, zero=None, sp="none", experts=0, hf=True)
             if failures:
                 raise ConfigError(format_failures("colofn train: the run cannot start:", failures))
             return
@@ -183,8 +193,10 @@ def validate(cfg: TrainConfig) -> None:
                 f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local_batch} = "
                 f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
             )
-    if mcfg is not None:
-        plan = cfg.plan()
+    mode_failures = tp3d.failures(m, cfg.tp_mode, zero=cfg.zero, sp=cfg.sp, experts=cfg.experts, hf=cfg.hf is not None)
+    failures += mode_failures
+    if mcfg is not None and not mode_failures:
+        plan, m = cfg.plan(), cfg.device_mesh_shape
         for check in (lambda: check_plan(plan, mcfg, m), lambda: check_batch(plan, m, (cfg.batch_size, mcfg.seq_len), mcfg.seq_len)):
             try:
                 check()
