@@ -3,6 +3,7 @@
 * :mod:`~colofn.parallel.plan`: :class:`Plan` (which axis does what) and its checks.
 * :mod:`~colofn.parallel.specs`: parameter and batch specs as data (path pattern -> ``P``).
 * :mod:`~colofn.parallel.tp`: Megatron tensor parallelism (regions, vocabulary-parallel embedding and loss).
+* :mod:`~colofn.parallel.tp2d`: 2D (Optimus) and 2.5D (Tesseract) tensor parallelism on a grid of mesh axes.
 * :mod:`~colofn.parallel.sp`: sequence parallelism (Megatron-SP, DeepSpeed-Ulysses, ring attention).
 * :mod:`~colofn.parallel.ep`: expert parallelism (whole-batch routing, all-to-all dispatch and combine).
 * :mod:`~colofn.parallel.gpt`: the per-device model under a plan, :func:`make_loss` and :func:`shard_params`.
@@ -11,7 +12,7 @@
 communicates, and when to pick it.
 """
 
-from colofn.parallel import ep, sp, tp
+from colofn.parallel import ep, sp, tp, tp2d
 from colofn.parallel.gpt import (
     block,
     embed,
@@ -59,4 +60,5 @@ __all__ = [
     "stage_forward",
     "stage_slice",
     "tp",
+    "tp2d",
 ]

@@ -22,9 +22,10 @@ from typing import Literal, get_args
 
 from colofn.errors import ColofnError, format_failures
 
-__all__ = ["SP", "Plan", "PlanError", "check_batch", "check_plan"]
+__all__ = ["SP", "TPMode", "Plan", "PlanError", "check_batch", "check_plan"]
 
 SP = Literal["none", "megatron", "ulysses", "ring"]
+TPMode = Literal["1d", "2d", "2.5d", "3d"]
 
 
 class PlanError(ColofnError, ValueError):
@@ -53,6 +54,13 @@ class Plan:
             if it is not a ``dp`` or ``sp_axis`` axis, the batch is also split over it.
         pp: the pipeline axis, for ``colofn.pipeline``; this package only checks
             that it is a distinct mesh axis (see :func:`colofn.parallel.layer_specs`).
+        tp_mode: how tensor parallelism splits the weights: ``"1d"`` (Megatron,
+            over ``tp``); ``"2d"`` (Xu et al. 2021, Optimus: SUMMA on a ``q x q``
+            grid of two axes, :mod:`colofn.parallel.tp2d`); ``"2.5d"`` (Wang et
+            al. 2021, Tesseract: the ``q x q`` grid replicated over a depth axis
+            that splits the batch); ``"3d"`` (Bian et al. 2021).
+        tp_grid: the grid's mesh axes in the mode's order (``tp`` stays None):
+            2d ``(row, col)``, 2.5d ``(row, col, depth)``, 3d three axes.
     """
 
     dp: str | tuple[str, ...] | None = None
@@ -61,6 +69,8 @@ class Plan:
     sp_axis: str | None = None
     ep: str | None = None
     pp: str | None = None
+    tp_mode: TPMode = "1d"
+    tp_grid: tuple[str, ...] | None = None
 
     @property
     def dp_axes(self) -> tuple[str, ...]:
@@ -77,6 +87,8 @@ class Plan:
             if self.ep is None or self.ep in self.dp_axes or self.ep == self.seq_axis
             else (self.ep,)
         )
+        if self.tp_mode in ("2d", "2.5d") and self.tp_grid:  # the grid's rows (and depth) split the batch
+            extra += self.tp_grid[0:1] + self.tp_grid[2:3]
         return self.dp_axes + extra
 
     @property
@@ -114,6 +126,7 @@ class Plan:
             "sp_axis": (self.sp_axis,) if self.sp_axis else (),
             "ep": (self.ep,) if self.ep else (),
             "pp": (self.pp,) if self.pp else (),
+            "tp_grid": tuple(self.tp_grid or ()),
         }
         return {k: v for k, v in roles.items() if v}
 
@@ -135,6 +148,10 @@ def _plan_failures(plan: Plan) -> list[str]:
         out.append(f"sp={plan.sp!r} needs sp_axis, the mesh axis to split the sequence over")
     elif plan.sp == "none" and plan.sp_axis is not None:
         out.append(f"sp_axis={plan.sp_axis!r} is set but sp='none'; pick sp='ulysses' or sp='ring'")
+    if plan.tp_mode in ("2d", "2.5d"):
+        from colofn.parallel.tp2d.checks import plan_failures
+
+        out += plan_failures(plan)
     used: dict[str, str] = {}
     for role, axes in plan.axes().items():
         for a in axes:
@@ -162,7 +179,7 @@ def check_plan(plan: Plan, config: object, mesh_shape: Mapping[str, int]) -> Non
     >>> check_plan(Plan(tp="tp"), gpt.config("tiny", vocab_size=255), {"tp": 2})
     Traceback (most recent call last):
     ...
-    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None) does not fit the model or mesh {'tp': 2}:
+    colofn.parallel.plan.PlanError: Plan(dp=None, tp='tp', sp='none', sp_axis=None, ep=None, pp=None, tp_mode='1d', tp_grid=None) does not fit the model or mesh {'tp': 2}:
       * vocab_size=255 is not divisible by tp=2 (vocabulary-parallel embedding and loss); pad it: vocab_size=256
     """
     if not isinstance(plan, Plan):
@@ -194,6 +211,10 @@ def _config_failures(plan: Plan, c: object, shape: Mapping[str, int]) -> list[st
     size = {
         a: shape.get(a, 1) for a in (plan.tp, plan.sp_axis, plan.ep) if a
     }  # unknown axes: reported already
+    if plan.tp_mode in ("2d", "2.5d"):
+        from colofn.parallel.tp2d.checks import config_failures
+
+        return config_failures(plan, c, shape) + _dropout_failures(c)
     tp = size[plan.tp] if plan.tp else 1
     heads, vocab, d_ff, experts = (
         getattr(c, f) for f in ("n_heads", "vocab_size", "d_ff", "n_experts")
@@ -223,6 +244,11 @@ def _config_failures(plan: Plan, c: object, shape: Mapping[str, int]) -> list[st
             out.append(
                 f"n_experts={experts} is not divisible by ep={ep}; each rank holds n_experts / ep experts"
             )
+    return out + _dropout_failures(c)
+
+
+def _dropout_failures(c: object) -> list[str]:
+    out = []
     if getattr(c, "dropout", 0.0):
         out.append(
             f"dropout={c.dropout} is not implemented by the parallel strategies yet; set dropout=0.0 "  # type: ignore[attr-defined]
