@@ -69,10 +69,19 @@ class TrainConfig:
     experts: int = 0
     hf: str | None = None
     data: str | None = None
+    tp_mode: str = "1d"
+    tp_depth: int = 1
 
     @property
     def mesh_shape(self) -> dict[str, int]:
         return dict(self.mesh)
+
+    @property
+    def device_mesh_shape(self) -> dict[str, int]:
+        """The mesh the run builds: ``--mesh``, with ``tp`` factored into the grid of ``--tp-mode`` 2d / 2.5d."""
+        from colofn.train.grid import device_mesh_shape
+
+        return device_mesh_shape(self)
 
     @property
     def world_size(self) -> int:
@@ -96,6 +105,10 @@ class TrainConfig:
 
     def plan(self) -> Plan:
         m = self.mesh_shape
+        if self.tp_mode in ("2d", "2.5d"):
+            from colofn.train.grid import grid_plan
+
+            return grid_plan(self)
         return Plan(
             dp="dp" if "dp" in m else None,
             tp="tp" if "tp" in m else None,
@@ -183,8 +196,15 @@ def validate(cfg: TrainConfig) -> None:
                 f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local_batch} = "
                 f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
             )
+    if cfg.tp_mode != "1d" or cfg.tp_depth != 1:
+        from colofn.train.grid import grid_failures
+
+        grid = grid_failures(cfg)
+        failures += grid
+        if grid:
+            mcfg = None  # the plan of a mode that cannot be built is not checked
     if mcfg is not None:
-        plan = cfg.plan()
+        plan, m = cfg.plan(), cfg.device_mesh_shape
         for check in (lambda: check_plan(plan, mcfg, m), lambda: check_batch(plan, m, (cfg.batch_size, mcfg.seq_len), mcfg.seq_len)):
             try:
                 check()

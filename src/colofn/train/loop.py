@@ -138,7 +138,7 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
         from colofn.train import hf_loop
 
         return hf_loop.rank_program(cfg)
-    mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
+    mesh = Mesh(tuple(cfg.device_mesh_shape.values()), tuple(cfg.device_mesh_shape))
     mcfg = cfg.model_config()
     opt = make_optimizer(cfg)
     start, params, state = initial_state(cfg, mcfg, opt)
