@@ -82,7 +82,7 @@ class Plan:
     @property
     def batch_axes(self) -> tuple[str, ...]:
         """The axes the batch dim is split over: ``dp``, plus ``ep`` when tokens are not split along it otherwise."""
-        extra = (
+        extra: tuple[str, ...] = (
             ()
             if self.ep is None or self.ep in self.dp_axes or self.ep == self.seq_axis
             else (self.ep,)
