@@ -2,6 +2,7 @@
 
 * :mod:`~colofn.parallel.tp2d.summa`: SUMMA products on a ``q x q`` grid of two mesh axes.
 * :mod:`~colofn.parallel.tp2d.model`: the GPT's embedding, norms, attention, MLP and loss on grid blocks.
+* :mod:`~colofn.parallel.tp2d.remat`: :func:`rematerialize`, blocks instead of panels kept for the backward.
 * :mod:`~colofn.parallel.tp2d.checks`: what a plan, mesh and model must satisfy.
 * :mod:`~colofn.parallel.tp2d.cost`: the communication and memory per rank, as formulas.
 
@@ -10,6 +11,7 @@ Chosen by ``Plan(tp_mode="2d", tp_grid=(row, col))`` or
 :func:`colofn.parallel.make_loss` and friends dispatch on it.
 """
 
+from colofn.parallel.tp2d.remat import rematerialize
 from colofn.parallel.tp2d.model import attention, block, embed, head_sums, mlp, norm, rules
 from colofn.parallel.tp2d.summa import Grid, matmul, matmul_nt, panel, weight_panel
 
@@ -28,6 +30,7 @@ __all__ = [
     "mlp",
     "norm",
     "panel",
+    "rematerialize",
     "rules",
     "weight_panel",
 ]

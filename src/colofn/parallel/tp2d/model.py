@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from colofn._vma import vary_over
-from colofn.collectives import all_gather, psum
+from colofn.collectives import psum
 from colofn.models import gpt
 from colofn.models.gpt._layers import upcast
 from colofn.parallel.plan import Plan
@@ -98,8 +98,9 @@ def attention(params: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan
     g = Grid.of(plan)
     xp = panel(x, g)  # one gather of the row panel for q, k and v
     q, k, v = gpt.qkv({w: weight_panel(params[w], g) for w in ("wq", "wk", "wv")}, xp, config)
-    o = all_gather(gpt.attention_core(q, k, v), g.col, axis_dim=1, tiled=True)  # [b, heads, s, hd]
-    return gpt.attention_out({"wo": weight_panel(params["wo"], g)}, o)
+    o = panel(gpt.attention_core(q, k, v).transpose(1, 2), g, dim=2)  # all heads [b, s, heads, hd]
+    wo = weight_panel(params["wo"], g)  # [heads, hd, d / q]
+    return o.flatten(2) @ wo.flatten(0, 1)
 
 
 def mlp(params: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan) -> torch.Tensor:

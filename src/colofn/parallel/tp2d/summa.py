@@ -35,6 +35,7 @@ import torch
 from colofn._vma import vary_over
 from colofn.collectives import all_gather, psum_scatter
 from colofn.parallel.plan import Plan
+from colofn.parallel.tp2d import remat
 
 __all__ = ["Grid", "matmul", "matmul_nt", "panel", "weight_panel"]
 
@@ -60,7 +61,9 @@ class Grid:
 
 def panel(x: torch.Tensor, grid: Grid, dim: int = -1) -> torch.Tensor:
     """``X_ij -> X_i*``: the row panel of an activation block (all-gather of ``dim`` over ``col``; backward reduce-scatter)."""
-    return all_gather(x, grid.col, axis_dim=dim, tiled=True)
+    out = all_gather(x, grid.col, axis_dim=dim, tiled=True)
+    remat.register(out, x, grid.col, dim % x.ndim)
+    return out
 
 
 def weight_panel(w: torch.Tensor, grid: Grid, dim: int = 0) -> torch.Tensor:
@@ -69,7 +72,10 @@ def weight_panel(w: torch.Tensor, grid: Grid, dim: int = 0) -> torch.Tensor:
     The block is first marked varying over the token axes it is replicated on
     (data parallel, depth), so its gradient is summed there once, as a block.
     """
-    return all_gather(vary_over(w, grid.token_axes), grid.row, axis_dim=dim, tiled=True)
+    w = vary_over(w, grid.token_axes)
+    out = all_gather(w, grid.row, axis_dim=dim, tiled=True)
+    remat.register(out, w, grid.row, dim % w.ndim)
+    return out
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, grid: Grid) -> torch.Tensor:
