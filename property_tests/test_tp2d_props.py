@@ -7,12 +7,14 @@ layers), a batch and a seed. The parallel run (``shard_params`` +
 ``make_value_and_grad`` + ``colofn.optim.adamw`` on DTensors, simulated world)
 must match ``gpt.loss``, ``torch.autograd.grad`` and the same AdamW step on
 one device, in float64. ``make_loss`` (the loss summed in the forward) must
-give the same bits as ``make_value_and_grad``, and send, per rank and per
-``(op, axes, phase)``, exactly the bytes of ``tp2d.cost.step_bytes``.
+give the same bits as ``make_value_and_grad`` (drawn with or without
+``tp2d.rematerialize``), and send, per rank and per ``(op, axes, phase)``,
+exactly the bytes of ``tp2d.cost.step_bytes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 import colofn
 from colofn import optim, random, tree
 from colofn.models import gpt
-from colofn.parallel import Plan, make_loss, make_value_and_grad, shard_params
+from colofn.parallel import Plan, make_loss, make_value_and_grad, shard_params, tp2d
 from colofn.parallel.tp2d.cost import step_bytes
 from colofn.testing import assert_trees_close
 
@@ -56,23 +58,25 @@ def setups(draw):
         tie_embeddings=draw(st.booleans()),
         dtype=torch.float64,
     )
-    return plan, sizes, cfg, b, s, draw(st.integers(0, 2**16))
+    return plan, sizes, cfg, b, s, draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
-def _program(cfg, plan, sizes, params, batch, opt):
+def _program(cfg, plan, sizes, params, batch, opt, remat):
     mesh = colofn.Mesh(tuple(sizes.values()), tuple(sizes))
     placed = shard_params(params, cfg, plan, mesh)
     loss, grads = make_value_and_grad(cfg, plan, mesh)(placed, batch)
     leaves = tree.map(lambda p: p.detach().requires_grad_(), placed)
     with colofn.comm_trace() as records:
-        again = make_loss(cfg, plan, mesh)(leaves, batch)
+        with tp2d.rematerialize() if remat else contextlib.nullcontext():
+            again = make_loss(cfg, plan, mesh)(leaves, batch)
         for a, g in zip(torch.autograd.grad(again.to_local(), tree.leaves(leaves)), tree.leaves(grads), strict=True):
             assert torch.equal(a.to_local(), g.to_local())
     assert torch.equal(again.to_local().detach(), loss.to_local())
     sent = Counter()
     for r in records:
         sent[(r.op, r.axes, r.phase)] += r.bytes_sent
-    assert +sent == step_bytes(cfg, plan, sizes, *batch["tokens"].shape), (+sent, step_bytes(cfg, plan, sizes, *batch["tokens"].shape))
+    want = step_bytes(cfg, plan, sizes, *batch["tokens"].shape, remat=remat)
+    assert +sent == want, (+sent, want)
     updates, _ = opt.update(grads, opt.init(placed), placed)
     stepped = optim.apply_updates(placed, updates)
     full = lambda t: tree.map(lambda x: x.full_tensor(), t)  # noqa: E731
@@ -82,7 +86,7 @@ def _program(cfg, plan, sizes, params, batch, opt):
 @settings(max_examples=EXAMPLES)
 @given(setup=setups())
 def test_grid_tensor_parallel_equals_single_device(setup):
-    plan, sizes, cfg, b, s, seed = setup
+    plan, sizes, cfg, b, s, remat, seed = setup
     params = gpt.init(random.key(seed), cfg)
     tokens = random.randint(random.key(seed + 1), (b, s + 1), 0, cfg.vocab_size)
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -93,7 +97,7 @@ def test_grid_tensor_parallel_equals_single_device(setup):
     updates, _ = opt.update(want_grads, opt.init(params), params)
     want_params = optim.apply_updates(params, updates)
     results = colofn.launch(
-        _program, cfg, plan, sizes, params, batch, opt, world_size=math.prod(sizes.values())
+        _program, cfg, plan, sizes, params, batch, opt, remat, world_size=math.prod(sizes.values())
     )
     for rank, (loss, grads, stepped) in enumerate(results):
         assert_trees_close(loss, want.detach(), what=f"loss (rank {rank})", rtol=1e-9, atol=1e-10)

@@ -70,7 +70,7 @@ def weight_elements(config: Any, q: int) -> dict[str, int]:
 
 
 def step_bytes(
-    config: Any, plan: Plan, mesh_shape: Mapping[str, int], batch: int, seq: int
+    config: Any, plan: Plan, mesh_shape: Mapping[str, int], batch: int, seq: int, *, remat: bool = False
 ) -> Counter[tuple[str, tuple[str, ...], str]]:
     """Bytes one rank sends in ``make_loss`` and its gradient, by ``(op, axes, phase)`` as :func:`colofn.comm_trace` records them.
 
@@ -78,8 +78,10 @@ def step_bytes(
     gathered over ``row``, the final norm, the head and the
     vocabulary-parallel loss over ``col``, the mean over the token axes, and
     the gradient sums: weight blocks over the data and depth axes,
-    column-split parameters (norms, positions) over every token axis.
-    Zero entries are left out.
+    column-split parameters (norms, positions) over every token axis. With
+    ``remat`` (the forward ran under :func:`~colofn.parallel.tp2d.rematerialize`)
+    the backward gathers every saved panel again: the forward's gathers, less
+    the embedding's table (the lookup saves no panel). Zero entries are left out.
     """
     g = Grid.of(plan)
     q = mesh_shape[g.row]
@@ -104,6 +106,9 @@ def step_bytes(
     if tied:  # x tok^T: partial logits summed and scattered over col; back: their gradient gathered
         out[("reduce_scatter", col, "forward")] += (q - 1) * t * v // q * e
         out[("all_gather", col, "backward")] += (q - 1) * t * v // q * e
+    if remat:
+        out[("all_gather", col, "backward")] += layer["activations"] + head_panel
+        out[("all_gather", row, "backward")] += layer["weights"] + table // 2
     out[("all_reduce", plan.token_axes, "forward")] += _all_reduce(2 * w, n_tok)  # the mean: [nll, count]
     blocks = weight_elements(config, q)
     rest = tuple(a for a in mesh_shape if a in plan.token_axes and a != g.row)
