@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from colofn import cli, world
+import colofn
+from colofn import cli, random, tree, world
 from colofn.models import gpt
-from colofn.parallel import Plan, PlanError, check_plan
+from colofn.parallel import Plan, PlanError, check_plan, make_loss, shard_params, tp2d
 from colofn.train import TrainConfig, parse_mesh, train
 
 GRID = Plan(tp_mode="2d", tp_grid=("r", "c"))
@@ -76,3 +78,18 @@ def test_train_tp_mode_2d_equals_single_device(tmp_path, capsys):
     assert "OK: parallel training equals single-device training" in out
     record = json.loads((tmp_path / "out" / "record.json").read_text())
     assert all(abs(a - b) < 1e-5 for a, b in zip(record["loss"], record["single"], strict=True))
+
+
+def _second_order_program(params, batch, cfg):
+    mesh = colofn.Mesh((2, 2), ("r", "c"))
+    p = tree.map(lambda x: x.requires_grad_(), shard_params(params, cfg, GRID, mesh))
+    with tp2d.rematerialize():
+        loss = make_loss(cfg, GRID, mesh)(p, batch)
+    torch.autograd.grad(loss.to_local(), tree.leaves(p), create_graph=True)
+
+
+def test_rematerialize_refuses_higher_order_gradients():
+    cfg = gpt.config("tiny", n_layers=1)
+    t = random.randint(random.key(1), (2, 5), 0, cfg.vocab_size)
+    with pytest.raises(NotImplementedError, match="create_graph=True .* through a rematerialised SUMMA panel is not supported"):
+        colofn.launch(_second_order_program, gpt.init(random.key(0), cfg), {"tokens": t[:, :-1], "targets": t[:, 1:]}, cfg, world_size=4)
