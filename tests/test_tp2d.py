@@ -44,6 +44,8 @@ def test_plan_refuses_a_malformed_grid():
     assert "tp_mode='2.5d' needs tp_grid=(row, col, depth), 3 mesh axes; got tp_grid=('r', 'c')" in text
     assert "tp_mode='2.5d' splits the weights over tp_grid; tp='tp' must be None" in text
     assert "sp='megatron' does not compose with tp_mode='2.5d' yet; use sp='none'" in text
+    assert "tp_mode='4d' is not one of '1d', '2d', '2.5d', '3d'" in plan_error(Plan(tp_mode="4d"), gpt.config("tiny"), {})
+    assert "tp_grid=('r', 'c') is set but tp_mode='1d'" in plan_error(Plan(tp_grid=("r", "c")), gpt.config("tiny"), {"r": 2, "c": 2})
     text = plan_error(Plan(dp="r", tp_mode="2d", tp_grid=("r", "x")), gpt.config("tiny"), {"r": 2, "c": 2})
     assert "tp_grid='x' is not a mesh axis" in text
     assert "axis 'r' is used for both dp and tp_grid" in text

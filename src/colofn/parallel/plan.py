@@ -148,6 +148,10 @@ def _plan_failures(plan: Plan) -> list[str]:
         out.append(f"sp={plan.sp!r} needs sp_axis, the mesh axis to split the sequence over")
     elif plan.sp == "none" and plan.sp_axis is not None:
         out.append(f"sp_axis={plan.sp_axis!r} is set but sp='none'; pick sp='ulysses' or sp='ring'")
+    if plan.tp_mode not in get_args(TPMode):
+        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TPMode)))}")
+    elif plan.tp_mode == "1d" and plan.tp_grid is not None:
+        out.append(f"tp_grid={plan.tp_grid!r} is set but tp_mode='1d' (which splits over tp); pick tp_mode='2d' or '2.5d'")
     if plan.tp_mode in ("2d", "2.5d"):
         from colofn.parallel.tp2d.checks import plan_failures
 

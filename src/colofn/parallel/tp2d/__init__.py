@@ -11,8 +11,8 @@ Chosen by ``Plan(tp_mode="2d", tp_grid=(row, col))`` or
 :func:`colofn.parallel.make_loss` and friends dispatch on it.
 """
 
-from colofn.parallel.tp2d.remat import rematerialize
 from colofn.parallel.tp2d.model import attention, block, embed, head_sums, mlp, norm, rules
+from colofn.parallel.tp2d.remat import rematerialize
 from colofn.parallel.tp2d.summa import Grid, matmul, matmul_nt, panel, weight_panel
 
 GRID_MODES = ("2d", "2.5d")

@@ -101,7 +101,7 @@ def _pack(t: torch.Tensor) -> Any:
     if hit is None or hit.storage.expired():  # not a panel, or a freed one whose memory was reused
         return t
     hit.pending += 1
-    return _Saved(hit, t.size(), t.stride(), t.storage_offset())
+    return _Saved(hit, t.size(), t.stride(), int(t.storage_offset()))
 
 
 def _unpack(saved: Any) -> torch.Tensor:
