@@ -40,7 +40,8 @@ def test_plan_refuses_what_the_grid_cannot_split():
 
 
 def test_plan_refuses_a_malformed_grid():
-    text = plan_error(Plan(tp="tp", tp_mode="2.5d", tp_grid=("r", "c"), sp="megatron"), gpt.config("tiny"), {"tp": 2, "r": 2, "c": 2})
+    text = plan_error(Plan(tp="tp", pp="pp", tp_mode="2.5d", tp_grid=("r", "c"), sp="megatron"), gpt.config("tiny"), {"tp": 2, "r": 2, "c": 2, "pp": 2})
+    assert "pp='pp': pipeline stages pass the residual stream split by batch and sequence only" in text
     assert "tp_mode='2.5d' needs tp_grid=(row, col, depth), 3 mesh axes; got tp_grid=('r', 'c')" in text
     assert "tp_mode='2.5d' splits the weights over tp_grid; tp='tp' must be None" in text
     assert "sp='megatron' does not compose with tp_mode='2.5d' yet; use sp='none'" in text

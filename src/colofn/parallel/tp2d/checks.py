@@ -33,6 +33,11 @@ def plan_failures(plan: Plan) -> list[str]:
         out.append(f"tp_mode={mode!r} splits the weights over tp_grid; tp={plan.tp!r} must be None")
     if plan.sp != "none":
         out.append(f"sp={plan.sp!r} does not compose with tp_mode={mode!r} yet; use sp='none'")
+    if plan.pp is not None:
+        out.append(
+            f"pp={plan.pp!r}: pipeline stages pass the residual stream split by batch and sequence only, "
+            f"but tp_mode={mode!r} splits d_model over the grid's columns too; drop pp"
+        )
     if plan.ep is not None:
         out.append(f"ep={plan.ep!r}: mixture-of-experts layers are not implemented under tp_mode={mode!r}; drop ep")
     return out
