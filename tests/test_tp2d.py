@@ -59,6 +59,7 @@ def test_plan_refuses_a_malformed_grid():
         (["--mesh", "tp=8", "--tp-mode", "2.5d", "--tp-depth", "3"], "--tp-mode 2.5d needs tp = q * q * depth, but tp=8 with --tp-depth 3 is not"),
         (["--mesh", "dp=2", "--tp-mode", "2d"], "--tp-mode 2d splits the tp axis into a grid: add tp=N to --mesh"),
         (["--mesh", "tp=4", "--tp-depth", "2"], "--tp-depth 2 is the depth of --tp-mode 2.5d"),
+        (["--mesh", "tp=4", "--tp-remat"], "--tp-remat keeps SUMMA blocks instead of panels: it needs --tp-mode 2d or 2.5d"),
         (["--mesh", "pp=2,tp=4", "--tp-mode", "2d"], "--tp-mode 2d does not compose with pp (pipeline stages) in this release"),
         (["--mesh", "dp=2,tp=4", "--tp-mode", "2d", "--zero", "1"], "--tp-mode 2d does not compose with --zero"),
         (["--mesh", "tp=4", "--tp-mode", "2d", "--preset", "gpt2-124m"], "vocab_size=50257 is not divisible by q=2"),
@@ -71,9 +72,10 @@ def test_bad_grid_flags_exit_2_before_any_world(monkeypatch, tmp_path, capsys, f
     assert needle in capsys.readouterr().err
 
 
-def test_train_tp_mode_2d_equals_single_device(tmp_path, capsys):
-    cfg = TrainConfig(mesh=tuple(parse_mesh("tp=4").items()), tp_mode="2d", steps=3, warmup=1, batch_size=4,
-                      check=True, out=str(tmp_path / "out"))
+@pytest.mark.parametrize("remat", [False, True])
+def test_train_tp_mode_2d_equals_single_device(tmp_path, capsys, remat):
+    cfg = TrainConfig(mesh=tuple(parse_mesh("tp=4").items()), tp_mode="2d", tp_remat=remat, steps=3, warmup=1,
+                      batch_size=4, check=True, out=str(tmp_path / "out"))
     assert cfg.device_mesh_shape == {"tp_row": 2, "tp_col": 2}
     assert train(cfg) == 0
     out = capsys.readouterr().out

@@ -45,6 +45,9 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="tensor parallelism over tp: 1d (Megatron), 2d (Optimus: SUMMA on a q x q grid, tp=q*q) "
                         "or 2.5d (Tesseract: q x q x depth, tp=q*q*D with --tp-depth D)")
     p.add_argument("--tp-depth", type=int, default=1, help="the depth D of --tp-mode 2.5d (tp=q*q*D)")
+    p.add_argument("--tp-remat", action="store_true",
+                   help="with --tp-mode 2d/2.5d: keep SUMMA blocks for the backward and gather them again there "
+                        "(less memory, more bytes; default: off)")
     p.add_argument("--check", action="store_true", help="train the single-device model alongside and print the difference per step (default: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every K steps (0: never)")
     p.add_argument("--resume", default=None, help="a checkpoint directory, or a directory of them (the newest is used; default: start fresh)")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             sp=args.sp, schedule=args.schedule, microbatches=args.microbatches, check=args.check,
             checkpoint_every=args.checkpoint_every, resume=args.resume, out=args.out, backend=backend,
             experts=args.experts, hf=args.hf, data=args.data, tp_mode=args.tp_mode, tp_depth=args.tp_depth,
+            tp_remat=args.tp_remat,
         )
         return train(cfg)
     except ColofnError as e:

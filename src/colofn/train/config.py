@@ -71,6 +71,7 @@ class TrainConfig:
     data: str | None = None
     tp_mode: str = "1d"
     tp_depth: int = 1
+    tp_remat: bool = False
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -196,7 +197,7 @@ def validate(cfg: TrainConfig) -> None:
                 f"--microbatches {cfg.num_microbatches} must divide each dp rank's batch ({local_batch} = "
                 f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
             )
-    if cfg.tp_mode != "1d" or cfg.tp_depth != 1:
+    if cfg.tp_mode != "1d" or cfg.tp_depth != 1 or cfg.tp_remat:
         from colofn.train.grid import grid_failures
 
         grid = grid_failures(cfg)

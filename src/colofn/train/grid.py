@@ -15,14 +15,15 @@ place of ``tp`` in the mesh, so ranks keep their order.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from colofn.parallel import Plan
 
 if TYPE_CHECKING:
     from colofn.train.config import TrainConfig
 
-__all__ = ["GRID_AXES", "device_mesh_shape", "grid_failures", "grid_plan"]
+__all__ = ["GRID_AXES", "device_mesh_shape", "grid_failures", "grid_plan", "rematerializing"]
 
 GRID_AXES = {"2d": ("tp_row", "tp_col"), "2.5d": ("tp_row", "tp_col", "tp_dep")}
 """The mesh axes ``tp`` becomes under each grid mode."""
@@ -61,6 +62,8 @@ def grid_failures(cfg: TrainConfig) -> list[str]:
     if mode not in ("1d", *GRID_AXES):
         return [f"--tp-mode {mode!r} is unknown; choose 1d, 2d or 2.5d"]
     out = []
+    if cfg.tp_remat and mode == "1d":
+        out.append("--tp-remat keeps SUMMA blocks instead of panels: it needs --tp-mode 2d or 2.5d")
     if cfg.tp_depth != 1 and mode != "2.5d":
         out.append(f"--tp-depth {cfg.tp_depth} is the depth of --tp-mode 2.5d; add --tp-mode 2.5d or drop the flag")
     if mode == "1d":
@@ -88,3 +91,14 @@ def grid_failures(cfg: TrainConfig) -> list[str]:
         if bad:
             out.append(f"--tp-mode {mode} does not compose with {what} in this release; use --tp-mode 1d, or drop it")
     return out
+
+
+def rematerializing(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` (a ``value_and_grad``) run under :func:`colofn.parallel.tp2d.rematerialize` (``--tp-remat``)."""
+    from colofn.parallel import tp2d
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with tp2d.rematerialize():
+            return step(*args, **kwargs)
+
+    return wrapped
