@@ -18,7 +18,10 @@ it lacks: the bytes of the broadcasts), and their ``q`` transposed reduces are
 one ``psum_scatter``: colofn's differentiable collectives, so the backward is
 the transpose of the forward by construction, not hand-written. Rows of the
 activations (tokens) are split over ``row``, columns (features) over ``col``;
-a weight ``[k, n]`` has ``k`` over ``row`` and ``n`` over ``col``.
+a weight ``[k, n]`` has ``k`` over ``row`` and ``n`` over ``col``. Autograd
+keeps the gathered panels for the backward (so it sends only the
+reduce-scatters); under :func:`~colofn.parallel.tp2d.rematerialize` it keeps
+the blocks and gathers them again, as the papers do.
 
 Under Tesseract (2.5D) the same grid is replicated over a depth axis that
 splits the batch; a weight's gradient is then also summed over depth (and over
