@@ -3,6 +3,7 @@
 * :mod:`~colofn.parallel.plan`: :class:`Plan` (which axis does what) and its checks.
 * :mod:`~colofn.parallel.specs`: parameter and batch specs as data (path pattern -> ``P``).
 * :mod:`~colofn.parallel.tp`: Megatron tensor parallelism (regions, vocabulary-parallel embedding and loss).
+* :mod:`~colofn.parallel.tp2d`: 2D (Optimus) and 2.5D (Tesseract) tensor parallelism on a grid of mesh axes.
 * :mod:`~colofn.parallel.sp`: sequence parallelism (Megatron-SP, DeepSpeed-Ulysses, ring attention).
 * :mod:`~colofn.parallel.ep`: expert parallelism (whole-batch routing, all-to-all dispatch and combine).
 * :mod:`~colofn.parallel.tp3d`: 3D tensor parallelism (Bian et al. 2021), for ``Plan(tp_mode="3d")``.
@@ -12,7 +13,7 @@
 communicates, and when to pick it.
 """
 
-from colofn.parallel import ep, sp, tp, tp3d
+from colofn.parallel import ep, sp, tp, tp2d, tp3d
 from colofn.parallel.gpt import (
     block,
     embed,
@@ -60,5 +61,6 @@ __all__ = [
     "stage_forward",
     "stage_slice",
     "tp",
+    "tp2d",
     "tp3d",
 ]

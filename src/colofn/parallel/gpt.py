@@ -46,7 +46,7 @@ from colofn.collectives import psum
 from colofn.errors import TreeError
 from colofn.mesh import Mesh, get_mesh
 from colofn.models import gpt
-from colofn.parallel import ep, sp, tp, tp3d
+from colofn.parallel import ep, sp, tp, tp2d, tp3d
 from colofn.parallel.plan import Plan, check_batch, check_plan
 from colofn.parallel.specs import batch_specs, param_specs
 from colofn.parallel.tp import vocab
@@ -78,7 +78,10 @@ def embed(params: Params, tokens: torch.Tensor, config: gpt.GPTConfig, plan: Pla
 
     With ``tp`` the table is split by vocabulary: partial embeddings summed
     over ``tp`` (reduce-scattered into sequence shards under Megatron-SP).
+    Under a 2D / 2.5D plan, :func:`colofn.parallel.tp2d.embed`.
     """
+    if plan.tp_mode in tp2d.GRID_MODES:
+        return tp2d.embed(params, tokens, config, plan)
     if config.pos == "learned":  # the table is sliced below: vary it first, so its gradient sum is bucketed
         params = {**params, "pos": vary_over(params["pos"], plan.token_axes)}
     if plan.tp is None:
@@ -117,6 +120,8 @@ def block(
     layer: Params, x: torch.Tensor, config: gpt.GPTConfig, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block on this rank's residual stream ``x``; returns ``(x, unweighted aux loss)``."""
+    if plan.tp_mode in tp2d.GRID_MODES:
+        return tp2d.block(layer, x, config, plan)
     h = tp.enter(gpt.norm(layer["norm1"], x, config), plan)
     x = x + tp.leave(_attention(layer["attn"], h, config, plan), plan)
     h = tp.enter(gpt.norm(layer["norm2"], x, config), plan)
@@ -159,8 +164,11 @@ def head_sums(
     """``(sum of token losses, token count)`` of this rank's tokens, invariant along ``tp``.
 
     ``params`` needs ``final_norm`` and ``head`` (or ``embed.tok`` when tied).
-    With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss).
+    With ``tp`` the logits stay split by vocabulary (vocabulary-parallel loss);
+    under a 2D / 2.5D plan, :func:`colofn.parallel.tp2d.head_sums`.
     """
+    if plan.tp_mode in tp2d.GRID_MODES:
+        return tp2d.head_sums(params, x, targets, config, plan)
     h = tp.enter(gpt.norm(params["final_norm"], x, config), plan)
     if config.tie_embeddings:  # vary the table, not its transpose, so its gradient sum is bucketed
         params = {**params, "embed": {**params["embed"], "tok": vary_over(params["embed"]["tok"], plan.token_axes)}}

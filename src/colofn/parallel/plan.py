@@ -82,11 +82,13 @@ class Plan:
     @property
     def batch_axes(self) -> tuple[str, ...]:
         """The axes the batch dim is split over: ``dp``, plus ``ep`` when tokens are not split along it otherwise."""
-        extra = (
+        extra: tuple[str, ...] = (
             ()
             if self.ep is None or self.ep in self.dp_axes or self.ep == self.seq_axis
             else (self.ep,)
         )
+        if self.tp_mode in ("2d", "2.5d") and self.tp_grid:  # the grid's rows (and depth) split the batch
+            extra += self.tp_grid[0:1] + self.tp_grid[2:3]
         return self.dp_axes + extra
 
     @property
@@ -152,6 +154,14 @@ def _plan_failures(plan: Plan) -> list[str]:
         out.append(f"sp={plan.sp!r} needs sp_axis, the mesh axis to split the sequence over")
     elif plan.sp == "none" and plan.sp_axis is not None:
         out.append(f"sp_axis={plan.sp_axis!r} is set but sp='none'; pick sp='ulysses' or sp='ring'")
+    if plan.tp_mode not in get_args(TPMode):
+        out.append(f"tp_mode={plan.tp_mode!r} is not one of {', '.join(map(repr, get_args(TPMode)))}")
+    elif plan.tp_mode == "1d" and plan.tp_grid is not None:
+        out.append(f"tp_grid={plan.tp_grid!r} is set but tp_mode='1d' (which splits over tp); pick tp_mode='2d' or '2.5d'")
+    if plan.tp_mode in ("2d", "2.5d"):
+        from colofn.parallel.tp2d.checks import plan_failures
+
+        out += plan_failures(plan)
     used: dict[str, str] = {}
     for role, axes in plan.axes().items():
         for a in axes:
@@ -215,6 +225,10 @@ def _config_failures(plan: Plan, c: object, shape: Mapping[str, int]) -> list[st
     size = {
         a: shape.get(a, 1) for a in (plan.tp, plan.sp_axis, plan.ep) if a
     }  # unknown axes: reported already
+    if plan.tp_mode in ("2d", "2.5d"):
+        from colofn.parallel.tp2d.checks import config_failures
+
+        return config_failures(plan, c, shape) + _dropout_failures(c)
     tp = size[plan.tp] if plan.tp else 1
     heads, vocab, d_ff, experts = (
         getattr(c, f) for f in ("n_heads", "vocab_size", "d_ff", "n_experts")
@@ -244,6 +258,11 @@ def _config_failures(plan: Plan, c: object, shape: Mapping[str, int]) -> list[st
             out.append(
                 f"n_experts={experts} is not divisible by ep={ep}; each rank holds n_experts / ep experts"
             )
+    return out + _dropout_failures(c)
+
+
+def _dropout_failures(c: object) -> list[str]:
+    out = []
     if getattr(c, "dropout", 0.0):
         out.append(
             f"dropout={c.dropout} is not implemented by the parallel strategies yet; set dropout=0.0 "  # type: ignore[attr-defined]

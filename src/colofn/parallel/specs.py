@@ -43,7 +43,14 @@ __all__ = [
 
 
 def rules(plan: Plan) -> dict[str, PartitionSpec]:
-    """The ordered ``{path pattern: spec}`` rules of ``plan`` (unmatched paths are replicated)."""
+    """The ordered ``{path pattern: spec}`` rules of ``plan`` (unmatched paths are replicated).
+
+    A 2D / 2.5D plan has its own: :func:`colofn.parallel.tp2d.rules`.
+    """
+    if plan.tp_mode in ("2d", "2.5d"):
+        from colofn.parallel import tp2d
+
+        return tp2d.rules(plan)
     if plan.tp_mode == "3d":
         return tp3d.rules(plan)
     tp, ep = plan.tp, plan.ep

@@ -40,10 +40,15 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--schedule", default="1f1b", help="pipeline schedule (with pp): gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv, dualpipev, or module:function")
     p.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step (with pp; each dp rank's batch must divide by it; default: 2 x pp)")
-    p.add_argument("--tp-mode", default="1d", choices=("1d", "3d"),
-                   help="tensor parallelism over the tp axis: 1d (Megatron) or 3d (Bian et al. 2021: tp=p^3 "
-                   "factored into a p x p x p cube; weights and activations split over all three)")
     p.add_argument("--experts", type=int, default=0, help="mixture-of-experts with N experts (use ep=N in --mesh to split them; 0: dense)")
+    p.add_argument("--tp-mode", default="1d", choices=("1d", "2d", "2.5d", "3d"),
+                   help="tensor parallelism over tp: 1d (Megatron), 2d (Optimus: SUMMA on a q x q grid, tp=q*q), "
+                        "2.5d (Tesseract: q x q x depth, tp=q*q*D with --tp-depth D) or 3d (Bian et al. 2021: "
+                        "tp=p^3 factored into a p x p x p cube; weights and activations split over all three)")
+    p.add_argument("--tp-depth", type=int, default=1, help="the depth D of --tp-mode 2.5d (tp=q*q*D)")
+    p.add_argument("--tp-remat", action="store_true",
+                   help="with --tp-mode 2d/2.5d: keep SUMMA blocks for the backward and gather them again there "
+                        "(less memory, more bytes; default: off)")
     p.add_argument("--check", action="store_true", help="train the single-device model alongside and print the difference per step (default: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every K steps (0: never)")
     p.add_argument("--resume", default=None, help="a checkpoint directory, or a directory of them (the newest is used; default: start fresh)")
@@ -72,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed, zero=args.zero,
             sp=args.sp, schedule=args.schedule, microbatches=args.microbatches, check=args.check,
             checkpoint_every=args.checkpoint_every, resume=args.resume, out=args.out, backend=backend,
-            experts=args.experts, hf=args.hf, data=args.data, tp_mode=args.tp_mode,
+            experts=args.experts, hf=args.hf, data=args.data, tp_mode=args.tp_mode, tp_depth=args.tp_depth,
+            tp_remat=args.tp_remat,
         )
         return train(cfg)
     except ColofnError as e:

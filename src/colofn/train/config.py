@@ -71,6 +71,8 @@ class TrainConfig:
     hf: str | None = None
     data: str | None = None
     tp_mode: str = "1d"
+    tp_depth: int = 1
+    tp_remat: bool = False
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -78,8 +80,12 @@ class TrainConfig:
 
     @property
     def device_mesh_shape(self) -> dict[str, int]:
-        """The mesh the run builds: ``--mesh``, with ``tp`` factored into the cube of ``--tp-mode 3d``."""
-        return tp3d.device_mesh_shape(self.mesh_shape, self.tp_mode)
+        """The mesh the run builds: ``--mesh``, with ``tp`` factored into the grid of ``--tp-mode`` 2d / 2.5d / 3d."""
+        if self.tp_mode == "3d":
+            return tp3d.device_mesh_shape(self.mesh_shape, self.tp_mode)
+        from colofn.train.grid import device_mesh_shape
+
+        return device_mesh_shape(self)
 
     @property
     def world_size(self) -> int:
@@ -105,6 +111,10 @@ class TrainConfig:
         m = self.mesh_shape
         if self.tp_mode == "3d":
             return Plan(dp="dp" if "dp" in m else None, tp_mode="3d", tp_grid=tp3d.GRID)
+        if self.tp_mode in ("2d", "2.5d"):
+            from colofn.train.grid import grid_plan
+
+            return grid_plan(self)
         return Plan(
             dp="dp" if "dp" in m else None,
             tp="tp" if "tp" in m else None,
@@ -194,8 +204,12 @@ def validate(cfg: TrainConfig) -> None:
                 f"--batch-size {cfg.batch_size} / dp {m.get('dp', 1)})"
             )
     mode_failures = tp3d.failures(m, cfg.tp_mode, zero=cfg.zero, sp=cfg.sp, experts=cfg.experts, hf=cfg.hf is not None)
+    if cfg.tp_mode != "1d" or cfg.tp_depth != 1 or cfg.tp_remat:
+        from colofn.train.grid import grid_failures
+
+        mode_failures += grid_failures(cfg)
     failures += mode_failures
-    if mcfg is not None and not mode_failures:
+    if mcfg is not None and not mode_failures:  # the plan of a mode that cannot be built is not checked
         plan, m = cfg.plan(), cfg.device_mesh_shape
         for check in (lambda: check_plan(plan, mcfg, m), lambda: check_batch(plan, m, (cfg.batch_size, mcfg.seq_len), mcfg.seq_len)):
             try:

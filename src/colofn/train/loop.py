@@ -69,7 +69,12 @@ def _trainer(cfg: TrainConfig, mcfg: gpt.GPTConfig, mesh: Mesh, opt: optim.Gradi
         return PipelineTrainer(mcfg, plan, mesh, opt, params, state, cfg.schedule, cfg.num_microbatches)
     if cfg.zero is not None:
         return ZeroTrainer(mcfg, plan, mesh, opt, params, state, cfg.zero)
-    return DenseTrainer(mcfg, plan, mesh, opt, params, state)
+    trainer = DenseTrainer(mcfg, plan, mesh, opt, params, state)
+    if cfg.tp_remat:
+        from colofn.train.grid import rematerializing
+
+        trainer.value_and_grad = rematerializing(trainer.value_and_grad)
+    return trainer
 
 
 def _fmt_bytes(n: float) -> str:
