@@ -295,8 +295,8 @@ def hf_failures(cfg: TrainConfig) -> list[str]:
         out.append("--sp megatron splits the sequence over the tp axis: add tp=N to --mesh")
     if cfg.zero is not None:
         out += _zero_failures(cfg)
-        if cfg.pp > 1:
-            out.append("--zero with pp is not supported in this release; drop one of them")
+        if cfg.pp > 1 and cfg.zero == 3:
+            out.append(ZERO3_PP)
     if cfg.batch_size % m.get("dp", 1):
         out.append(f"--batch-size {cfg.batch_size} is not divisible by dp={m.get('dp', 1)}")
     if cfg.pp > 1:

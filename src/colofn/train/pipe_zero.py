@@ -1,4 +1,4 @@
-"""ZeRO over ``dp`` inside the stages of :class:`~colofn.train.trainers.PipelineTrainer`.
+"""ZeRO over ``dp`` inside pipeline stages (``PipelineTrainer`` and the ``--hf`` ``Pipelined`` trainer).
 
 Each stage this rank holds is a :class:`colofn.zero.ZeroState` of the stage's
 parameters over ``dp`` (stages 0, 1, 2). A step:
@@ -20,6 +20,7 @@ padded bucket bytes), instead of that per *microbatch* for plain dp.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,11 +28,12 @@ import torch
 from colofn import _vma, zero
 from colofn import tree as jt
 from colofn.optim.adam import AdamState
-from colofn.parallel import stage_slice
+from colofn.optim.base import GradientTransformation
 from colofn.sharding import from_local_block, local_block
 
 if TYPE_CHECKING:
-    from colofn.train.trainers import PipelineTrainer
+    from colofn.mesh import Mesh
+    from colofn.pipeline import Pipeline
 
 Tree = Any
 
@@ -48,38 +50,51 @@ def varying(params: Tree, axis: str) -> Tree:
     return jt.map(lambda t: ctx.set_vma(t, ctx.vma(t) | {axis}), params)
 
 
-def stage_states(tr: PipelineTrainer, params: Tree, opt_state: AdamState, stage: int) -> dict[int, zero.ZeroState]:
-    """A ZeRO state over ``dp`` for each stage of this rank, from the global params and AdamW state."""
+def stage_states(opt: GradientTransformation, mesh: Mesh, stage: int, specs: Mapping[int, Tree] | Sequence[Tree],
+                 per_stage: dict[int, tuple[Tree, Tree, Tree]], count: torch.Tensor) -> dict[int, zero.ZeroState]:
+    """A ZeRO state over ``dp`` for each stage of this rank, from its global ``(params, mu, nu)`` and AdamW's ``count``.
+
+    ``specs[s]`` lays stage ``s``'s params out over the model axes (``tp``, ``ep``): a dict or a list by stage.
+    """
 
     def placed(tree: Tree, s: int) -> Tree:
-        sliced = stage_slice(tree, tr.mcfg, tr.ranges[s])
-        return jt.map(lambda x, spec: from_local_block(local_block(x, spec, tr.mesh).clone(), spec, tr.mesh), sliced, tr.specs[s])
+        return jt.map(lambda x, spec: from_local_block(local_block(x, spec, mesh).clone(), spec, mesh), tree, specs[s])
 
     return {
-        s: zero.init(placed(params, s), tr.opt, tr.mesh, axis="dp", stage=stage,
-                     opt_state=AdamState(opt_state.count, placed(opt_state.mu, s), placed(opt_state.nu, s)))
-        for s in tr.mine
+        s: zero.init(placed(p, s), opt, mesh, axis="dp", stage=stage, opt_state=AdamState(count, placed(mu, s), placed(nu, s)))
+        for s, (p, mu, nu) in per_stage.items()
     }
 
 
-def zero_step(tr: PipelineTrainer, tokens: torch.Tensor, targets: torch.Tensor) -> float:
-    """One step: the pipeline's accumulated gradients, then each stage's ZeRO update (in stage order on every rank)."""
-    params = {s: zero.stage_params(tr.states[s]) for s in tr.mine}
-    result = tr.pipe(params, tokens, targets)
+def zero_step(pipe: Pipeline, opt: GradientTransformation, states: dict[int, zero.ZeroState], tokens: torch.Tensor,
+              targets: torch.Tensor) -> float:
+    """One step: the pipeline's accumulated gradients, then each stage's ZeRO update (in stage order on every rank).
+
+    Updates ``states`` in place; returns the step's loss.
+    """
+    params = {s: zero.stage_params(z) for s, z in states.items()}
+    result = pipe(params, tokens, targets)
     del params
-    for s in tr.mine:
-        tr.states[s], _ = zero.apply_gradients(tr.opt, tr.states[s], result.grads[s])
+    for s in sorted(states):
+        states[s], _ = zero.apply_gradients(opt, states[s], result.grads[s])
     return float(result.loss)
 
 
-def export_stages(tr: PipelineTrainer) -> tuple[dict[int, tuple[Tree, Tree, Tree]], torch.Tensor]:
+def export_stages(states: dict[int, zero.ZeroState]) -> tuple[dict[int, tuple[Tree, Tree, Tree]], torch.Tensor]:
     """``({stage: (params, mu, nu)}, count)``: this rank's stages as global trees (collective over ``dp`` and ``tp``)."""
     mine = {}
     count = None
-    for s in tr.mine:
-        out = zero.export_state(tr.states[s])
+    for s in sorted(states):
+        out = zero.export_state(states[s])
         opt = out["opt_state"]
         mine[s] = (out["params"], opt.mu, opt.nu)
         count = opt.count
     assert count is not None
     return mine, count
+
+
+def local_bytes(states: dict[int, zero.ZeroState]) -> int:
+    """Bytes of params, master weights and optimizer state this rank holds for its stages."""
+    from colofn.train.trainers import nbytes
+
+    return sum(nbytes((z.params, z.master, z.opt_state)) for z in states.values())

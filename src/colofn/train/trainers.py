@@ -133,7 +133,9 @@ class PipelineTrainer:
         if zero_stage is not None:
             from colofn.train.pipe_zero import stage_states
 
-            self.states = stage_states(self, params, opt_state, zero_stage)
+            part = lambda t, s: stage_slice(t, mcfg, self.ranges[s])  # noqa: E731
+            self.states = stage_states(opt, mesh, zero_stage, self.specs, {
+                s: (part(params, s), part(opt_state.mu, s), part(opt_state.nu, s)) for s in self.mine}, opt_state.count)
         else:
             self.params = {s: self._local(stage_slice(params, mcfg, self.ranges[s]), s) for s in self.mine}
             self.opt_states = {
@@ -182,7 +184,7 @@ class PipelineTrainer:
         if self.zero_stage is not None:
             from colofn.train.pipe_zero import zero_step
 
-            return zero_step(self, tokens, targets)
+            return zero_step(self.pipe, self.opt, self.states, tokens, targets)
         result = self.pipe(self.params, tokens, targets)
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
@@ -198,7 +200,7 @@ class PipelineTrainer:
         if self.zero_stage is not None:
             from colofn.train.pipe_zero import export_stages
 
-            mine, count = export_stages(self)
+            mine, count = export_stages(self.states)
         else:
             mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s), self._global(self.opt_states[s].nu, s)) for s in self.mine}
             count = self.opt_states[self.mine[0]].count
@@ -217,5 +219,7 @@ class PipelineTrainer:
 
     def local_bytes(self) -> int:
         if self.zero_stage is not None:
-            return sum(nbytes((z.params, z.master, z.opt_state)) for z in self.states.values())
+            from colofn.train import pipe_zero
+
+            return pipe_zero.local_bytes(self.states)
         return nbytes((self.params, self.opt_states))
