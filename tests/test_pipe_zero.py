@@ -84,3 +84,16 @@ def test_apply_gradients_refuses_stage_3_and_a_wrong_tree():
     assert stage3.startswith("ConfigError: zero.apply_gradients: this state cannot take gradients computed elsewhere: stage 3")
     assert other_tree.startswith("TreeError: zero.apply_gradients: grads must be shaped like the params")
     assert "shapes [(3,)]" in other_shape
+
+
+def test_apply_gradients_holds_the_full_gradient_at_the_update_in_stage_1_only():
+    def program(stage):
+        mesh = Mesh((2,), ("dp",))
+        opt = optim.adam(0.1)
+        state = zero.init({"a": torch.ones(6), "b": torch.ones(10)}, opt, mesh, stage=stage)
+        _, memory = zero.apply_gradients(opt, state, {"a": torch.ones(6), "b": torch.ones(10)})
+        return memory.grads, state.plan.layout.nbytes()
+
+    for stage, share in ((1, 1), (2, 2)):
+        grads, psi = colofn.launch(program, stage, world_size=2)[0]
+        assert grads == psi // share, (stage, grads, psi)
