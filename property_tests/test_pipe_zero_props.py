@@ -42,7 +42,7 @@ def runs(draw):
         zero = draw(st.sampled_from([0, 1, 2] if not experts else [None, 1, 2]))
     schedule = draw(st.sampled_from(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"]))
     stages = 2 * (2 if schedule in ("interleaved_1f1b", "zbv") else 1)
-    layers = stages * draw(st.sampled_from([1, 2]))
+    layers = stages * (draw(st.sampled_from([1, 2])) if stages == 2 else 1)
     m = parse_mesh(mesh)
     microbatches = draw(st.sampled_from([2, 4]))
     data_ranks = m.get("dp", 1) * m.get("ep", 1)
