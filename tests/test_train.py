@@ -36,6 +36,9 @@ def losses(tmp_path) -> tuple[list[float], list[float]]:
         ("dp=2,ep=2", {"experts": 2}),
         ("dp=2,sp=2", {"sp": "ring"}),
         ("pp=2,sp=2", {"sp": "ring", "schedule": "1f1b", "microbatches": 2}),  # zig-zag tokens/targets per stage
+        ("pp=2,dp=2", {"zero": 1, "schedule": "1f1b"}),  # ZeRO inside stages: one reduce-scatter per step
+        ("pp=2,dp=2", {"zero": 2, "schedule": "zb_h1", "microbatches": 2}),
+        ("pp=2,dp=2", {"experts": 2, "schedule": "1f1b", "microbatches": 2}),  # the balancing loss rides the activations
     ],
 )
 def test_composed_strategies_equal_single_device(tmp_path, capsys, mesh, extra):

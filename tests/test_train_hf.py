@@ -58,3 +58,13 @@ def test_hf_flag_errors_are_listed_before_any_work(tmp_path, capsys):
     assert "--hf 'bert' is neither a kind (llama, gpt2) nor a directory" in cap.err
     assert f"--data {tmp_path / 'missing.txt'}: no such file" in cap.err
     assert "--hf supports --sp none or megatron" in cap.err
+
+
+def test_hf_pp_with_zero_inside_the_stages_is_checked(tmp_path, capsys):
+    code, cap = _run(capsys, "--hf", "gpt2", "--mesh", "pp=2,dp=2", "--zero", "2", "--microbatches", "2", "--check",
+                     "--out", str(tmp_path / "run"))
+    assert code == 0, cap.err
+    assert "on Mesh(pp=2, dp=2)" in cap.out and ", ZeRO-2" in cap.out
+    assert "OK: parallel training equals single-device training" in cap.out
+    code, cap = _run(capsys, "--hf", "gpt2", "--mesh", "pp=2,dp=2", "--zero", "3", "--out", str(tmp_path / "z3"))
+    assert code == 2 and "--zero 3 with pp is not supported: ZeRO-3 all-gathers" in cap.err

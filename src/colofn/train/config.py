@@ -166,8 +166,10 @@ def validate(cfg: TrainConfig) -> None:
         failures.append("--mesh has an ep axis: pass --experts N (a mixture-of-experts model)")
     if cfg.zero is not None:
         failures += _zero_failures(cfg)
-        if cfg.pp > 1 or "ep" in m or cfg.sp in ("ulysses", "ring"):
-            failures.append("--zero composes with dp, tp and --sp megatron only (not pp, ep, ulysses or ring) in this release")
+        if "ep" in m or cfg.sp in ("ulysses", "ring"):
+            failures.append("--zero composes with dp, tp, pp and --sp megatron only (not ep, ulysses or ring) in this release")
+        if cfg.pp > 1 and cfg.zero == 3:
+            failures.append(ZERO3_PP)
     if cfg.pp == 1 and cfg.microbatches is not None:
         failures.append(f"--microbatches {cfg.microbatches} splits the batch of a pipeline: add pp=N to --mesh, or drop the flag")
     if cfg.pp == 1 and cfg.schedule != "1f1b":
@@ -195,8 +197,6 @@ def validate(cfg: TrainConfig) -> None:
                         "pp size or preset)"
                     )
     if cfg.pp > 1:
-        if cfg.experts:
-            failures.append("--experts with pp is not supported in this release (the balancing loss of middle stages)")
         local_batch = cfg.batch_size // max(1, m.get("dp", 1) * (m.get("ep", 1) if "ep" in m else 1))
         if cfg.num_microbatches >= 1 and local_batch % cfg.num_microbatches:
             failures.append(
@@ -218,6 +218,16 @@ def validate(cfg: TrainConfig) -> None:
                 failures.append(str(e))
     if failures:
         raise ConfigError(format_failures("colofn train: the run cannot start:", failures))
+
+
+ZERO3_PP = (
+    "--zero 3 with pp is not supported: ZeRO-3 all-gathers a unit's parameters for each use and frees them "
+    "after, inside one forward and backward, but a pipeline stage uses its parameters in every microbatch's "
+    "F and again in its B (or I and W), at times only the schedule knows, with up to pp microbatches in "
+    "flight; it needs gather/free hooks around the runtime's actions (2-3 all-gathers of the stage per "
+    "microbatch). Use --zero 1 or 2 with pp (the optimizer state, and for 2 the gradients at the update, "
+    "sharded over dp), or --zero 3 without pp"
+)
 
 
 def _zero_failures(cfg: TrainConfig) -> list[str]:
@@ -311,8 +321,8 @@ def hf_failures(cfg: TrainConfig) -> list[str]:
         out.append("--sp megatron splits the sequence over the tp axis: add tp=N to --mesh")
     if cfg.zero is not None:
         out += _zero_failures(cfg)
-        if cfg.pp > 1:
-            out.append("--zero with pp is not supported in this release; drop one of them")
+        if cfg.pp > 1 and cfg.zero == 3:
+            out.append(ZERO3_PP)
     if cfg.batch_size % m.get("dp", 1):
         out.append(f"--batch-size {cfg.batch_size} is not divisible by dp={m.get('dp', 1)}")
     if cfg.pp > 1:

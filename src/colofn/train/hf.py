@@ -138,9 +138,10 @@ class Zero:
 class Pipelined:
     """``model.layers`` cut into the schedule's stages over ``pp``; dp, tp and Megatron-SP inside each stage."""
 
-    def __init__(self, model: Any, plan: ModulePlan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, state: AdamState, schedule: str, microbatches: int) -> None:
+    def __init__(self, model: Any, plan: ModulePlan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, state: AdamState, schedule: str, microbatches: int, zero_stage: int | None = None) -> None:
         from colofn.pipeline import Pipeline, make_schedule
         from colofn.shard_map import per_device
+        from colofn.train import pipe_zero
 
         self.opt, self.mesh, self.plan = opt, mesh, plan
         sched = make_schedule(schedule, mesh.shape["pp"], microbatches)
@@ -152,9 +153,15 @@ class Pipelined:
         self.specs = _stages.stage_params(self.par.specs, self.ranges)
         self.mine = sched.stages_of(mesh.axis_index("pp"))
         split = lambda t: _stages.stage_params(plan.pack(t), self.ranges)  # noqa: E731
-        self.params = {s: self._local(split(params)[s], s) for s in self.mine}
         mu, nu = split(state.mu), split(state.nu)
-        self.opt_states = {s: AdamState(state.count, self._local(mu[s], s), self._local(nu[s], s)) for s in self.mine}
+        self.zero_stage = zero_stage
+        if zero_stage is not None:  # ZeRO over dp inside each stage (colofn.train.pipe_zero)
+            whole = split(params)
+            self.states = pipe_zero.stage_states(opt, mesh, zero_stage, self.specs, {s: (whole[s], mu[s], nu[s]) for s in self.mine}, state.count)
+        else:
+            self.params = {s: self._local(split(params)[s], s) for s in self.mine}
+            self.opt_states = {s: AdamState(state.count, self._local(mu[s], s), self._local(nu[s], s)) for s in self.mine}
+        vary = (lambda p: pipe_zero.varying(p, "dp")) if zero_stage is not None else (lambda p: p)
         tok = P(plan.dp) if plan.dp else P()
         act = P(plan.dp, plan.tp if plan.sp else None) if plan.dp or plan.sp else P()
         dp = (plan.dp,) if isinstance(plan.dp, str) else tuple(plan.dp or ())
@@ -165,9 +172,9 @@ class Pipelined:
             first, last = s == 0, s == n - 1
             if last:
                 return per_device(
-                    lambda p, x, t: _stages.stage_loss(par, _stages.stage_forward(par, p, x, ranges[s], first=first, last=True), t, dp),
+                    lambda p, x, t: _stages.stage_loss(par, _stages.stage_forward(par, vary(p), x, ranges[s], first=first, last=True), t, dp),
                     mesh=mesh, in_specs=(self.specs[s], tok if first else act, tok))
-            return per_device(lambda p, x: _stages.stage_forward(par, p, x, ranges[s], first=first, last=False),
+            return per_device(lambda p, x: _stages.stage_forward(par, vary(p), x, ranges[s], first=first, last=False),
                               mesh=mesh, in_specs=(self.specs[s], tok if first else act))
 
         self.pipe = Pipeline([make(s) for s in range(n)], sched, mesh=mesh, axis_name="pp")
@@ -181,6 +188,10 @@ class Pipelined:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.tok, self.mesh)
         targets = local_block(batch["targets"], self.tok, self.mesh)
+        if self.zero_stage is not None:
+            from colofn.train.pipe_zero import zero_step
+
+            return zero_step(self.pipe, self.opt, self.states, tokens, targets)
         result = self.pipe(self.params, tokens, targets)
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
@@ -190,21 +201,30 @@ class Pipelined:
     def export(self) -> tuple[Tree, AdamState]:
         from colofn.pipeline import gather_stages
 
-        mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s),
-                    self._global(self.opt_states[s].nu, s)) for s in self.mine}
+        if self.zero_stage is not None:
+            from colofn.train.pipe_zero import export_stages
+
+            mine, count = export_stages(self.states)
+        else:
+            mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s),
+                        self._global(self.opt_states[s].nu, s)) for s in self.mine}
+            count = self.opt_states[self.mine[0]].count
         stages = gather_stages(mine, mesh=self.mesh, axis_name="pp")
-        count = self.opt_states[self.mine[0]].count
         params, mu, nu = (self.plan.unpack(_stages.merge_stages([st[i] for st in stages])) for i in range(3))
         return params, AdamState(count, mu, nu)
 
     def local_bytes(self) -> int:
+        if self.zero_stage is not None:
+            from colofn.train import pipe_zero
+
+            return pipe_zero.local_bytes(self.states)
         return nbytes((self.params, self.opt_states))
 
 
 def trainer(cfg: Any, model: Any, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, state: AdamState) -> Any:
     m = cfg.mesh_shape
     if cfg.pp > 1:
-        return Pipelined(model, plan_of(model, m, cfg.sp, dp=True), mesh, opt, params, state, cfg.schedule, cfg.num_microbatches)
+        return Pipelined(model, plan_of(model, m, cfg.sp, dp=True), mesh, opt, params, state, cfg.schedule, cfg.num_microbatches, zero_stage=cfg.zero)
     if cfg.zero is not None:
         return Zero(model, plan_of(model, m, cfg.sp, dp=False), mesh, opt, params, state, cfg.zero)
     return Dense(model, plan_of(model, m, cfg.sp, dp=True), mesh, opt, params, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -49,14 +50,19 @@ def resume(cfg: TrainConfig, params: Any, state: AdamState) -> tuple[int, Any, A
 class SingleDevice:
     """The same model and optimizer on one device, for ``--check``."""
 
-    def __init__(self, mcfg: gpt.GPTConfig, opt: optim.GradientTransformation, params: Any, state: AdamState) -> None:
+    def __init__(self, mcfg: gpt.GPTConfig, opt: optim.GradientTransformation, params: Any, state: AdamState, microbatches: list[torch.Tensor] | None = None) -> None:
         self.mcfg, self.opt = mcfg, opt
         self.params = jt.map(lambda t: t.detach().clone(), params)
         self.state = jt.map(lambda t: t.clone(), state)
+        self.microbatches = microbatches  # rows of each microbatch: MoE routing sees one at a time
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         params = jt.map(lambda t: t.detach().requires_grad_(), self.params)
-        loss = gpt.loss(params, batch, self.mcfg)
+        if self.microbatches is None:
+            loss = gpt.loss(params, batch, self.mcfg)
+        else:
+            parts = [gpt.loss(params, {k: v[rows] for k, v in batch.items()}, self.mcfg) for rows in self.microbatches]
+            loss = torch.stack(parts).mean()
         grads = jt.unflatten(jt.structure(params), torch.autograd.grad(loss, jt.leaves(params)))
         updates, self.state = self.opt.update(grads, self.state, params)
         self.params = jt.map(torch.Tensor.detach, optim.apply_updates(params, updates))
@@ -66,7 +72,7 @@ class SingleDevice:
 def _trainer(cfg: TrainConfig, mcfg: gpt.GPTConfig, mesh: Mesh, opt: optim.GradientTransformation, params: Any, state: AdamState) -> Any:
     plan = cfg.plan()
     if cfg.pp > 1:
-        return PipelineTrainer(mcfg, plan, mesh, opt, params, state, cfg.schedule, cfg.num_microbatches)
+        return PipelineTrainer(mcfg, plan, mesh, opt, params, state, cfg.schedule, cfg.num_microbatches, zero_stage=cfg.zero)
     if cfg.zero is not None:
         return ZeroTrainer(mcfg, plan, mesh, opt, params, state, cfg.zero)
     trainer = DenseTrainer(mcfg, plan, mesh, opt, params, state)
@@ -75,6 +81,16 @@ def _trainer(cfg: TrainConfig, mcfg: gpt.GPTConfig, mesh: Mesh, opt: optim.Gradi
 
         trainer.value_and_grad = rematerializing(trainer.value_and_grad)
     return trainer
+
+
+def _microbatch_rows(cfg: TrainConfig, mesh: Mesh) -> list[torch.Tensor] | None:
+    """A pipelined MoE model routes each microbatch on its own: the rows the single-device check must group."""
+    if cfg.pp == 1 or not cfg.experts:
+        return None
+    from colofn.train.pipe_moe import microbatch_rows
+
+    ranks = math.prod(mesh.shape[a] for a in cfg.plan().batch_axes)
+    return microbatch_rows(cfg.batch_size, ranks, cfg.num_microbatches)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -149,7 +165,7 @@ def rank_program(cfg: TrainConfig) -> dict[str, Any]:
     start, params, state = initial_state(cfg, mcfg, opt)
     trainer = _trainer(cfg, mcfg, mesh, opt, params, state)
     me = process_index()
-    checker = SingleDevice(mcfg, opt, params, state) if cfg.check and me == 0 else None
+    checker = SingleDevice(mcfg, opt, params, state, _microbatch_rows(cfg, mesh)) if cfg.check and me == 0 else None
     del params, state
     stream = data.encode(data.text())
     key = random.key(cfg.seed + 1)

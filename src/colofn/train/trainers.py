@@ -15,7 +15,13 @@ resumes on any other.
   :mod:`colofn.pipeline` schedule over ``pp``; each stage is
   :func:`colofn.parallel.stage_forward` under :func:`colofn.per_device`, so tp,
   Megatron-SP and dp work inside stages and the dp gradient sum comes from
-  varying/invariant tracking.
+  varying/invariant tracking. With ``zero`` (stages 0-2) each stage's
+  parameters are a :mod:`colofn.zero` state over ``dp`` instead: they vary
+  along ``dp`` inside the stage (no sum per microbatch), and
+  :func:`colofn.zero.apply_gradients` reduces the gradients accumulated over
+  the microbatches once per step. A mixture-of-experts model sends each
+  stage's balancing loss along with the activations (``{"h", "aux"}``), and
+  the last stage adds it to the microbatch's loss.
 """
 
 from __future__ import annotations
@@ -104,10 +110,12 @@ class ZeroTrainer:
 
 
 class PipelineTrainer:
-    def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState, schedule_name: str, microbatches: int) -> None:
+    def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState, schedule_name: str, microbatches: int, zero_stage: int | None = None) -> None:
         from colofn.pipeline import Pipeline, make_schedule
 
         self.mcfg, self.plan, self.mesh, self.opt = mcfg, plan, mesh, opt
+        self.zero_stage = zero_stage
+        self.moe = mcfg.n_experts > 0
         sched = make_schedule(schedule_name, mesh.shape["pp"], microbatches)
         n = sched.num_stages
         if mcfg.n_layers % n:
@@ -122,12 +130,19 @@ class PipelineTrainer:
         full_specs = param_specs(mcfg, plan)
         self.specs = {s: stage_slice(full_specs, mcfg, self.ranges[s]) for s in range(n)}
         self.mine = sched.stages_of(mesh.axis_index("pp"))
-        self.params = {s: self._local(stage_slice(params, mcfg, self.ranges[s]), s) for s in self.mine}
-        self.opt_states = {
-            s: AdamState(opt_state.count, self._local(stage_slice(opt_state.mu, mcfg, self.ranges[s]), s),
-                         self._local(stage_slice(opt_state.nu, mcfg, self.ranges[s]), s))
-            for s in self.mine
-        }
+        if zero_stage is not None:
+            from colofn.train.pipe_zero import stage_states
+
+            part = lambda t, s: stage_slice(t, mcfg, self.ranges[s])  # noqa: E731
+            self.states = stage_states(opt, mesh, zero_stage, self.specs, {
+                s: (part(params, s), part(opt_state.mu, s), part(opt_state.nu, s)) for s in self.mine}, opt_state.count)
+        else:
+            self.params = {s: self._local(stage_slice(params, mcfg, self.ranges[s]), s) for s in self.mine}
+            self.opt_states = {
+                s: AdamState(opt_state.count, self._local(stage_slice(opt_state.mu, mcfg, self.ranges[s]), s),
+                             self._local(stage_slice(opt_state.nu, mcfg, self.ranges[s]), s))
+                for s in self.mine
+            }
         bs = batch_specs(plan)
         self.batch_specs = bs
         act = P(plan.batch_axes or None, plan.seq_axis)
@@ -141,18 +156,35 @@ class PipelineTrainer:
         from colofn.shard_map import per_device
 
         mcfg, plan, layers = self.mcfg, self.plan, self.ranges[s]
+        if self.moe:
+            from colofn.train.pipe_moe import moe_stage
+
+            return moe_stage(self, s, act, tok, last)
         x_spec = tok if s == 0 else act
+        vary = self._vary
         if last:
             body = per_device(
-                lambda p, x, t: stage_forward(p, x, mcfg, plan, layers=layers, targets=t)[0],
+                lambda p, x, t: stage_forward(vary(p), x, mcfg, plan, layers=layers, targets=t)[0],
                 mesh=self.mesh, in_specs=(self.specs[s], x_spec, tok),
             )
             return body
-        return per_device(lambda p, x: stage_forward(p, x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
+        return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
+
+    def _vary(self, params: Tree) -> Tree:
+        """Inside a stage: with ZeRO, the params vary along ``dp`` (ZeRO sums their gradients once per step)."""
+        if self.zero_stage is None:
+            return params
+        from colofn.train.pipe_zero import varying
+
+        return varying(params, "dp")
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)
         targets = local_block(batch["targets"], self.batch_specs["targets"], self.mesh)
+        if self.zero_stage is not None:
+            from colofn.train.pipe_zero import zero_step
+
+            return zero_step(self.pipe, self.opt, self.states, tokens, targets)
         result = self.pipe(self.params, tokens, targets)
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
@@ -165,9 +197,14 @@ class PipelineTrainer:
     def export(self) -> tuple[Tree, AdamState]:
         from colofn.pipeline import gather_stages
 
-        mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s), self._global(self.opt_states[s].nu, s)) for s in self.mine}
+        if self.zero_stage is not None:
+            from colofn.train.pipe_zero import export_stages
+
+            mine, count = export_stages(self.states)
+        else:
+            mine = {s: (self._global(self.params[s], s), self._global(self.opt_states[s].mu, s), self._global(self.opt_states[s].nu, s)) for s in self.mine}
+            count = self.opt_states[self.mine[0]].count
         stages = gather_stages(mine, mesh=self.mesh, axis_name="pp")
-        count = self.opt_states[self.mine[0]].count
         params, mu, nu = (self._merge([st[i] for st in stages]) for i in range(3))
         return params, AdamState(count, mu, nu)
 
@@ -181,4 +218,8 @@ class PipelineTrainer:
         return out
 
     def local_bytes(self) -> int:
+        if self.zero_stage is not None:
+            from colofn.train import pipe_zero
+
+            return pipe_zero.local_bytes(self.states)
         return nbytes((self.params, self.opt_states))

@@ -21,6 +21,7 @@ into global pytrees that ``init`` resumes from on any mesh and stage.
 ([0.8999999761581421, 0.8999999761581421, 1.0], 1.0)
 """
 
+from colofn.zero.accumulated import apply_gradients, stage_params
 from colofn.zero.export import export_state
 from colofn.zero.flat import FlatLayout
 from colofn.zero.memory import MemoryReport, formula_bytes, paper_bytes
@@ -36,6 +37,7 @@ __all__ = [
     "MemoryReport",
     "MixedPrecision",
     "StepInfo",
+    "apply_gradients",
     "ZeroPlan",
     "ZeroState",
     "devices",
@@ -45,6 +47,7 @@ __all__ = [
     "make_train_step",
     "paper_bytes",
     "params",
+    "stage_params",
     "reference_train",
     "train_step",
 ]
