@@ -6,12 +6,14 @@
 * :mod:`~colofn.parallel.sp`: sequence parallelism (Megatron-SP, DeepSpeed-Ulysses, ring attention).
 * :mod:`~colofn.parallel.ep`: expert parallelism (whole-batch routing, all-to-all dispatch and combine).
 * :mod:`~colofn.parallel.gpt`: the per-device model under a plan, :func:`make_loss` and :func:`shard_params`.
+* :mod:`~colofn.parallel.data_axes`: the axes ZeRO shards over under a plan, and the loss it differentiates.
 
 ``docs/strategies.md`` is the guide: what each strategy shards and
 communicates, and when to pick it.
 """
 
 from colofn.parallel import ep, sp, tp
+from colofn.parallel.data_axes import zero_axes, zero_loss_plan
 from colofn.parallel.gpt import (
     block,
     embed,
@@ -59,4 +61,6 @@ __all__ = [
     "stage_forward",
     "stage_slice",
     "tp",
+    "zero_axes",
+    "zero_loss_plan",
 ]

@@ -146,8 +146,8 @@ def validate(cfg: TrainConfig) -> None:
         failures.append("--mesh has an ep axis: pass --experts N (a mixture-of-experts model)")
     if cfg.zero is not None:
         failures += _zero_failures(cfg)
-        if cfg.pp > 1 or "ep" in m or cfg.sp in ("ulysses", "ring"):
-            failures.append("--zero composes with dp, tp and --sp megatron only (not pp, ep, ulysses or ring) in this release")
+        if cfg.pp > 1:
+            failures.append("--zero composes with dp, tp, ep and every --sp, not with pp, in this release")
     if cfg.pp == 1 and cfg.microbatches is not None:
         failures.append(f"--microbatches {cfg.microbatches} splits the batch of a pipeline: add pp=N to --mesh, or drop the flag")
     if cfg.pp == 1 and cfg.schedule != "1f1b":
