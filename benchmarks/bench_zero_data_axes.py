@@ -32,8 +32,8 @@ from colofn import data, random
 from colofn.models import gpt
 from colofn.optim.adam import AdamState
 from colofn.parallel import Plan
-from colofn.train.loop import make_optimizer
 from colofn.train.config import TrainConfig
+from colofn.train.loop import make_optimizer
 from colofn.train.trainers import ZeroTrainer
 
 MESHES = [
@@ -56,7 +56,7 @@ def _program(preset: str, sizes: dict[str, int], plan: Plan, experts: int, stage
         trainer.step(batch)
     zp = trainer.state.plan
     groups: dict[tuple[str, ...], list[int]] = {}
-    for k, b in enumerate(zp.layout.buckets):
+    for k in range(len(zp.layout.buckets)):
         groups.setdefault(zp.bucket_axes(k), []).append(k)
     sizes_of = {(zp.bucket_axes(k), b.padded * 4, b.shard * 4) for k, b in enumerate(zp.layout.buckets)}
     zero_sent = other_sent = 0
