@@ -7,6 +7,7 @@ Equality with one device is ``property_tests/test_zero_sp_ep_props.py``'s.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -148,3 +149,20 @@ def test_errors_of_several_data_axes_name_the_axis_and_the_fix():
     text = _error("step", batch_spec=P("dp", "sp"))
     assert "dim 1 of shape (2, 3) is not divisible by the 2 ranks of ('sp',)" in text
     assert "batch_spec=P('dp', 'tp') names 'tp', not an axis of Mesh(dp=2, sp=2)" in _error("step", batch_spec=P("dp", "tp"))
+
+
+@pytest.mark.parametrize(
+    "mesh,extra",
+    [
+        ("dp=2,sp=2", {"sp": "ring", "zero": 3}),  # ZeRO over dp x sp
+        ("dp=2,ep=2", {"experts": 2, "zero": 2}),  # dense buckets over dp x ep, expert buckets over dp
+    ],
+)
+def test_colofn_train_zero_with_sp_and_ep_equals_single_device(tmp_path, capsys, mesh, extra):
+    from colofn.train import TrainConfig, parse_mesh, train
+
+    cfg = TrainConfig(mesh=tuple(parse_mesh(mesh).items()), steps=3, warmup=1, check=True, out=str(tmp_path / "out"), **extra)
+    assert train(cfg) == 0
+    assert "OK: parallel training equals single-device training" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert all(abs(a - b) < 1e-5 for a, b in zip(record["loss"], record["single"], strict=True))

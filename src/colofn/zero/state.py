@@ -193,7 +193,7 @@ class ZeroPlan:
             in_specs=(tuple(self.shard_spec for _ in shards),),
             out_specs=tuple(self.bucket_full_spec(k % nb) if n > 1 else self.shard_spec for k, n in enumerate(sizes)),
         )
-        out = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))
+        out: Any = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))  # DTensors
         return [o.to_local() for o in out]
 
 
