@@ -1,9 +1,10 @@
 """ZeRO over several data axes (dp with Ulysses or ring sp, dp with ep) equals single-device GPT training.
 
 Hypothesis draws the composition (dp x Ulysses, dp x ring, dp x ep, each
-optionally with tp), the axis sizes (1 or 2 each, world <= 8), the ZeRO stage
-(0-3), a small float64 model that fits the mesh (learned or rotary positions, tied or
-untied embeddings, dense or MoE with top-1/2 routing and with or without a
+optionally with tp), the axis sizes (1, 2 or 4, world <= 8), the ZeRO stage
+(0-3), a small float64 model that fits the mesh (``test_parallel_props``'s:
+learned or rotary positions, LayerNorm or RMSNorm, tied or untied
+embeddings, dense or MoE with top-1/2 routing and with or without a
 capacity) and the data. Two ZeRO steps (``colofn.zero.train_step`` on the
 per-device loss of ``colofn.parallel``, exactly as ``colofn train --zero``
 runs it) must give the single-device model's loss at each step, and its
@@ -30,6 +31,7 @@ from colofn import tree as jt
 from colofn.models import gpt
 from colofn.parallel import Plan, batch_specs, local_loss, shard_params, zero_axes, zero_loss_plan
 from colofn.testing import assert_trees_close
+from test_parallel_props import setups  # a sibling test module: the same models
 
 # name: (plan, mesh axes in order, whether the model must have experts)
 COMBOS = {
@@ -47,35 +49,9 @@ def _optimizer() -> optim.GradientTransformation:
 
 
 @st.composite
-def setups(draw, name):
-    plan, axes, needs_experts = COMBOS[name]
-    sizes = {a: draw(st.sampled_from([2, 1])) for a in axes}
-    tp = sizes.get("tp", 1)
-    sp = sizes.get("sp", 1)
-    ulysses = sp if plan.sp == "ulysses" else 1
-    ep = sizes.get("ep", 1)
-    n_heads = tp * ulysses * draw(st.sampled_from([1, 2]))
-    n_experts = ep * draw(st.sampled_from([1, 2])) if needs_experts else draw(st.sampled_from([0, 0, 2]))
-    b = math.prod(sizes[a] for a in plan.batch_axes) * draw(st.sampled_from([1, 2]))
-    s = sp * (2 if plan.seq_layout == "zigzag" else 1) * draw(st.sampled_from([1, 2]))
-    cfg = gpt.config(
-        "tiny",
-        vocab_size=tp * draw(st.sampled_from([8, 12])),
-        seq_len=max(s, 4),
-        n_heads=n_heads,
-        d_model=n_heads * draw(st.sampled_from([2, 4])),
-        n_layers=draw(st.sampled_from([1, 2])),
-        d_ff=tp * draw(st.sampled_from([2, 4])),
-        pos=draw(st.sampled_from(["learned", "rotary"])),
-        tie_embeddings=draw(st.booleans()),
-        n_experts=n_experts,
-        top_k=draw(st.integers(1, min(2, n_experts))) if n_experts else 1,
-        moe_every=draw(st.sampled_from([1, 2])),
-        capacity_factor=draw(st.sampled_from([None, 1.5])),
-        aux_loss_coef=draw(st.sampled_from([0.01, 1.0])),
-        dtype=torch.float64,
-    )
-    return plan, sizes, cfg, b, s, draw(st.integers(0, 3)), draw(st.integers(0, 2**16))
+def zero_setups(draw, name):
+    plan, sizes, cfg, b, s, seed = draw(setups(name, COMBOS))  # the model strategy of test_parallel_props
+    return plan, sizes, cfg, b, s, draw(st.integers(0, 3)), seed
 
 
 def _program(cfg, plan, sizes, params, data, stage):
@@ -109,7 +85,7 @@ def _single(cfg, params, data):
 @settings(max_examples=max(2, settings.default.max_examples // 6))  # 2 under the quick profile, 50 under long
 @given(data=st.data())
 def test_zero_over_sp_and_ep_equals_single_device(name, data):
-    plan, sizes, cfg, b, s, stage, seed = data.draw(setups(name))
+    plan, sizes, cfg, b, s, stage, seed = data.draw(zero_setups(name))
     params = gpt.init(random.key(seed), cfg)
     batches = []
     for step in range(2):
