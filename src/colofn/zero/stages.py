@@ -81,10 +81,10 @@ def train_step(
       loss_fn: ``loss_fn(params, batch) -> loss``, per device: it runs inside
         ``shard_map`` with this rank's blocks of the params (model-axis-split
         leaves are local blocks) and this rank's shard of ``batch`` (split on
-        dim 0 over the data axis), and returns the *mean* loss over that shard
-        as a 0-d tensor, invariant along the model axes (psum over them as
-        needed). It must not communicate over the data axis: ZeRO takes the mean
-        over it and reduces the gradients itself. In stage 3 ``params`` is a
+        dim 0 over the data axis, or by ``batch_spec``), and returns the *mean*
+        loss over that shard as a 0-d tensor, invariant along the model axes
+        (psum over them as needed). ZeRO reduces the gradients itself over the
+        data axes (below: a loss that sums over a data axis itself). In stage 3 ``params`` is a
         lazy read-only view: index it (``params["w"]``, ``params["layers"][i]``)
         or iterate ``params["layers"]``; each access gathers that unit.
       optimizer: the transformation given to :func:`~colofn.zero.init`.
@@ -170,7 +170,7 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
 
     def tag(i: int, view: torch.Tensor) -> torch.Tensor:
         # Every rank holds its own copy of the params' blocks: varying along the data
-        # axis (so no implicit pvary sums their gradients; ZeRO reduces them itself)
+        # axes (so no implicit pvary sums their gradients; ZeRO reduces them itself)
         # and along the model axes the leaf's own spec splits.
         return ctx.set_vma(view, vmas[i])
 
