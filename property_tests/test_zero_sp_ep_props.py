@@ -1,7 +1,7 @@
 """ZeRO over several data axes (dp with Ulysses or ring sp, dp with ep) equals single-device GPT training.
 
-Hypothesis draws the composition (dp x Ulysses, dp x ring, dp x ep, each
-optionally with tp), the axis sizes (1, 2 or 4, world <= 8), the ZeRO stage
+Hypothesis draws the composition (dp x Ulysses, dp x ring, dp x ep, the
+first and third also with tp, and dp x ring x ep), the axis sizes (1, 2 or 4, world <= 8), the ZeRO stage
 (0-3), a small float64 model that fits the mesh (``test_parallel_props``'s:
 learned or rotary positions, LayerNorm or RMSNorm, tied or untied
 embeddings, dense or MoE with top-1/2 routing and with or without a
@@ -40,6 +40,7 @@ COMBOS = {
     "dp+ep": (Plan(dp="dp", ep="ep"), ("dp", "ep"), True),
     "dp+ulysses+tp": (Plan(dp="dp", tp="tp", sp="ulysses", sp_axis="sp"), ("dp", "sp", "tp"), False),
     "dp+ep+tp": (Plan(dp="dp", tp="tp", ep="ep"), ("dp", "ep", "tp"), True),
+    "dp+ring+ep": (Plan(dp="dp", sp="ring", sp_axis="sp", ep="ep"), ("dp", "sp", "ep"), True),  # 3 data axes
 }
 LR = 0.5
 
