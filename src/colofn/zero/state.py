@@ -116,6 +116,7 @@ class ZeroPlan:
 
     @property
     def full_spec(self) -> PartitionSpec:
+        """A full bucket's spec when every bucket is over all the data axes (else see :meth:`bucket_full_spec`)."""
         m = self.model_axes
         return P(m) if m else P()
 
@@ -125,10 +126,12 @@ class ZeroPlan:
 
     @property
     def param_spec(self) -> PartitionSpec:
+        """One group of data axes only (as :attr:`full_spec`); :attr:`param_specs` holds every bucket's."""
         return self.shard_spec if self.stage == 3 else self.full_spec
 
     @property
     def master_spec(self) -> PartitionSpec:
+        """One group of data axes only (as :attr:`full_spec`); :attr:`master_specs` holds every bucket's."""
         return self.shard_spec if self.stage >= 1 else self.full_spec
 
     @property
