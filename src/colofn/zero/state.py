@@ -13,7 +13,10 @@ stage      params (compute)      master weights         optimizer state
 =========  ====================  =====================  =====================
 
 ``P(m)`` leaves are replicated over ``dp``; each rank's block is the flattened
-(padded) concatenation of its blocks of the unit's leaves. Master weights
+(padded) concatenation of its blocks of the unit's leaves. With several data
+axes (``axis=("dp", "ep")``), ``dp`` stands for each bucket's own group (the
+data axes its leaves are not split over) and ``m`` for every other mesh axis:
+an expert bucket over ``dp`` alone is ``P(("ep", ...))`` when full. Master weights
 exist with mixed precision or offload; otherwise the params are the master
 and the optimizer reads its shard of them. Gradients are never stored: they
 live within a step (full in stages 0-1, sharded in 2-3).
