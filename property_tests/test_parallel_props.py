@@ -46,8 +46,9 @@ EXAMPLES = max(2, settings.default.max_examples // 2)  # 6 under the quick profi
 
 
 @st.composite
-def setups(draw, name):
-    plan, axes, needs_experts = COMBOS[name]
+def setups(draw, name, combos=None):
+    """``(plan, sizes, config, batch, seq, seed)`` for ``(combos or COMBOS)[name]`` (the ZeRO props reuse it)."""
+    plan, axes, needs_experts = (combos or COMBOS)[name]
     sizes: dict[str, int] = {}
     for a in axes:
         room = 8 // math.prod(sizes.values() or [1])

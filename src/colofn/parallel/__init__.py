@@ -8,12 +8,14 @@
 * :mod:`~colofn.parallel.ep`: expert parallelism (whole-batch routing, all-to-all dispatch and combine).
 * :mod:`~colofn.parallel.tp3d`: 3D tensor parallelism (Bian et al. 2021), for ``Plan(tp_mode="3d")``.
 * :mod:`~colofn.parallel.gpt`: the per-device model under a plan, :func:`make_loss` and :func:`shard_params`.
+* :mod:`~colofn.parallel.data_axes`: the axes ZeRO shards over under a plan, and the loss it differentiates.
 
 ``docs/strategies.md`` is the guide: what each strategy shards and
 communicates, and when to pick it.
 """
 
 from colofn.parallel import ep, sp, tp, tp2d, tp3d
+from colofn.parallel.data_axes import zero_axes, zero_loss_plan
 from colofn.parallel.gpt import (
     block,
     embed,
@@ -63,4 +65,6 @@ __all__ = [
     "tp",
     "tp2d",
     "tp3d",
+    "zero_axes",
+    "zero_loss_plan",
 ]

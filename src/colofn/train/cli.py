@@ -34,7 +34,7 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (warmup, then cosine decay to lr/10)")
     p.add_argument("--warmup", type=int, default=5, help="steps of linear learning-rate warmup from 0 (>= 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parameters and of the batches")
-    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over dp (default: no ZeRO)")
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over dp, and sp (ulysses/ring) and ep when present (default: no ZeRO)")
     p.add_argument("--sp", default="none", choices=("none", "megatron", "ulysses", "ring"),
                    help="sequence parallelism: none, megatron (over tp), ulysses or ring (over sp)")
     p.add_argument("--schedule", default="1f1b", help="pipeline schedule (with pp): gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv, dualpipev, or module:function")

@@ -89,15 +89,18 @@ class DenseTrainer:
 
 class ZeroTrainer:
     def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState, stage: int) -> None:
+        from colofn.parallel.data_axes import zero_axes, zero_loss_plan
+
         self.opt = opt
-        inner = Plan(dp=None, tp=plan.tp, sp=plan.sp, sp_axis=plan.sp_axis)
+        inner = zero_loss_plan(plan, mcfg)
         self.loss_fn = lambda p, b: local_loss(p, b, mcfg, inner)
+        self.batch_spec = batch_specs(plan)["tokens"]
         placed = shard_params(params, mcfg, inner, mesh)
         place_state = _map_adam(opt_state, lambda t: shard_params(t, mcfg, inner, mesh))
-        self.state = zero.init(placed, opt, mesh, axis="dp", stage=stage, opt_state=place_state)
+        self.state = zero.init(placed, opt, mesh, axis=zero_axes(plan), stage=stage, opt_state=place_state)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        self.state, info = zero.train_step(self.loss_fn, self.opt, self.state, batch)
+        self.state, info = zero.train_step(self.loss_fn, self.opt, self.state, batch, batch_spec=self.batch_spec)
         return float(info.loss)
 
     def export(self) -> tuple[Tree, AdamState]:

@@ -1,4 +1,4 @@
-"""ZeRO (Rajbhandari et al., 2020) over a data axis of a mesh, as specs on flat buffers.
+"""ZeRO (Rajbhandari et al., 2020) over a data axis of a mesh (or several), as specs on flat buffers.
 
 Stage 1 shards the optimizer state over the data axis, stage 2 the gradients
 too, stage 3 the parameters too (gathered one unit at a time, prefetched, and

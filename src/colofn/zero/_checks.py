@@ -50,6 +50,20 @@ def check_axis(mesh: Mesh, axis: Any) -> str:
     return axis
 
 
+def check_axes(mesh: Mesh, axis: Any) -> tuple[str, ...]:
+    """``axis`` (one data axis, or a tuple of them with the data-parallel one first) as a tuple."""
+    if isinstance(axis, tuple) and axis and all(isinstance(a, str) for a in axis):
+        if len(set(axis)) != len(axis):
+            raise SpecError(
+                f"zero.init: axis={axis!r} names an axis twice. Fix: list each data axis once, the "
+                "data-parallel one first, e.g. axis=('dp', 'sp')."
+            )
+        for a in axis:
+            check_axis(mesh, a)
+        return axis
+    return (check_axis(mesh, axis),)
+
+
 def check_optimizer(where: str, optimizer: Any) -> None:
     if not isinstance(optimizer, GradientTransformation):
         raise OptimizerTypeError(
@@ -166,6 +180,38 @@ def check_batch(batch: Any, n: int, axis: str) -> None:
                 fix=f"make every batch leaf's dim 0 a multiple of {n} (drop or pad the last batch)",
             )
         )
+
+
+def check_batch_spec(batch: Any, spec: Any, mesh: Mesh) -> None:
+    """Every batch leaf split by ``spec`` (one spec for all leaves): the dims exist and divide."""
+    from colofn.partition_spec import PartitionSpec
+
+    if not isinstance(spec, PartitionSpec):
+        raise SpecError(f"zero.train_step: batch_spec={spec!r} is not a PartitionSpec. Fix: pass e.g. batch_spec=P('dp', 'sp').")
+    unknown = [a for a in spec.axes if a not in mesh.axis_names]
+    if unknown:
+        raise SpecError(f"zero.train_step: batch_spec={spec} names {unknown[0]!r}, not an axis of {mesh}; the axes are {tuple(mesh.axis_names)}.")
+    pairs, _ = jt.flatten_with_path(batch)
+    not_tensors = [f"batch{jt.keystr(p)}: {type(x).__name__}" for p, x in pairs if not isinstance(x, torch.Tensor)]
+    if not_tensors:
+        raise TreeTypeError(format_failures("zero.train_step: every leaf of batch must be a tensor:", not_tensors, fix="convert them with torch.as_tensor"))
+    bad = []
+    entries = tuple(spec)
+    for p, x in pairs:
+        where = f"batch{jt.keystr(p)}"
+        for d, entry in enumerate(entries):
+            if entry is None:
+                continue
+            axes = (entry,) if isinstance(entry, str) else tuple(entry)
+            size = 1
+            for a in axes:
+                size *= mesh.shape[a]
+            if d >= x.ndim:
+                bad.append(f"{where} has {x.ndim} dims; batch_spec {spec} splits dim {d} over {axes}")
+            elif x.shape[d] % size:
+                bad.append(f"{where}: dim {d} of shape {tuple(x.shape)} is not divisible by the {size} ranks of {axes}")
+    if bad:
+        raise ShapeError(format_failures(f"zero.train_step: the batch does not split by batch_spec={spec} on {mesh}:", bad, fix="make those dims multiples of the axis sizes"))
 
 
 def check_loss(loss: Any, name: str) -> None:

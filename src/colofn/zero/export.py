@@ -244,7 +244,7 @@ def _shard_buffers(plan: ZeroPlan, z: tuple[torch.Tensor, ...], g: Any, where: s
                 leaf = leaves[i]
                 assert leaf is not None
                 flat[s.offset : s.offset + s.numel].copy_(leaf.reshape(-1))
-        mine = layout.shard(flat, plan.index, b) if plan.stage >= 1 else flat
+        mine = layout.shard(flat, plan.bucket_index(b), b) if plan.stage >= 1 else flat
         out.append(to_device(mine, z[b].device, z[b].dtype, copy=True))
     return tuple(out)
 

@@ -65,6 +65,7 @@ class Bucket:
     numel: int
     padded: int  # a multiple of n, at least n
     n: int
+    axes: tuple[str, ...] = ()  # the data axes this bucket is sharded (and its gradient summed) over
 
     @property
     def shard(self) -> int:
@@ -146,12 +147,19 @@ class FlatLayout:
     n: int
 
     @staticmethod
-    def build(params: Any, n: int, specs: Sequence[PartitionSpec] | None = None) -> FlatLayout:
+    def build(
+        params: Any,
+        n: int,
+        specs: Sequence[PartitionSpec] | None = None,
+        groups: Sequence[tuple[tuple[str, ...], int]] | None = None,
+    ) -> FlatLayout:
         """The layout of ``params`` for a data axis of ``n`` ranks.
 
         ``params`` leaves may be DTensors (their local blocks are flattened);
         ``specs`` gives each leaf's spec over the model axes, in
-        :meth:`local_leaves` order (default: ``P()`` for all).
+        :meth:`local_leaves` order (default: ``P()`` for all). ``groups`` gives
+        each leaf's ``(data axes, ranks)`` to shard over instead of ``((), n)``:
+        leaves of one unit and dtype share a bucket only if their groups match.
         """
         kind, skeleton, parts = split_units(params)
         units: list[Unit] = []
@@ -159,26 +167,27 @@ class FlatLayout:
         slots: list[Slot] = []
         for u, (name, sub) in enumerate(parts):
             pairs, sub_def = jt.flatten_with_path(sub)
-            by_dtype: dict[torch.dtype, int] = {}
+            by_dtype: dict[tuple[torch.dtype, tuple[str, ...], int], int] = {}
             fill: dict[int, int] = {}
             leaf_ids = []
             for path, x in pairs:
                 local = _local(x)
-                if local.dtype not in by_dtype:
-                    by_dtype[local.dtype] = len(buckets) + len(by_dtype)
-                b = by_dtype[local.dtype]
+                i = len(slots)
+                key = (local.dtype, *groups[i]) if groups is not None else (local.dtype, (), n)
+                if key not in by_dtype:
+                    by_dtype[key] = len(buckets) + len(by_dtype)
+                b = by_dtype[key]
                 off = fill.get(b, 0)
                 fill[b] = off + local.numel()
-                i = len(slots)
                 spec = specs[i] if specs is not None else P()
                 where = (name + jt.keystr(path).replace("<root>", "")) or "<root>"
                 slots.append(Slot(where, b, off, tuple(local.shape), spec))
                 leaf_ids.append(i)
             ordered = sorted(by_dtype.items(), key=lambda kv: kv[1])
-            for dtype, b in ordered:
+            for (dtype, axes, size), b in ordered:
                 numel = fill[b]
-                padded = max(1, -(-numel // n)) * n
-                buckets.append(Bucket(u, dtype, numel, padded, n))
+                padded = max(1, -(-numel // size)) * size
+                buckets.append(Bucket(u, dtype, numel, padded, size, axes))
             units.append(Unit(name or "<root>", sub_def, tuple(leaf_ids), tuple(b for _, b in ordered)))
         return FlatLayout(kind, skeleton, jt.structure(params), tuple(units), tuple(buckets), tuple(slots), n)
 

@@ -71,9 +71,9 @@ class AsyncReduceScatter:
     waiting moves to the end.
     """
 
-    def __init__(self, mesh: Any, axis: str) -> None:
+    def __init__(self, mesh: Any, axis: str | tuple[str, ...]) -> None:
         self.axis = axis
-        self.group = _comm.axis_group(mesh, (axis,))
+        self.group = _comm.axis_group(mesh, axis if isinstance(axis, tuple) else (axis,))
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def hook(self, g: torch.Tensor) -> torch.Tensor:
@@ -91,6 +91,26 @@ class AsyncReduceScatter:
         for work, _ in self.pending:
             work.wait()
         self.pending.clear()
+
+
+class BucketReduceScatters:
+    """One :class:`AsyncReduceScatter` per group of data axes: bucket ``b``'s over its own axes."""
+
+    def __init__(self, plan: Any) -> None:
+        self.by_axes: dict[tuple[str, ...], AsyncReduceScatter] = {}
+        self.of: list[AsyncReduceScatter] = []
+        for b in range(len(plan.layout.buckets)):
+            axes = plan.bucket_axes(b)
+            if axes not in self.by_axes:
+                self.by_axes[axes] = AsyncReduceScatter(plan.mesh, axes if len(axes) > 1 else axes[0])
+            self.of.append(self.by_axes[axes])
+
+    def hook(self, b: int, g: torch.Tensor) -> torch.Tensor:
+        return self.of[b].hook(g)
+
+    def wait(self) -> None:
+        for rs in self.by_axes.values():
+            rs.wait()
 
 
 class _Pending:
@@ -117,7 +137,7 @@ class Gatherer:
         self.tag = tag  # (leaf index, view) -> view with its vma set
         self.live = live
         self.events = events
-        self.group = _comm.axis_group(plan.mesh, (plan.axis,))
+        self.groups = [_comm.axis_group(plan.mesh, plan.bucket_axes(b)) for b in range(len(self.layout.buckets))]
         self.leaves: dict[int, torch.Tensor] = {}  # bucket -> shard leaf (requires grad)
         self.pending: dict[int, list[tuple[int, _Pending]]] = {}
         self.fwd: dict[int, dict[int, torch.Tensor]] = {}  # unit -> bucket -> gathered (forward)
@@ -136,9 +156,9 @@ class Gatherer:
         if u in self.pending:
             return
         works = []
-        n = self.plan.n
         for b in self.layout.units[u].buckets:
             shard = self.shards[b]
+            n = self.layout.buckets[b].n
             if n == 1:
                 works.append((b, _Pending(shard, None)))
                 continue
@@ -146,8 +166,8 @@ class Gatherer:
             if ct.active():
                 nbytes = shard.numel() * shard.element_size()
                 sent, received = ct.volume("all_gather", nbytes, n)
-                ct.record(ct.CommRecord("all_gather", (self.plan.axis,), n, tuple(shard.shape), shard.dtype, sent, received, phase))
-            work = _comm._all_gather_into(out, shard.contiguous(), group=self.group.group, async_op=True)
+                ct.record(ct.CommRecord("all_gather", self.plan.bucket_axes(b), n, tuple(shard.shape), shard.dtype, sent, received, phase))
+            work = _comm._all_gather_into(out, shard.contiguous(), group=self.groups[b].group, async_op=True)
             works.append((b, _Pending(out, work)))
         self.pending[u] = works
         self.events.append(f"{phase} gather {self.layout.units[u].name} start")
@@ -202,7 +222,7 @@ class Gatherer:
             if leaf is None:
                 leaf = self.leaves[b] = self.shards[b].detach().requires_grad_(True)
             self.outstanding[u] = self.outstanding.get(u, 0) + 1
-            fulls[b] = unit_grad(leaf, full if full is not self.shards[b] else full.detach(), self._grad_hook(u))
+            fulls[b] = unit_grad(leaf, full if full is not self.shards[b] else full.detach(), self._grad_hook(u, b))
         unit = self.layout.units[u]
         views = [self.tag(i, self.layout.leaf_view(i, fulls[self.layout.slots[i].bucket])) for i in unit.leaves]
         from colofn import tree as jt
@@ -253,8 +273,9 @@ class Gatherer:
                 return v
         return None
 
-    def _grad_hook(self, u: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        axis = self.plan.axis
+    def _grad_hook(self, u: int, b: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        axes = self.plan.bucket_axes(b)
+        axis = axes if len(axes) > 1 else axes[0]
 
         def hook(g: torch.Tensor) -> torch.Tensor:
             shard = psum_scatter(g, axis, tiled=True)

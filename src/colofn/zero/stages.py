@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,10 +33,10 @@ from colofn import _vma
 from colofn import tree as jt
 from colofn.collectives import pmean, psum
 from colofn.optim.base import GradientTransformation, apply_updates
-from colofn.partition_spec import P
+from colofn.partition_spec import P, PartitionSpec
 from colofn.shard_map import shard_map
 from colofn.zero import _checks
-from colofn.zero.gather import AsyncReduceScatter, Gatherer, unit_grad
+from colofn.zero.gather import BucketReduceScatters, Gatherer, unit_grad
 from colofn.zero.memory import LiveBytes, MemoryReport, measure
 from colofn.zero.offload import to_device
 from colofn.zero.precision import next_loss_scale
@@ -66,23 +67,41 @@ class StepInfo(NamedTuple):
     schedule: tuple[str, ...]
 
 
-def train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation, state: ZeroState, batch: Any) -> tuple[ZeroState, StepInfo]:
+def train_step(
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    optimizer: GradientTransformation,
+    state: ZeroState,
+    batch: Any,
+    *,
+    batch_spec: PartitionSpec | None = None,
+) -> tuple[ZeroState, StepInfo]:
     """One training step of ZeRO: returns the new state and a :class:`StepInfo`.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss``, per device: it runs inside
         ``shard_map`` with this rank's blocks of the params (model-axis-split
         leaves are local blocks) and this rank's shard of ``batch`` (split on
-        dim 0 over the data axis), and returns the *mean* loss over that shard
-        as a 0-d tensor, invariant along the model axes (psum over them as
-        needed). It must not communicate over the data axis: ZeRO takes the mean
-        over it and reduces the gradients itself. In stage 3 ``params`` is a
+        dim 0 over the data axis, or by ``batch_spec``), and returns the *mean*
+        loss over that shard as a 0-d tensor, invariant along the model axes
+        (psum over them as needed). ZeRO reduces the gradients itself over the
+        data axes (below: a loss that sums over a data axis itself). In stage 3 ``params`` is a
         lazy read-only view: index it (``params["w"]``, ``params["layers"][i]``)
         or iterate ``params["layers"]``; each access gathers that unit.
       optimizer: the transformation given to :func:`~colofn.zero.init`.
       state: the :class:`ZeroState` from ``init`` or the previous step.
       batch: a pytree of global tensors (the same on every rank) or DTensors
         split over the data axis; every leaf's dim 0 must divide by its size.
+      batch_spec: how every batch leaf is split (default: dim 0 over the data
+        axes), e.g. ``P("dp", "sp")`` to split a ``[batch, seq]`` leaf's
+        sequence over a sequence-parallel data axis.
+
+    The step minimises the mean of ``loss_fn`` over the data axes, differentiated
+    as ``shard_map`` differentiates :func:`~colofn.pmean`: along an axis where
+    ``loss_fn``'s result varies (it did not reduce over it) ZeRO averages the
+    ranks' losses and gradients; along one where it is invariant (it summed over
+    that axis itself, as a sequence- or expert-parallel loss does, or as the
+    global mean over every data axis does) its value is already the mean, and
+    each rank's gradient is its part of the sum ZeRO takes over the axis.
 
     Raises:
       ShapeError: a batch leaf whose dim 0 does not divide by the data-axis size
@@ -94,15 +113,21 @@ def train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientT
     if not callable(loss_fn):
         raise TypeError(f"zero.train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
     plan = state.plan
-    _checks.check_batch(batch, plan.n, plan.axis)
+    if batch_spec is None and len(plan.data_axes) == 1:
+        batch_spec = P(plan.axis)
+        _checks.check_batch(batch, plan.n, plan.axis)
+    else:
+        batch_spec = P(plan.data_axes) if batch_spec is None else batch_spec
+        _checks.check_batch_spec(batch, batch_spec, plan.mesh)
     scale = float(state.loss_scale)
     live = LiveBytes()
     events: list[str] = []
     held: dict[str, Any] = {}
     body = functools.partial(_body, loss_fn, plan, scale, held, live, events)
     body.__name__ = getattr(loss_fn, "__name__", "loss_fn")  # type: ignore[attr-defined]
-    grad_spec = plan.full_spec if plan.stage == 0 else plan.shard_spec
-    mapped = shard_map(body, mesh=plan.mesh, in_specs=(plan.param_spec, P(plan.axis)), out_specs=(grad_spec, P()))
+    nb = len(plan.layout.buckets)
+    grad_spec = tuple(plan.bucket_full_spec(b) if plan.stage == 0 else plan.shard_spec for b in range(nb))
+    mapped = shard_map(body, mesh=plan.mesh, in_specs=(plan.param_specs, batch_spec), out_specs=(grad_spec, P()))
     out: Any = mapped(state.params, batch)  # DTensors, laid out by out_specs
     grads_dt, metrics = out
     grads: list[torch.Tensor] = [g.to_local() for g in grads_dt]
@@ -121,12 +146,14 @@ def train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientT
     return new_state, StepInfo(loss, False, scale, memory, moved, tuple(events))
 
 
-def make_train_step(loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation) -> Callable[[ZeroState, Any], tuple[ZeroState, StepInfo]]:
-    """``step(state, batch) -> (state, info)``: :func:`train_step` with ``loss_fn`` and ``optimizer`` bound."""
+def make_train_step(
+    loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation, *, batch_spec: PartitionSpec | None = None
+) -> Callable[[ZeroState, Any], tuple[ZeroState, StepInfo]]:
+    """``step(state, batch) -> (state, info)``: :func:`train_step` with ``loss_fn``, ``optimizer`` and ``batch_spec`` bound."""
     _checks.check_optimizer("zero.make_train_step", optimizer)
 
     def step(state: ZeroState, batch: Any) -> tuple[ZeroState, StepInfo]:
-        return train_step(loss_fn, optimizer, state, batch)
+        return train_step(loss_fn, optimizer, state, batch, batch_spec=batch_spec)
 
     return step
 
@@ -138,19 +165,19 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
     ctx = _vma.current()
     assert ctx is not None
     layout = plan.layout
-    axis = plan.axis
     name = getattr(loss_fn, "__name__", "loss_fn")
-    vmas = [frozenset({axis, *s.spec.axes}) for s in layout.slots]
+    vmas = [frozenset({*plan.data_axes, *s.spec.axes}) for s in layout.slots]
 
     def tag(i: int, view: torch.Tensor) -> torch.Tensor:
         # Every rank holds its own copy of the params' blocks: varying along the data
-        # axis (so no implicit pvary sums their gradients; ZeRO reduces them itself)
+        # axes (so no implicit pvary sums their gradients; ZeRO reduces them itself)
         # and along the model axes the leaf's own spec splits.
         return ctx.set_vma(view, vmas[i])
 
     def loss_of(tree: Any) -> torch.Tensor:
         loss = loss_fn(tree, batch)
         _checks.check_loss(loss, name)
+        held["mean_over"] = tuple(a for a in plan.data_axes if a in ctx.vma(loss))  # the axes ZeRO averages over
         return loss
 
     def backward(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -162,16 +189,16 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
     prec = plan.precision
     if prec is not None and prec.cast_batch:
         batch = jt.map(lambda x: x.to(prec.compute_dtype) if x.is_floating_point() else x, batch)
-    i = plan.index
+    mine = [plan.bucket_index(b) for b in range(len(params))]
     if plan.stage == 0:
         fulls = [p.detach().requires_grad_(True) for p in params]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
         loss = loss_of(tree)
         del tree
-        grads = [psum(g, axis) for g in backward(loss, fulls)]
+        grads = [psum(g, plan.bucket_axes(b)) for b, g in enumerate(backward(loss, fulls))]
     elif plan.stage == 1:
         fulls = [p.detach().requires_grad_(True) for p in params]
-        launch = _InOrder(AsyncReduceScatter(plan.mesh, axis), len(fulls))  # overlaps the rest of the backward
+        launch = _InOrder(BucketReduceScatters(plan), len(fulls))  # overlaps the rest of the backward
         inputs = [unit_grad(f, f.detach(), functools.partial(launch.ready, b)) for b, f in enumerate(fulls)]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(inputs))])
         loss = loss_of(tree)
@@ -183,15 +210,15 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
             launch.rs.wait()
         grads = []
         for b, g in enumerate(local):
-            mine = layout.shard(g, i, b)
+            own = layout.shard(g, mine[b], b)
             with torch.no_grad():
-                mine.copy_(summed[b])  # reduced in place: the full buffer is the grad storage
-            grads.append(mine)
+                own.copy_(summed[b])  # reduced in place: the full buffer is the grad storage
+            grads.append(own)
         held["full"] = local
     elif plan.stage == 2:
-        shard_leaves = [layout.shard(p, i, b).detach().requires_grad_(True) for b, p in enumerate(params)]
-        rs = AsyncReduceScatter(plan.mesh, axis)  # each unit's reduce-scatter overlaps the rest of the backward
-        fulls = [unit_grad(s, p.detach(), rs.hook) for s, p in zip(shard_leaves, params, strict=True)]
+        shard_leaves = [layout.shard(p, mine[b], b).detach().requires_grad_(True) for b, p in enumerate(params)]
+        rs = BucketReduceScatters(plan)  # each unit's reduce-scatter overlaps the rest of the backward
+        fulls = [unit_grad(s, p.detach(), functools.partial(rs.hook, b)) for b, (s, p) in enumerate(zip(shard_leaves, params, strict=True))]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(fulls))])
         loss = loss_of(tree)
         del tree, fulls
@@ -211,7 +238,7 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
         got = iter(backward(loss, used))
         g3.end_backward()
         grads = [next(got) if x is not None else torch.zeros_like(params[b]) for b, x in enumerate(leaves)]
-    return tuple(grads), _metrics(plan, loss, grads)
+    return tuple(grads), _metrics(plan, loss, grads, held["mean_over"])
 
 
 class _InOrder:
@@ -225,7 +252,7 @@ class _InOrder:
     rank issues the same reduce-scatters in the same order whatever its graph.
     """
 
-    def __init__(self, rs: AsyncReduceScatter, n: int) -> None:
+    def __init__(self, rs: BucketReduceScatters, n: int) -> None:
         self.rs, self.next = rs, n - 1
         self.grads: dict[int, torch.Tensor] = {}
         self.summed: dict[int, torch.Tensor] = {}
@@ -233,23 +260,25 @@ class _InOrder:
     def ready(self, b: int, g: torch.Tensor) -> torch.Tensor:
         g = self.grads[b] = g.detach().contiguous()  # read by the reduce-scatter until rs.wait(); nothing writes it before
         while self.next in self.grads:
-            self.summed[self.next] = self.rs.hook(self.grads.pop(self.next))
+            self.summed[self.next] = self.rs.hook(self.next, self.grads.pop(self.next))
             self.next -= 1
         return g
 
     def finish(self, local: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         for b in range(self.next, -1, -1):
-            self.summed[b] = self.rs.hook(local[b].detach().contiguous())
+            self.summed[b] = self.rs.hook(b, local[b].detach().contiguous())
         self.next = -1
         return self.summed
 
 
-def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    """``[mean loss, non-finite gradient shards]``: one small all-reduce."""
+def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor], mean_over: tuple[str, ...]) -> torch.Tensor:
+    """``[mean loss, non-finite gradient shards]``: one small all-reduce (none for a loss already invariant)."""
     dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
     value = loss.detach().to(dtype)
     if not plan.check_finite:
-        return torch.stack([pmean(value, plan.axis), torch.zeros((), dtype=dtype)])
+        if mean_over:
+            value = pmean(value, mean_over if len(mean_over) > 1 else mean_over[0])
+        return torch.stack([value, torch.zeros((), dtype=dtype)])
     bad = torch.zeros((), dtype=dtype)
     for g in grads:
         bad = bad + (~torch.isfinite(g)).any().to(dtype)
@@ -264,9 +293,7 @@ def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor]) -> t
 def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[torch.Tensor], held: dict[str, Any], scale: float, gathered_peak: int) -> tuple[ZeroState, MemoryReport, tuple[int, int]]:
     plan = state.plan
     layout = plan.layout
-    i = plan.index
-    n = plan.n
-    divisor = n * scale
+    divisor = math.prod(plan.mesh.shape[a] for a in held.pop("mean_over", (plan.axis,))) * scale
     params = [p.to_local() for p in state.params]
     master_dt = plan.master_dtypes
     to_host = 0
@@ -280,7 +307,7 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
         if state.master is not None:
             p_upd = [m.to_local() for m in state.master]
         else:
-            p_upd = [layout.shard(p, i, b) if plan.stage in (1, 2) else p for b, p in enumerate(params)]
+            p_upd = [layout.shard(p, plan.bucket_index(b), b) if plan.stage in (1, 2) else p for b, p in enumerate(params)]
         opt_local = local_tree(state.opt_state)
         memory = measure(
             params=params,
@@ -308,8 +335,8 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
         new_params = new_compute
     new_state = dataclasses.replace(
         state,
-        params=tuple(plan.wrap(p, plan.param_spec) for p in new_params),
-        master=None if state.master is None else tuple(plan.wrap(m, plan.master_spec) for m in new_master),
+        params=tuple(plan.wrap(p, spec) for p, spec in zip(new_params, plan.param_specs, strict=True)),
+        master=None if state.master is None else tuple(plan.wrap(m, spec) for m, spec in zip(new_master, plan.master_specs, strict=True)),
         opt_state=wrap_opt_state(plan, new_opt),
     )
     return new_state, memory, (to_host, to_dev)

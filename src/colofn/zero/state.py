@@ -13,7 +13,10 @@ stage      params (compute)      master weights         optimizer state
 =========  ====================  =====================  =====================
 
 ``P(m)`` leaves are replicated over ``dp``; each rank's block is the flattened
-(padded) concatenation of its blocks of the unit's leaves. Master weights
+(padded) concatenation of its blocks of the unit's leaves. With several data
+axes (``axis=("dp", "ep")``), ``dp`` stands for each bucket's own group (the
+data axes its leaves are not split over) and ``m`` for every other mesh axis:
+an expert bucket over ``dp`` alone is ``P(("ep", ...))`` when full. Master weights
 exist with mixed precision or offload; otherwise the params are the master
 and the optimizer reads its shard of them. Gradients are never stored: they
 live within a step (full in stages 0-1, sharded in 2-3).
@@ -66,6 +69,7 @@ class ZeroPlan:
     is_dtensor: tuple[bool, ...]
     prefetch: bool = True
     order: list[int] = dataclasses.field(default_factory=list)  # stage 3: last step's sequence of unit reads (a prefetch hint)
+    axes: tuple[str, ...] = ()  # every data axis, in mesh order (empty: just ``axis``)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -77,11 +81,45 @@ class ZeroPlan:
         return self.mesh.axis_index(self.axis)
 
     @property
+    def data_axes(self) -> tuple[str, ...]:
+        """The axes the params are replicated over and the ranks see different data along, in mesh order."""
+        return self.axes or (self.axis,)
+
+    @property
     def model_axes(self) -> tuple[str, ...]:
-        return tuple(a for a in self.mesh.axis_names if a != self.axis)
+        return tuple(a for a in self.mesh.axis_names if a not in self.data_axes)
+
+    # ---------------------------------------------------------------- per bucket
+    def bucket_axes(self, b: int) -> tuple[str, ...]:
+        """The data axes bucket ``b``'s gradient is summed over (and, in stages 1-3, it is sharded over)."""
+        return self.layout.buckets[b].axes or (self.axis,)
+
+    def bucket_index(self, b: int) -> int:
+        """This rank's shard of bucket ``b``: its index along the bucket's axes (first axis major)."""
+        i = 0
+        for a in self.layout.buckets[b].axes or (self.axis,):
+            i = i * self.mesh.shape[a] + self.mesh.axis_index(a)
+        return i
+
+    def bucket_full_spec(self, b: int) -> PartitionSpec:
+        """A full bucket's spec: split over every axis but those it is replicated (and sharded) over."""
+        axes = self.bucket_axes(b)
+        rest = tuple(a for a in self.mesh.axis_names if a not in axes)
+        return P(rest) if rest else P()
+
+    @property
+    def param_specs(self) -> tuple[PartitionSpec, ...]:
+        """The spec of each params bucket (shards in stage 3, full buffers otherwise)."""
+        return tuple(self.shard_spec if self.stage == 3 else self.bucket_full_spec(b) for b in range(len(self.layout.buckets)))
+
+    @property
+    def master_specs(self) -> tuple[PartitionSpec, ...]:
+        """The spec of each master (and optimizer-state) bucket."""
+        return tuple(self.shard_spec if self.stage >= 1 else self.bucket_full_spec(b) for b in range(len(self.layout.buckets)))
 
     @property
     def full_spec(self) -> PartitionSpec:
+        """A full bucket's spec when every bucket is over all the data axes (else see :meth:`bucket_full_spec`)."""
         m = self.model_axes
         return P(m) if m else P()
 
@@ -91,10 +129,12 @@ class ZeroPlan:
 
     @property
     def param_spec(self) -> PartitionSpec:
+        """One group of data axes only (as :attr:`full_spec`); :attr:`param_specs` holds every bucket's."""
         return self.shard_spec if self.stage == 3 else self.full_spec
 
     @property
     def master_spec(self) -> PartitionSpec:
+        """One group of data axes only (as :attr:`full_spec`); :attr:`master_specs` holds every bucket's."""
         return self.shard_spec if self.stage >= 1 else self.full_spec
 
     @property
@@ -139,17 +179,27 @@ class ZeroPlan:
         return self.wrap(local.to(self.compute_device), spec)
 
     def gather_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        """All-gather 1-D shards over the data axis (tiled): this rank's full buckets."""
-        if self.n == 1:
+        """All-gather 1-D shards over their buckets' data axes (tiled): this rank's full buckets.
+
+        ``shards`` holds one shard per bucket, or several such runs back to back
+        (the optimizer state's buffers): entry ``k`` is of bucket ``k % buckets``.
+        """
+        nb = len(self.layout.buckets)
+        groups = [self.bucket_axes(k % nb) for k in range(len(shards))]
+        sizes = [self.layout.buckets[k % nb].n for k in range(len(shards))]
+        if all(n == 1 for n in sizes):
             return list(shards)
-        axis = self.axis
+
+        def body(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(all_gather(x, g, tiled=True, to="invariant") if n > 1 else x for x, g, n in zip(xs, groups, sizes, strict=True))
+
         fn = shard_map(
-            lambda xs: all_gather(xs, axis, tiled=True, to="invariant"),
+            body,
             mesh=self.mesh,
-            in_specs=(self.shard_spec,),
-            out_specs=self.full_spec,
+            in_specs=(tuple(self.shard_spec for _ in shards),),
+            out_specs=tuple(self.bucket_full_spec(k % nb) if n > 1 else self.shard_spec for k, n in enumerate(sizes)),
         )
-        out = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))
+        out: Any = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))  # DTensors
         return [o.to_local() for o in out]
 
 
@@ -187,7 +237,7 @@ def init(
     optimizer: GradientTransformation,
     mesh: Mesh | None = None,
     *,
-    axis: str = "dp",
+    axis: str | tuple[str, ...] = "dp",
     stage: int,
     offload: bool = False,
     precision: MixedPrecision | torch.dtype | None = None,
@@ -217,7 +267,15 @@ def init(
       optimizer: a per-coordinate ``colofn.optim`` transformation (sgd, adam,
         adamw, chains of them).
       mesh: the mesh (default: the ambient one).
-      axis: the data-parallel axis; the batch is split over it on dim 0.
+      axis: the data-parallel axis; the batch is split over it on dim 0. Or a
+        tuple of data axes, the data-parallel one first: every axis the params
+        are replicated over and the ranks see different tokens along, such as
+        ``("dp", "sp")`` (sequence parallelism: Ulysses, ring) or ``("dp", "ep")``
+        (expert parallelism). Each rank's params are then its own copy along all
+        of them; each leaf's gradient is summed, and its state sharded, over
+        those of them its own spec does not split (an expert weight split over
+        ``ep`` over ``dp`` alone; the dense ones over ``dp`` and ``ep``). See
+        :func:`~colofn.zero.train_step` for the loss such axes need.
       stage: 0 (plain DP), 1 (shard optimizer state), 2 (+ gradients), 3 (+ params).
       offload: keep master weights and optimizer state on the CPU and run the update there.
       precision: ``None`` (compute in the params' dtype), a dtype such as
@@ -241,7 +299,8 @@ def init(
     Raises:
       ConfigError: a bad stage (the options are listed), offload or precision,
         or an optimizer that is not per-coordinate where it must be.
-      SpecError: ``axis`` is not a mesh axis; a DTensor param split over ``axis``.
+      SpecError: ``axis`` is not a mesh axis (or names one twice); a DTensor
+        param split over the data-parallel axis (the first).
       TreeTypeError / DTypeError: a params leaf is not a floating tensor.
       TreeError: ``opt_state`` does not match this optimizer's state for
         ``params`` (every differing path, shape or placement is named).
@@ -250,13 +309,14 @@ def init(
 
     stage = _checks.check_stage(stage)
     mesh = _checks.check_mesh(mesh)
-    axis = _checks.check_axis(mesh, axis)
+    given = _checks.check_axes(mesh, axis)
+    axis, data_axes = given[0], tuple(a for a in mesh.axis_names if a in given)
     _checks.check_optimizer("zero.init", optimizer)
     offload = _checks.check_offload(offload)
     prec = as_precision(precision)
     _checks.check_params(params, mesh, axis)
     step, restored_scale, good_steps, skipped = check_counters(step, loss_scale, good_steps, skipped)
-    model_size = math.prod(s for a, s in mesh.shape.items() if a != axis)
+    model_size = math.prod(s for a, s in mesh.shape.items() if a not in data_axes)
     if stage >= 1 or model_size > 1:
         why = f"stage {stage} shards the optimizer over {axis!r}" if stage >= 1 else "the params are split over model axes"
         _checks.check_elementwise(optimizer, why)
@@ -265,7 +325,13 @@ def init(
     _, _, parts = split_units(params)
     leaves = [x for _, sub in parts for x in jt.leaves(sub)]
     specs = [sharding_of(x, mesh).spec if isinstance(x, DTensor) else P() for x in leaves]
-    layout = FlatLayout.build(params, n if stage >= 1 else 1, specs)
+    groups = None
+    if len(data_axes) > 1:  # each leaf over the data axes its spec does not split
+        groups = []
+        for spec in specs:
+            g = tuple(a for a in data_axes if a not in spec.axes)
+            groups.append((g, math.prod(mesh.shape[a] for a in g) if stage >= 1 else 1))
+    layout = FlatLayout.build(params, n if stage >= 1 else 1, specs, groups)
     compute_device = mesh.device
     state_device = HOST if offload else compute_device
     plan = ZeroPlan(
@@ -281,33 +347,34 @@ def init(
         is_dtensor=tuple(isinstance(x, DTensor) for x in leaves),
         prefetch=bool(prefetch),
         order=list(range(len(layout.units))),
+        axes=data_axes if len(data_axes) > 1 else (),
     )
     with torch.no_grad():
         flats = layout.flatten([x.to(compute_device) for x in layout.local_leaves(params)])
-        i = plan.index
+        mine = [plan.bucket_index(b) for b in range(len(flats))]
         compute = plan.compute_dtypes
         master_dt = plan.master_dtypes
         if stage == 3:
-            p_local = [layout.shard(f, i, b).to(compute[b]).clone() for b, f in enumerate(flats)]
+            p_local = [layout.shard(f, mine[b], b).to(compute[b]).clone() for b, f in enumerate(flats)]
         else:
             p_local = [f.to(compute[b]) for b, f in enumerate(flats)]
         opt_params: list[torch.Tensor]
         m_local: list[torch.Tensor] | None
         if plan.has_master:
-            src = [layout.shard(f, i, b) if stage >= 1 else f for b, f in enumerate(flats)]
+            src = [layout.shard(f, mine[b], b) if stage >= 1 else f for b, f in enumerate(flats)]
             opt_params = [to_device(s, state_device, master_dt[b], copy=True) for b, s in enumerate(src)]
             m_local = opt_params
         else:
             m_local = None
-            opt_params = [layout.shard(p, i, b) if stage in (1, 2) else p for b, p in enumerate(p_local)]
+            opt_params = [layout.shard(p, mine[b], b) if stage in (1, 2) else p for b, p in enumerate(p_local)]
         fresh = optimizer.init(tuple(opt_params))
         local_opt = fresh if opt_state is None else shard_opt_state(plan, fresh, opt_state)
     scale = prec.initial_scale if prec is not None else 1.0
     if restored_scale is not None and prec is not None and isinstance(prec.loss_scale, DynamicLossScale):
         scale = restored_scale
     return ZeroState(
-        params=tuple(plan.wrap(p, plan.param_spec) for p in p_local),
-        master=None if m_local is None else tuple(plan.wrap(m, plan.master_spec) for m in m_local),
+        params=tuple(plan.wrap(p, spec) for p, spec in zip(p_local, plan.param_specs, strict=True)),
+        master=None if m_local is None else tuple(plan.wrap(m, spec) for m, spec in zip(m_local, plan.master_specs, strict=True)),
         opt_state=wrap_opt_state(plan, local_opt),
         step=torch.tensor(step, dtype=torch.int64),
         skipped=torch.tensor(skipped, dtype=torch.int64),
@@ -325,7 +392,14 @@ def _shard_lengths(plan: ZeroPlan) -> set[int]:
 def wrap_opt_state(plan: ZeroPlan, opt_state: Any) -> Any:
     """Per-parameter optimizer buffers as DTensors laid out like the master; 0-d scalars as they are."""
     lengths = _shard_lengths(plan)
+    specs = plan.master_specs
     bad = []
+
+    def spec_of(path: Any) -> PartitionSpec:
+        if len(set(specs)) == 1:
+            return specs[0]
+        # Buckets differ (expert and dense ones): a per-parameter buffer is a tuple, one entry per bucket.
+        return specs[path[-1].entry]
 
     def one(path: Any, x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or x.ndim == 0:
@@ -333,7 +407,7 @@ def wrap_opt_state(plan: ZeroPlan, opt_state: Any) -> Any:
         if isinstance(x, DTensor):
             return x
         if x.ndim == 1 and x.numel() in lengths:
-            return plan.wrap(x, plan.master_spec)
+            return plan.wrap(x, spec_of(path))
         bad.append(f"opt_state{jt.keystr(path)}: shape {tuple(x.shape)}")
         return x
 
