@@ -256,3 +256,55 @@ def test_cli_says_why_nothing_fits(capsys):
     out = capsys.readouterr().out
     assert "0 compositions fit" in out and "Best:" not in out
     assert "refused: pp=2,tp=4 sp=megatron 1f1b m=8 rc=full: needs 129.9 GiB per device (128.5 model states" in out
+
+
+# --------------------------------------------------------------------- colofn train --plan
+
+
+def test_train_plan_auto_runs_the_planners_choice_and_says_why(tmp_path, capsys):
+    from colofn.cli import main
+
+    assert main(["train", "--preset", "tiny", "--mesh", "dp=2,tp=2", "--plan", "auto", "--steps", "2", "--check",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "--plan auto: planned tiny on 4 devices (the size of --mesh) of cluster cpu-local, global batch 8:" in out
+    assert "Best: dp=4." in out and "Running --mesh dp=4." in out
+    assert "on Mesh(dp=4)" in out and "OK: parallel training equals single-device training" in out
+
+
+def test_train_plan_file_runs_the_composition_it_names(tmp_path, capsys):
+    from colofn.cli import main
+    from colofn.plan import plan_json, read_plan
+
+    f = tmp_path / "plan.json"
+    assert main(["plan", "--model", "tiny", "--devices", "4", "--recompute", "none", "--top", "1",
+                 "--out", str(f)]) == 0
+    c, context = read_plan(f.read_text())
+    assert (str(c), context["model"], context["devices"], context["global_batch"]) == ("dp=4", "tiny", 4, 4)
+    assert context["predicted"]["model_states_bytes"] > 0
+    f.write_text(plan_json(Candidate((("pp", 2), ("tp", 2)), sp="megatron", schedule="gpipe", microbatches=2),
+                           model="tiny"))
+    assert main(["train", "--preset", "tiny", "--plan", str(f), "--steps", "2", "--check", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Running --mesh pp=2,tp=2 --sp megatron --schedule gpipe --microbatches 2." in out
+    assert "on Mesh(pp=2, tp=2)" in out and "OK: parallel training equals single-device training" in out
+
+
+def test_train_plan_refuses_bad_files_with_every_reason(tmp_path, capsys):
+    from colofn.cli import main
+
+    f = tmp_path / "plan.json"
+    f.write_text('{"model": "small", "mesh": {"dp": 2}, "recompute": "full"}')
+    assert main(["train", "--preset", "tiny", "--plan", str(f), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--plan {f} cannot run:" in err
+    assert "planned for model 'small', not --preset 'tiny': pass --preset small" in err
+    assert "recompute='full': colofn train does not recompute activations" in err
+    f.write_text('{"mesh": {"dp": 3}, "zero": 1}')  # read, then validated as any flags are
+    assert main(["train", "--preset", "tiny", "--plan", str(f), "--batch-size", "8", "--out", str(tmp_path)]) == 2
+    assert "colofn train: error: the run cannot start:" in capsys.readouterr().err
+    f.write_text('[1, 2]')
+    assert main(["train", "--plan", str(f), "--out", str(tmp_path)]) == 2
+    assert "is not a plan: a JSON object with a 'mesh' field is, not list" in capsys.readouterr().err
+    assert main(["train", "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    assert "is neither 'auto' nor a readable plan file" in capsys.readouterr().err
