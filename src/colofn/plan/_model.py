@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from typing import Literal
 
 from colofn.errors import ConfigError
 
@@ -36,6 +37,12 @@ class ModelShape:
         norm_params: parameters of one norm (``2 * d_model`` LayerNorm, ``d_model`` RMSNorm).
         learned_pos: a ``seq_len x d_model`` position table (GPT-2), else rotary.
         tie_embeddings: the head is the token embedding.
+        activation_layout: what a layer keeps for the backward: ``"korthikanti"``
+            (Megatron-LM as Korthikanti et al. 2022 count it: dropout masks, the
+            softmax materialized, sequence-parallel matmul inputs kept sharded) or
+            ``"colofn"`` (colofn's GPT without dropout: SDPA keeps only its
+            log-sum-exp, gathered matmul inputs kept whole; see
+            :func:`~colofn.plan.colofn_activation_bytes_per_layer`).
         source: where the sizes come from.
     """
 
@@ -51,6 +58,7 @@ class ModelShape:
     norm_params: int | None = None
     learned_pos: bool = False
     tie_embeddings: bool = True
+    activation_layout: Literal["korthikanti", "colofn"] = "korthikanti"
     source: str = ""
 
     @property
@@ -113,6 +121,7 @@ def from_gpt(config: object, name: str = "gpt") -> ModelShape:
         vocab_size=c.vocab_size, seq_len=c.seq_len,  # type: ignore[attr-defined]
         norm_params=(2 if c.norm == "layernorm" else 1) * c.d_model,  # type: ignore[attr-defined]
         learned_pos=c.pos == "learned", tie_embeddings=c.tie_embeddings,  # type: ignore[attr-defined]
+        activation_layout="colofn" if not c.dropout else "korthikanti",  # type: ignore[attr-defined]
         source="colofn.models.gpt.PRESETS",
     )
 

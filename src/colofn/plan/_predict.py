@@ -29,7 +29,13 @@ from functools import cache
 from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import Cluster
 from colofn.plan._comm import Collective, microbatch_rows, step_collectives
-from colofn.plan._memory import MIXED_ADAM, Precision, activation_bytes_per_layer, model_state_bytes
+from colofn.plan._memory import (
+    MIXED_ADAM,
+    Precision,
+    activation_bytes_per_layer,
+    colofn_activation_bytes_per_layer,
+    model_state_bytes,
+)
 from colofn.plan._model import ModelShape
 
 __all__ = ["Prediction", "link", "pipeline_shape", "predict"]
@@ -96,11 +102,21 @@ def link(c: Candidate, axis: str, cl: Cluster) -> str:
 
 
 def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
-    b, t = microbatch_rows(c, global_batch), c.size("tp")
-    layer = activation_bytes_per_layer(s=m.seq_len, b=b, h=m.d_model, a=m.n_heads, t=t,
-                                       sp=c.sp == "megatron", recompute=c.recompute, element=pr.activation)
+    b, t, s, h = microbatch_rows(c, global_batch), c.size("tp"), m.seq_len, m.d_model
+    sp = c.sp == "megatron"
+    if m.activation_layout == "colofn" and c.recompute != "full":
+        # Selective recompute saves nothing here: colofn's attention core keeps no s x s matrix.
+        layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
+                                                  element=pr.activation)
+        # The last stage: the final norm's input, statistics and (whole) output; the fp32
+        # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
+        split = t if sp else 1
+        last = pr.activation * ((s * b * h + 2 * s * b) / split + s * b * h) + (2 if t > 1 else 1) * b * s * m.vocab_size * 4 / t
+        return layer * (m.n_layers // c.size("pp")) * in_flight + last + 8 * b * s
+    layer = activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, t=t, sp=sp, recompute=c.recompute,
+                                       element=pr.activation)
     # The logits (fp32, vocabulary-parallel) of the last stage: not in Korthikanti's per-layer formula.
-    logits = b * m.seq_len * m.vocab_size * 4 / t
+    logits = b * s * m.vocab_size * 4 / t
     return layer * (m.n_layers // c.size("pp")) * in_flight + logits
 
 
