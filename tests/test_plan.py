@@ -127,13 +127,35 @@ def test_korthikanti_formulas_reduce_to_each_other():
 
 def test_model_states_are_the_zero_papers_figure():
     # Rajbhandari et al. 2020, Figure 1: a 7.5B model on 64 GPUs, K = 12: 120, 31.4, 16.6 and 1.9 GB (one decimal).
-    from colofn.plan import Candidate, ModelShape, model_state_bytes
-
     # Every ZeRO unit divides by 64 (no padding), so the bytes scale with the parameter count.
-    m = ModelShape("7.5b", n_layers=32, d_model=4096, n_heads=32, d_ff=16384, vocab_size=51200, seq_len=2048)
-    per = 7.5e9 / m.params
-    got = [model_state_bytes(m, Candidate((("dp", 64),), zero=z)) * per / 1e9 for z in (None, 1, 2, 3)]
-    assert all(abs(g - paper) <= 0.05 for g, paper in zip(got, [120, 31.4, 16.6, 1.9], strict=True)), got
+    from colofn.plan.published import zero_figure1
+
+    got = zero_figure1()
+    assert [name for name, _, _ in got] == ["baseline", "P_os", "P_os+g", "P_os+g+p"]
+    assert all(abs(pred - paper) <= 0.05 for _, pred, paper in got), got
+
+
+def test_korthikanti_table_and_their_selective_recompute_savings():
+    from colofn.plan import published
+
+    rows = {r.config.name: r for r in published.korthikanti_table()}
+    gpt3 = rows["175B (GPT-3)"]  # s = 2048, b = 1, h = 12288, a = 96, t = 8
+    assert gpt3.none == 2048 * 12288 * (34 + 80) / 2**20 == 2736
+    assert (gpt3.tp, gpt3.tp_sp, gpt3.tp_selective, gpt3.tp_sp_selective, gpt3.full) == (552, 342, 312, 102, 48)
+    assert [(s.attention_term, round(100 * s.saved)) for s in published.korthikanti_selective_savings()] == [
+        (80.0, 70), (64.0, 65)]  # section 5: "70%" for GPT-3, "65%" for MT-NLG
+
+
+def test_predicted_mfu_against_megatron_lm_table_1():
+    # Narayanan et al. 2021, Table 1, the first seven rows (the last three take seconds to simulate):
+    # one efficiency (0.5, not fitted) predicts every row within 6 percentage points.
+    from colofn.plan import published
+
+    rows = published.NARAYANAN_2021_TABLE1[:7]
+    got = [published.megatron_mfu(r) for r in rows]
+    assert [round(m.params / 1e9, 1) for m, _, _ in got] == [1.7, 3.6, 7.5, 18.4, 39.1, 76.0, 145.6]  # their sizes
+    assert [round(p, 1) for _, _, p in got] == [49.1, 48.2, 46.9, 45.5, 45.4, 44.6, 44.2]
+    assert max(abs(p - r.peak_percent) for (_, _, p), r in zip(got, rows, strict=True)) < 6
 
 
 def test_search_ranks_what_fits_and_refuses_the_rest_with_the_reason():

@@ -83,13 +83,14 @@ def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
     return norms, m.pos_params if stage == 0 else 0
 
 
-def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = False) -> list[Collective]:
     n = c.size("dp")
     if n == 1:
         return []
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
-    calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
+    # With pp colofn reduces every microbatch's gradients; Megatron-LM once per step.
+    calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
         # summed whole over tp (in _tp) and whole over dp (varied before it is sliced).
@@ -165,12 +166,16 @@ def microbatch_rows(c: Candidate, global_batch: int) -> int:
 
 
 def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
-                     precision: Precision = MIXED_ADAM, stage: int = 0) -> list[Collective]:
-    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside)."""
+                     precision: Precision = MIXED_ADAM, stage: int = 0, dp_per_step: bool = False) -> list[Collective]:
+    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside).
+
+    ``dp_per_step``: with a pipeline, reduce the gradients over dp once per step
+    (as Megatron-LM does) rather than once per microbatch (as colofn does today).
+    """
     b = microbatch_rows(c, global_batch)
     out = []
     if c.size("dp") > 1 and stage == c.size("pp") - 1:
         scalars = 1 if c.zero is not None else 2
         calls = c.microbatches if c.size("pp") > 1 else 1
         out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", calls, 4 * scalars))
-    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage)
+    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step)
