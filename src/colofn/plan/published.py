@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from colofn.plan._candidate import Candidate
+from colofn.plan._candidate import Candidate, Recompute
 from colofn.plan._cluster import cluster
 from colofn.plan._memory import activation_bytes_per_layer, model_state_bytes
 from colofn.plan._model import ModelShape
@@ -77,15 +77,13 @@ def korthikanti_table() -> list[KorthikantiRow]:
     """
     out = []
     for c in KORTHIKANTI_2022_TABLE3:
-        kw = {"s": c.seq, "b": c.micro_batch, "h": c.hidden, "a": c.heads}
+        def mib(t: int = 1, sp: bool = False, recompute: Recompute = "none", c: KorthikantiConfig = c) -> float:
+            return activation_bytes_per_layer(s=c.seq, b=c.micro_batch, h=c.hidden, a=c.heads, t=t, sp=sp,
+                                              recompute=recompute) / MIB
+
         t = c.tp
-        out.append(KorthikantiRow(
-            c, none=activation_bytes_per_layer(**kw) / MIB,
-            tp=activation_bytes_per_layer(**kw, t=t) / MIB,
-            tp_sp=activation_bytes_per_layer(**kw, t=t, sp=True) / MIB,
-            tp_selective=activation_bytes_per_layer(**kw, t=t, recompute="selective") / MIB,
-            tp_sp_selective=activation_bytes_per_layer(**kw, t=t, sp=True, recompute="selective") / MIB,
-            full=activation_bytes_per_layer(**kw, t=t, recompute="full") / MIB))
+        out.append(KorthikantiRow(c, none=mib(), tp=mib(t), tp_sp=mib(t, True), tp_selective=mib(t, False, "selective"),
+                                  tp_sp_selective=mib(t, True, "selective"), full=mib(t, False, "full")))
     return out
 
 
@@ -183,8 +181,8 @@ def megatron_mfu(row: MegatronRow, efficiency: float = 0.5) -> tuple[ModelShape,
     c = Candidate(mesh, microbatches=row.batch // dp if row.pp > 1 else 1, recompute="full")
     cl = cluster("a100-80g", row.gpus)
     p = predict(m, c, cl, global_batch=row.batch, efficiency=efficiency, dp_per_step=True)
-    s, h, l, v = m.seq_len, m.d_model, m.n_layers, m.vocab_size
-    flops = 96 * row.batch * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))  # their equation 3
+    s, h, layers, v = m.seq_len, m.d_model, m.n_layers, m.vocab_size
+    flops = 96 * row.batch * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))  # their equation 3
     return m, c, 100 * flops / (p.step_s * row.gpus * cl.peak_flops)
 
 
