@@ -14,7 +14,8 @@ from colofn.parallel import Plan, make_value_and_grad, shard_params
 from colofn.plan import FP32_ADAM, Candidate, from_gpt, step_collectives
 
 MESHES = [((("dp", 2),), "none"), ((("tp", 2),), "none"), ((("tp", 2),), "megatron"),
-          ((("dp", 2), ("tp", 2)), "none"), ((("dp", 2), ("tp", 2)), "megatron"), ((("dp", 4),), "none")]
+          ((("dp", 2), ("tp", 2)), "none"), ((("dp", 2), ("tp", 2)), "megatron"), ((("dp", 4),), "none"),
+          ((("sp", 2),), "ulysses"), ((("dp", 2), ("sp", 2)), "ulysses")]
 
 
 @st.composite
@@ -32,7 +33,8 @@ def cases(draw):
 def _program(cfg, mesh_pairs, sp, b):
     shape = dict(mesh_pairs)
     mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    plan = Plan(dp="dp" if "dp" in shape else None, tp="tp" if "tp" in shape else None, sp=sp)
+    plan = Plan(dp="dp" if "dp" in shape else None, tp="tp" if "tp" in shape else None, sp=sp,
+                sp_axis="sp" if "sp" in shape else None)
     params = shard_params(gpt.init(random.key(0), cfg), cfg, plan, mesh)
     t = random.randint(random.key(1), (b, cfg.seq_len + 1), 0, cfg.vocab_size)
     with colofn.comm_trace() as records:

@@ -27,6 +27,10 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   ``b*s*h``; the gradients of the replicated parameters (norms, position
   table) are all-reduced over tp in the backward (with dp, the norms' over
   dp and tp at once, axis ``"dp+tp"``).
+* sp with Ulysses (Jacobs et al. 2023): per layer, one all-to-all of the
+  stacked queries, keys and values (``3 b s h / sp``) and one of the attention
+  output (``b s h / sp``), and their transposes in the backward; the loss and
+  the gradients are all-reduced over dp and sp at once (``"dp+sp"``).
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
   gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
   metadata messages are not counted. With pp, dp all-reduces the gradients
@@ -83,8 +87,14 @@ def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
     return norms, m.pos_params if stage == 0 else 0
 
 
+def tokens_axis(c: Candidate) -> tuple[str, int]:
+    """The axes the tokens are split over (``"dp"``, ``"sp"`` or ``"dp+sp"``) and their size."""
+    axes = [a for a in ("dp", "sp") if c.size(a) > 1] or ["dp"]
+    return "+".join(axes), c.size("dp") * c.size("sp")
+
+
 def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = False) -> list[Collective]:
-    n = c.size("dp")
+    axis, n = tokens_axis(c)
     if n == 1:
         return []
     p = device_params(m, c, stage)
@@ -98,8 +108,8 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
-    if c.zero is None:  # plain dp: all-reduced inside the backward
-        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, grads)]
+    if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
+        return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
     if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
         p = zero_params(m, c)
         grads, params = p * pr.comm_grad, p * pr.param
@@ -159,6 +169,15 @@ def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
     return out
 
 
+def _ulysses(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    n = c.size("sp")
+    if n == 1:
+        return []
+    act = b * m.seq_len // n * m.d_model * pr.activation
+    return [Collective(what, "all_to_all", "sp", n, phase, m.n_layers, k * act)  # type: ignore[arg-type]
+            for phase in ("forward", "backward") for what, k in (("q,k,v", 3), ("attention out", 1))]
+
+
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
     """Rows of one microbatch on one dp rank."""
     mb = c.microbatches if c.size("pp") > 1 else 1
@@ -174,8 +193,10 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
     """
     b = microbatch_rows(c, global_batch)
     out = []
-    if c.size("dp") > 1 and stage == c.size("pp") - 1:
+    axis, n = tokens_axis(c)
+    if n > 1 and stage == c.size("pp") - 1:
         scalars = 1 if c.zero is not None else 2
         calls = c.microbatches if c.size("pp") > 1 else 1
-        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", calls, 4 * scalars))
-    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step)
+        out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
+    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + _pp(m, c, precision, b, stage)
+            + _dp(m, c, precision, stage, dp_per_step))

@@ -71,7 +71,7 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
     ...
     colofn.errors.ConfigError: p.json is not a plan colofn can read:
       * unknown fields ['colour']; the fields are mesh, sp, zero, schedule, microbatches, recompute, model, devices, global_batch, cluster, predicted
-      * mesh: axis 'xp' is not one of pp, dp, tp
+      * mesh: axis 'xp' is not one of pp, dp, sp, tp
       * mesh: axis 'xp' has size 0; sizes are ints >= 1
       * zero='1' is not null or an int
     Fix: write it with colofn plan --out FILE, or follow the format in docs/plan.md

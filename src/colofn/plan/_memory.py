@@ -110,7 +110,7 @@ def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_
                                            states=p * precision.states, n=c.size("dp"))
 
 
-def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+def activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, t: int = 1, sp: bool = False,
                                recompute: Recompute = "none", element: int = 2) -> float:
     """Korthikanti et al. 2022's activation bytes of one transformer layer (table above).
 
@@ -125,7 +125,7 @@ def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, t: int = 1, sp
     return scale * s * b * h * (10 + 24 / t + attn / t)
 
 
-def colofn_activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, d_ff: int, t: int = 1, sp: bool = False,
+def colofn_activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, d_ff: int, t: int = 1, sp: bool = False,
                                       element: int = 4) -> float:
     """What one block of colofn's GPT (LayerNorm, no dropout) keeps for the backward, in bytes.
 

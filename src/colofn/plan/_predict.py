@@ -17,7 +17,7 @@ Step time is ``compute / (1 - bubble) + exposed communication``:
 >>> from colofn.plan import Candidate, cluster, model
 >>> p = predict(model("gpt2-124m"), Candidate((("dp", 8),)), cluster("cpu-local"), global_batch=8)
 >>> p.fits, round(p.memory / 2**30, 2)
-(True, 3.05)
+(True, 2.33)
 """
 
 from __future__ import annotations
@@ -102,12 +102,16 @@ def link(c: Candidate, axis: str, cl: Cluster) -> str:
 
 
 def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
-    b, t, s, h = microbatch_rows(c, global_batch), c.size("tp"), m.seq_len, m.d_model
+    # Ulysses: each rank keeps s/sp tokens, and whole sequences of a/sp heads inside attention,
+    # which is the same bytes as s x b/sp.
+    b, t, s, h = microbatch_rows(c, global_batch) / c.size("sp"), c.size("tp"), m.seq_len, m.d_model
     sp = c.sp == "megatron"
     if m.activation_layout == "colofn" and c.recompute != "full":
         # Selective recompute saves nothing here: colofn's attention core keeps no s x s matrix.
         layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
                                                   element=pr.activation)
+        if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
+            layer += pr.activation * s * b * h
         # The last stage: the final norm's input, statistics and (whole) output; the fp32
         # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
         split = t if sp else 1

@@ -3,7 +3,8 @@
 Legal means what ``colofn train`` accepts (``docs/train.md``): ``pp x dp x tp``
 equal to the device count; ``tp`` divides the heads and stays inside a node;
 ``pp`` divides the layers; the batch splits over dp and the microbatches;
-ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp.
+ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp;
+Ulysses over an ``sp`` axis inside a node, with dp only.
 
 >>> from colofn.plan import cluster, model
 >>> ranked, refused = search(model("gpt2-124m"), cluster("cpu-local"), devices=8, global_batch=8)
@@ -46,6 +47,14 @@ def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
             pipes = [(s, k * pp) for s in SCHEDULES for k in (1, 2, 4) if global_batch % (dp * k * pp) == 0] if pp > 1 else [("1f1b", 1)]
             for sp, zero, (sched, mb), rc in itertools.product(sps, zeros, pipes, recompute):
                 yield Candidate(mesh, sp=sp, zero=zero, schedule=sched, microbatches=mb, recompute=rc)  # type: ignore[arg-type]
+    # Ulysses over an sp axis (innermost), with dp only.
+    for u in _divisors(devices)[1:]:
+        dp = devices // u
+        if m.n_heads % u or m.seq_len % u or u > cl.devices_per_node or global_batch % dp:
+            continue
+        mesh = (("dp", dp), ("sp", u)) if dp > 1 else (("sp", u),)
+        for rc in recompute:
+            yield Candidate(mesh, sp="ulysses", recompute=rc)
 
 
 def search(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int, efficiency: float = 0.5,
