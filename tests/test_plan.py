@@ -252,11 +252,11 @@ def test_predict_names_every_reason_a_candidate_cannot_run():
     from colofn.plan import cluster, model, predict
 
     with pytest.raises(ConfigError) as e:
-        predict(model("llama-7b"), Candidate((("pp", 3), ("ep", 2)), sp="megatron", zero=1, recompute="some"),
+        predict(model("llama-7b"), Candidate((("pp", 3), ("cp", 2)), sp="megatron", zero=1, recompute="some"),
                 cluster("a100-80g", 6), global_batch=8)
     msg = str(e.value)
-    assert msg.startswith("Candidate pp=3,ep=2 sp=megatron zero1 1f1b m=1 rc=some cannot run llama-7b (global batch 8):")
-    for reason in ("axis 'ep' is not modelled; the planner knows pp, dp, sp, tp",
+    assert msg.startswith("Candidate pp=3,cp=2 sp=megatron zero1 1f1b m=1 rc=some cannot run llama-7b (global batch 8):")
+    for reason in ("axis 'cp' is not modelled; the planner knows pp, dp, sp, tp, ep",
                    "sp='megatron' splits the sequence over tp: add a tp axis",
                    "recompute='some' is not one of ('none', 'selective', 'full')",
                    "ZeRO with a pipeline is not something colofn runs",
@@ -385,3 +385,49 @@ def test_ulysses_bytes_per_collective_equal_comm_trace(mesh):
     got = colofn.launch(_ulysses_program, mesh, 4, world_size=n)
     want = _predicted(Candidate(_mesh(mesh), sp="ulysses"), 4)
     assert all(g == want for g in got), (got[0], want)
+
+
+# --------------------------------------------------------------------- mixture of experts over ep
+
+
+MOE_CFG = gpt.config("tiny", tie_embeddings=False, n_experts=4)  # what `colofn train --experts 4` builds
+
+
+def _moe_program(mesh_text, b):
+    shape = parse_mesh(mesh_text)
+    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
+    plan = Plan(dp="dp" if "dp" in shape else None, ep="ep" if "ep" in shape else None)
+    params = shard_params(gpt.init(random.key(0), MOE_CFG), MOE_CFG, plan, mesh)
+    t = random.randint(random.key(1), (b, MOE_CFG.seq_len + 1), 0, MOE_CFG.vocab_size)
+    with colofn.comm_trace() as records:
+        make_value_and_grad(MOE_CFG, plan, mesh)(params, {"tokens": t[:, :-1], "targets": t[:, 1:]})
+    # The all-to-alls' rows per destination ([ep, room, d] buffers) depend on the routing: read them back.
+    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward")[::2]
+    return _traced(records), rooms
+
+
+@pytest.mark.parametrize("mesh", ["ep=2", "dp=2,ep=2", "ep=4", "dp=2"])
+def test_moe_bytes_per_collective_equal_comm_trace(mesh):
+    n = 1
+    for v in parse_mesh(mesh).values():
+        n *= v
+    for got, rooms in colofn.launch(_moe_program, mesh, 8, world_size=n):
+        cand = Candidate(_mesh(mesh))
+        want: Counter = Counter()
+        for c in step_collectives(from_gpt(MOE_CFG), cand, global_batch=8, precision=FP32_ADAM,
+                                  ep_rooms=rooms or None):
+            want[(c.op, c.axis, c.phase)] += c.bytes_sent
+        assert got == want, (got, want)
+    if "ep" in mesh:  # the planner's own guess: every rank sends b s k / ep rows to each other
+        from colofn.plan._comm import balanced_room
+
+        assert all(room >= balanced_room(from_gpt(MOE_CFG), cand, 8) for room in rooms)  # a lower bound
+
+
+def test_moe_model_state_bytes_equal_what_colofn_train_reports(tmp_path):
+    cfg = TrainConfig(preset="tiny", mesh=_mesh("dp=2,ep=2"), steps=1, warmup=1, experts=4, batch_size=8,
+                      out=str(tmp_path))
+    record = colofn.launch(rank_program, cfg, world_size=4)[0]
+    shape = from_gpt(cfg.model_config())
+    assert shape.params == gpt.count_params(cfg.model_config())
+    assert model_state_bytes(shape, Candidate(cfg.mesh), FP32_ADAM) == max(record["bytes_per_rank"][-1])

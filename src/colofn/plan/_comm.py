@@ -31,6 +31,10 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   stacked queries, keys and values (``3 b s h / sp``) and one of the attention
   output (``b s h / sp``), and their transposes in the backward; the loss and
   the gradients are all-reduced over dp and sp at once (``"dp+sp"``).
+* ep (GShard, Lepikhin et al. 2020): per MoE layer, the router's statistics
+  all-reduced over the tokens' axes, an all-gather of per-expert counts over
+  ep, and two all-to-alls (dispatch, combine) of ``ep x room x h`` each way;
+  the experts' gradients are all-reduced over dp, the rest over dp and ep.
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
   gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
   metadata messages are not counted. With pp, dp all-reduces the gradients
@@ -48,7 +52,14 @@ import dataclasses
 from typing import Literal
 
 from colofn.plan._candidate import Candidate
-from colofn.plan._memory import MIXED_ADAM, Precision, device_params, zero_params, zero_units
+from colofn.plan._memory import (
+    MIXED_ADAM,
+    Precision,
+    device_params,
+    expert_device_params,
+    zero_params,
+    zero_units,
+)
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
 
@@ -88,9 +99,9 @@ def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
 
 
 def tokens_axis(c: Candidate) -> tuple[str, int]:
-    """The axes the tokens are split over (``"dp"``, ``"sp"`` or ``"dp+sp"``) and their size."""
-    axes = [a for a in ("dp", "sp") if c.size(a) > 1] or ["dp"]
-    return "+".join(axes), c.size("dp") * c.size("sp")
+    """The axes the tokens are split over (``"dp"``, ``"sp"``, ``"ep"`` or several, ``"dp+ep"``) and their size."""
+    axes = [a for a in ("dp", "sp", "ep") if c.size(a) > 1] or ["dp"]
+    return "+".join(axes), c.size("dp") * c.size("sp") * c.size("ep")
 
 
 def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = False) -> list[Collective]:
@@ -108,6 +119,13 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
+    if c.size("ep") > 1:  # the experts' gradients over dp, everything else over dp and ep
+        experts = expert_device_params(m, c)
+        out = [Collective("grads", "all_reduce", axis, n, "backward", calls, (p - experts) * pr.comm_grad)]
+        if c.size("dp") > 1:
+            out.append(Collective("expert grads", "all_reduce", "dp", c.size("dp"), "backward", calls,
+                                  experts * pr.comm_grad))
+        return out
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
         return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
     if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
@@ -178,18 +196,43 @@ def _ulysses(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collect
             for phase in ("forward", "backward") for what, k in (("q,k,v", 3), ("attention out", 1))]
 
 
+def balanced_room(m: ModelShape, c: Candidate, global_batch: int) -> int:
+    """Rows per destination of an ep all-to-all when the router spreads tokens evenly: ``b s k / ep``."""
+    return -(-microbatch_rows(c, global_batch) * m.seq_len * m.top_k // c.size("ep"))
+
+
+def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
+         rooms: tuple[int, ...] | None) -> list[Collective]:
+    axis, n = tokens_axis(c)
+    out = []
+    if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
+        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, 2 * m.n_experts * 4))
+    ep = c.size("ep")
+    if ep == 1:
+        return out
+    out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
+    for room in rooms or (balanced_room(m, c, global_batch),) * m.moe_layers:
+        for phase in ("forward", "backward"):  # dispatch and combine, and their transposes
+            out.append(Collective("tokens", "all_to_all", "ep", ep, phase, 2, ep * room * m.d_model * pr.activation))  # type: ignore[arg-type]
+    return out
+
+
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
-    """Rows of one microbatch on one dp rank."""
+    """Rows of one microbatch on one dp (and ep) rank."""
     mb = c.microbatches if c.size("pp") > 1 else 1
-    return global_batch // (c.size("dp") * mb)
+    return global_batch // (c.size("dp") * c.size("ep") * mb)
 
 
-def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
-                     precision: Precision = MIXED_ADAM, stage: int = 0, dp_per_step: bool = False) -> list[Collective]:
+def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precision: Precision = MIXED_ADAM,
+                     stage: int = 0, dp_per_step: bool = False, ep_rooms: tuple[int, ...] | None = None
+                     ) -> list[Collective]:
     """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside).
 
     ``dp_per_step``: with a pipeline, reduce the gradients over dp once per step
     (as Megatron-LM does) rather than once per microbatch (as colofn does today).
+    ``ep_rooms``: rows per destination of each MoE layer's all-to-alls (colofn pads
+    them to the most any rank sends any other in the step, which depends on the
+    routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
     """
     b = microbatch_rows(c, global_batch)
     out = []
@@ -198,5 +241,6 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
         scalars = 1 if c.zero is not None else 2
         calls = c.microbatches if c.size("pp") > 1 else 1
         out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
-    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + _pp(m, c, precision, b, stage)
-            + _dp(m, c, precision, stage, dp_per_step))
+    moe = _moe(m, c, precision, global_batch, ep_rooms) if m.n_experts else []
+    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + moe
+            + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))

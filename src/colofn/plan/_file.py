@@ -71,7 +71,7 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
     ...
     colofn.errors.ConfigError: p.json is not a plan colofn can read:
       * unknown fields ['colour']; the fields are mesh, sp, zero, schedule, microbatches, recompute, model, devices, global_batch, cluster, predicted
-      * mesh: axis 'xp' is not one of pp, dp, sp, tp
+      * mesh: axis 'xp' is not one of pp, dp, sp, tp, ep
       * mesh: axis 'xp' has size 0; sizes are ints >= 1
       * zero='1' is not null or an int
     Fix: write it with colofn plan --out FILE, or follow the format in docs/plan.md
@@ -134,7 +134,7 @@ def plan_train(spec: str, cfg: TrainConfig) -> tuple[TrainConfig, str]:
 
     ``auto`` runs the planner for ``cfg.world_size`` devices of cluster
     ``cpu-local`` and the global batch ``cfg.batch_size``, over what
-    ``colofn train`` runs (no recompute). The mesh, ``--sp``, ``--zero``,
+    ``colofn train`` runs (no recompute; with ``--experts``, ``dp x ep``). The mesh, ``--sp``, ``--zero``,
     ``--schedule`` and ``--microbatches`` come from the plan; the result is
     validated as any flags are (:func:`colofn.train.config.validate`).
 
@@ -142,8 +142,8 @@ def plan_train(spec: str, cfg: TrainConfig) -> tuple[TrainConfig, str]:
         ConfigError: a plan file that cannot be read, was made for another
             model, or asks for what ``colofn train`` does not run.
     """
-    if cfg.hf is not None or cfg.experts:
-        raise ConfigError("--plan plans colofn's dense GPT presets: drop --hf and --experts, or drop --plan")
+    if cfg.hf is not None:
+        raise ConfigError("--plan plans colofn's GPT presets: drop --hf, or drop --plan")
     if spec == "auto":
         c, why = _auto(cfg)
     else:

@@ -29,7 +29,7 @@ from colofn.plan._model import ModelShape
 from colofn.zero.memory import formula_bytes
 
 __all__ = ["FP32_ADAM", "MIXED_ADAM", "Precision", "activation_bytes_per_layer", "colofn_activation_bytes_per_layer",
-           "device_params", "model_state_bytes", "zero_params", "zero_units"]
+           "device_params", "expert_device_params", "model_state_bytes", "zero_params", "zero_units"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,9 @@ def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
     block = m.layer_tp_params // t + 2 * norm
     emb = m.vocab_size * h // t
     total = m.n_layers // pp * block
+    if m.n_experts:  # no pipeline with experts: every block is here; ep splits the experts
+        moe = m.attn_params // t + m.n_experts // c.size("ep") * m.expert_params // t + h * m.n_experts + 2 * norm
+        total += m.moe_layers * (moe - block)
     if stage == 0:
         total += emb + m.pos_params
     if stage == pp - 1:
@@ -123,6 +126,11 @@ def activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, t: int = 1, 
     if sp:
         return scale * s * b * h / t * (34 + attn)
     return scale * s * b * h * (10 + 24 / t + attn / t)
+
+
+def expert_device_params(m: ModelShape, c: Candidate) -> int:
+    """Expert parameters a device holds (its ``n_experts / ep`` experts of every MoE block)."""
+    return m.moe_layers * m.n_experts // c.size("ep") * m.expert_params // c.size("tp")
 
 
 def colofn_activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, d_ff: int, t: int = 1, sp: bool = False,

@@ -4,7 +4,8 @@ Legal means what ``colofn train`` accepts (``docs/train.md``): ``pp x dp x tp``
 equal to the device count; ``tp`` divides the heads and stays inside a node;
 ``pp`` divides the layers; the batch splits over dp and the microbatches;
 ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp;
-Ulysses over an ``sp`` axis inside a node, with dp only.
+Ulysses over an ``sp`` axis inside a node, with dp only; a mixture-of-experts
+model on ``dp x ep`` only (ep dividing the experts, the batch split over both).
 
 >>> from colofn.plan import cluster, model
 >>> ranked, refused = search(model("gpt2-124m"), cluster("cpu-local"), devices=8, global_batch=8)
@@ -36,6 +37,15 @@ def _divisors(n: int) -> list[int]:
 def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
                recompute: tuple[Recompute, ...] = RECOMPUTE) -> Iterator[Candidate]:
     """Every legal candidate (see the module docstring), pipelines with ``pp``, ``2 pp``, ``4 pp`` microbatches."""
+    if m.n_experts:  # mixture of experts: dp x ep only
+        for ep in _divisors(devices):
+            dp = devices // ep
+            if m.n_experts % ep or global_batch % devices:
+                continue
+            mesh = tuple((a, n) for a, n in (("dp", dp), ("ep", ep)) if n > 1) or (("dp", 1),)
+            for rc in recompute:
+                yield Candidate(mesh, recompute=rc)
+        return
     for pp in _divisors(devices):
         for tp in _divisors(devices // pp):
             dp = devices // pp // tp
