@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from colofn.errors import ConfigError, format_failures
 from colofn.plan._candidate import AXES, Candidate, Recompute
@@ -66,13 +66,14 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
     Raises:
         ConfigError: not JSON, unknown fields, or fields of the wrong type.
 
-    >>> read_plan('{"mesh": {"dp": 2, "xp": 0}, "zero": "1", "colour": 3}', "p.json")
+    >>> read_plan('{"mesh": {"dp": 2, "xp": 0}, "zero": "1", "sp": "rings", "colour": 3}', "p.json")
     Traceback (most recent call last):
     ...
     colofn.errors.ConfigError: p.json is not a plan colofn can read:
       * unknown fields ['colour']; the fields are mesh, sp, zero, schedule, microbatches, recompute, model, devices, global_batch, cluster, predicted
       * mesh: axis 'xp' is not one of pp, dp, sp, tp, ep
       * mesh: axis 'xp' has size 0; sizes are ints >= 1
+      * sp='rings' is not one of none, megatron, ulysses, ring
       * zero='1' is not null or an int
     Fix: write it with colofn plan --out FILE, or follow the format in docs/plan.md
     """
@@ -99,6 +100,9 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
     for key, kind in kinds.items():
         if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
             bad.append(f"{key}={data[key]!r} is not a {kind.__name__}")
+    for key, options in (("sp", ("none", "megatron", "ulysses", "ring")), ("recompute", get_args(Recompute))):
+        if isinstance(data.get(key), str) and data[key] not in options:
+            bad.append(f"{key}={data[key]!r} is not one of {', '.join(options)}")
     if "zero" in data and data["zero"] is not None and (not isinstance(data["zero"], int) or isinstance(data["zero"], bool)):
         bad.append(f"zero={data['zero']!r} is not null or an int")
     if bad:
