@@ -135,6 +135,15 @@ def test_model_states_are_the_zero_papers_figure():
     assert all(abs(pred - paper) <= 0.05 for _, pred, paper in got), got
 
 
+def test_model_states_are_the_zero_papers_table_1():
+    from colofn.plan.published import ZERO_2020_TABLE1, zero_table1
+
+    got = zero_table1()
+    for n, paper in ZERO_2020_TABLE1.items():
+        assert all(abs(g - p) <= max(1.0, 0.01 * p) for g, p in zip(got[n], paper, strict=True)), (n, got[n], paper)
+    assert got[64][:3] == (31.40625, 16.640625, 1.875)  # the 7.5B column of Figure 1
+
+
 def test_korthikanti_table_and_their_selective_recompute_savings():
     from colofn.plan import published
 

@@ -19,9 +19,9 @@ from colofn.plan._model import ModelShape
 from colofn.plan._predict import predict
 
 __all__ = [
-    "KORTHIKANTI_2022_TABLE3", "NARAYANAN_2021_TABLE1", "ZERO_2020_FIGURE1", "KorthikantiRow", "MegatronRow",
+    "KORTHIKANTI_2022_TABLE3", "NARAYANAN_2021_TABLE1", "ZERO_2020_FIGURE1", "ZERO_2020_TABLE1", "KorthikantiRow", "MegatronRow",
     "korthikanti_markdown", "korthikanti_selective_savings", "korthikanti_table", "megatron_mfu", "megatron_table",
-    "zero_figure1",
+    "zero_figure1", "zero_table1",
 ]
 
 MIB = 2**20
@@ -129,6 +129,36 @@ def zero_figure1() -> list[tuple[str, float, float]]:
     scale = 7.5e9 / m.params
     return [(name, model_state_bytes(m, Candidate((("dp", 64),), zero=z)) * scale / 1e9, paper)
             for name, z, paper in ZERO_2020_FIGURE1]
+
+
+# Rajbhandari et al. 2020, Table 1: per-device model-state memory (GB) of ZeRO's stages
+# (P_os, P_os+g, P_os+g+p) for 7.5B, 128B and 1T parameters as the dp degree grows, K = 12.
+ZERO_2020_TABLE1: dict[int, tuple[float, ...]] = {
+    1: (120, 120, 120, 2048, 2048, 2048, 16000, 16000, 16000),
+    4: (52.5, 41.3, 30, 896, 704, 512, 7000, 5500, 4000),
+    16: (35.6, 21.6, 7.5, 608, 368, 128, 4750, 2875, 1000),
+    64: (31.4, 16.6, 1.88, 536, 284, 32, 4187, 2218, 250),
+    256: (30.4, 15.4, 0.47, 518, 263, 8, 4046, 2054, 62.5),
+    1024: (30.1, 15.1, 0.12, 513, 257, 2, 4011, 2013, 15.6),
+}
+
+
+def zero_table1() -> dict[int, tuple[float, ...]]:
+    """:data:`ZERO_2020_TABLE1` as the planner computes it (``model_state_bytes`` for ``Ψ`` parameters, in GB).
+
+    The paper rounds (and at times truncates) to three or four digits; the
+    planner's values agree within 1% or 1 GB, whichever is larger.
+    """
+    m = ModelShape("any", n_layers=1, d_model=1024, n_heads=8, d_ff=4096, vocab_size=1024, seq_len=1024)
+    out = {}
+    for n in ZERO_2020_TABLE1:
+        row = []
+        for psi in (7.5e9, 128e9, 1e12):
+            for z in (1, 2, 3):
+                row.append(model_state_bytes(m, Candidate((("dp", n),) if n > 1 else (("dp", 1),), zero=z))
+                           / m.params * psi / 1e9)
+        out[n] = tuple(row)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
