@@ -9,8 +9,8 @@ import pytest
 import colofn
 from colofn import random, tree
 from colofn.models import gpt
-from colofn.parallel import Plan, make_value_and_grad, param_specs, shard_params
-from colofn.plan import Candidate, from_gpt
+from colofn.parallel import Plan, param_specs, shard_params
+from colofn.plan import Candidate, from_gpt, step_bytes
 from colofn.plan._comm import step_collectives
 from colofn.plan._memory import FP32_ADAM, model_state_bytes
 from colofn.train import TrainConfig, parse_mesh
@@ -67,13 +67,7 @@ def _batch(b):
 
 
 def _dense_program(mesh_text, sp, b):
-    shape = parse_mesh(mesh_text)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    plan = Plan(dp="dp" if "dp" in shape else None, tp="tp" if "tp" in shape else None, sp=sp)
-    params = shard_params(gpt.init(random.key(0), TRAIN_CFG), TRAIN_CFG, plan, mesh)
-    with colofn.comm_trace() as records:
-        make_value_and_grad(TRAIN_CFG, plan, mesh)(params, _batch(b))
-    return _traced(records)
+    return step_bytes(TRAIN_CFG, _mesh(mesh_text), b, sp)[0]
 
 
 @pytest.mark.parametrize(("mesh", "sp"), [("dp=2", "none"), ("tp=2", "none"), ("tp=2", "megatron"),
@@ -376,22 +370,12 @@ def test_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, 
     assert abs(p.activations / measured - 1) <= 0.02  # what the formula reaches today; 10% is the promise
 
 
-def _ulysses_program(mesh_text, b):
-    shape = parse_mesh(mesh_text)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    plan = Plan(dp="dp" if "dp" in shape else None, sp="ulysses", sp_axis="sp")
-    params = shard_params(gpt.init(random.key(0), TRAIN_CFG), TRAIN_CFG, plan, mesh)
-    with colofn.comm_trace() as records:
-        make_value_and_grad(TRAIN_CFG, plan, mesh)(params, _batch(b))
-    return _traced(records)
-
-
 @pytest.mark.parametrize("mesh", ["sp=2", "dp=2,sp=2", "sp=4"])
 def test_ulysses_bytes_per_collective_equal_comm_trace(mesh):
     n = 1
     for v in parse_mesh(mesh).values():
         n *= v
-    got = colofn.launch(_ulysses_program, mesh, 4, world_size=n)
+    got = colofn.launch(_dense_program, mesh, "ulysses", 4, world_size=n)
     want = _predicted(Candidate(_mesh(mesh), sp="ulysses"), 4)
     assert all(g == want for g in got), (got[0], want)
 
@@ -402,25 +386,12 @@ def test_ulysses_bytes_per_collective_equal_comm_trace(mesh):
 MOE_CFG = gpt.config("tiny", tie_embeddings=False, n_experts=4)  # what `colofn train --experts 4` builds
 
 
-def _moe_program(mesh_text, b):
-    shape = parse_mesh(mesh_text)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    plan = Plan(dp="dp" if "dp" in shape else None, ep="ep" if "ep" in shape else None)
-    params = shard_params(gpt.init(random.key(0), MOE_CFG), MOE_CFG, plan, mesh)
-    t = random.randint(random.key(1), (b, MOE_CFG.seq_len + 1), 0, MOE_CFG.vocab_size)
-    with colofn.comm_trace() as records:
-        make_value_and_grad(MOE_CFG, plan, mesh)(params, {"tokens": t[:, :-1], "targets": t[:, 1:]})
-    # The all-to-alls' rows per destination ([ep, room, d] buffers) depend on the routing: read them back.
-    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward")[::2]
-    return _traced(records), rooms
-
-
 @pytest.mark.parametrize("mesh", ["ep=2", "dp=2,ep=2", "ep=4", "dp=2"])
 def test_moe_bytes_per_collective_equal_comm_trace(mesh):
     n = 1
     for v in parse_mesh(mesh).values():
         n *= v
-    for got, rooms in colofn.launch(_moe_program, mesh, 8, world_size=n):
+    for got, rooms in colofn.launch(step_bytes, MOE_CFG, _mesh(mesh), 8, world_size=n):
         cand = Candidate(_mesh(mesh))
         want: Counter = Counter()
         for c in step_collectives(from_gpt(MOE_CFG), cand, global_batch=8, precision=FP32_ADAM,
