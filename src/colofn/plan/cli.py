@@ -24,7 +24,8 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``plan`` command to ``subparsers``."""
     p = subparsers.add_parser(
         "plan", help="predict memory, communication and step time of every composition, and pick one",
-        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, ZeRO, "
+        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses, "
+        "dp x ep for experts, ZeRO, "
         "schedule, microbatches, recompute), predict each on the cluster and rank them. See docs/plan.md.")
     p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--devices", type=int, required=True, help="devices in the job")
