@@ -14,11 +14,14 @@ from __future__ import annotations
 from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import CLUSTERS, Cluster, cluster
 from colofn.plan._comm import Collective, step_collectives
+from colofn.plan._file import plan_json, plan_train, read_plan
+from colofn.plan._measure import saved_activation_bytes, step_bytes
 from colofn.plan._memory import (
     FP32_ADAM,
     MIXED_ADAM,
     Precision,
     activation_bytes_per_layer,
+    colofn_activation_bytes_per_layer,
     device_params,
     model_state_bytes,
 )
@@ -28,6 +31,7 @@ from colofn.plan._search import candidates, search
 
 __all__ = [
     "CLUSTERS", "FP32_ADAM", "MIXED_ADAM", "MODELS", "Candidate", "Cluster", "Collective", "ModelShape",
-    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "check", "cluster", "device_params",
-    "from_gpt", "link", "model", "model_state_bytes", "pipeline_shape", "predict", "search", "step_collectives",
+    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "colofn_activation_bytes_per_layer", "check", "cluster", "device_params",
+    "from_gpt", "link", "model", "model_state_bytes", "pipeline_shape", "plan_json", "plan_train", "predict", "read_plan",
+    "saved_activation_bytes", "search", "step_bytes", "step_collectives",
 ]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Candidate", "Recompute", "SP", "check"]
 
-SP = Literal["none", "megatron"]
+SP = Literal["none", "megatron", "ulysses"]
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -27,8 +27,10 @@ class Candidate:
     """A composition of strategies on a mesh.
 
     Attributes:
-        mesh: ``(axis, size)`` pairs, row-major (``pp``, ``dp``, ``tp`` are modelled).
-        sp: ``"megatron"``: sequence parallelism over the ``tp`` axis (Korthikanti et al. 2022).
+        mesh: ``(axis, size)`` pairs, row-major (``pp``, ``dp``, ``sp``, ``tp``, ``ep`` are modelled;
+            ``ep`` splits the experts of a mixture-of-experts model, and the batch with dp).
+        sp: ``"megatron"``: sequence parallelism over the ``tp`` axis (Korthikanti et al. 2022);
+            ``"ulysses"``: over the ``sp`` axis (Jacobs et al. 2023; with dp only, for now).
         zero: ZeRO stage 0-3 over ``dp`` (``None``: plain data parallelism, same as 0).
         schedule: pipeline schedule name (used when ``pp > 1``).
         microbatches: microbatches per step (pipeline).
@@ -66,7 +68,7 @@ class Candidate:
         return " ".join(parts)
 
 
-AXES = ("pp", "dp", "tp")
+AXES = ("pp", "dp", "sp", "tp", "ep")
 
 
 def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
@@ -95,20 +97,35 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append(f"sp={c.sp!r} is not one of {get_args(SP)}")
     elif c.sp == "megatron" and c.size("tp") == 1:
         bad.append("sp='megatron' splits the sequence over tp: add a tp axis")
+    elif c.sp == "ulysses" and "sp" not in names:
+        bad.append("sp='ulysses' splits the sequence over an sp axis: add one")
+    elif c.sp == "ulysses" and (c.size("tp") > 1 or c.size("pp") > 1 or c.zero is not None):
+        bad.append("sp='ulysses' is modelled with dp only (not tp, pp or ZeRO) in this release")
+    if "sp" in names and c.sp != "ulysses":
+        bad.append(f"an sp axis needs sp='ulysses' (sp={c.sp!r}; ring attention is not modelled yet)")
     if c.recompute not in get_args(Recompute):
         bad.append(f"recompute={c.recompute!r} is not one of {get_args(Recompute)}")
     if c.zero not in (None, 0, 1, 2, 3):
         bad.append(f"zero={c.zero!r}: the stages are 0, 1, 2, 3 (or None)")
     elif c.zero is not None and c.size("pp") > 1:
         bad.append("ZeRO with a pipeline is not something colofn runs: drop zero or pp")
+    if "ep" in names and not m.n_experts:
+        bad.append(f"an ep axis splits experts, and {m.name} has none")
+    elif "ep" in names and isinstance(c.size("ep"), int) and c.size("ep") >= 1 and m.n_experts % c.size("ep"):
+        bad.append(f"ep={c.size('ep')} does not divide n_experts={m.n_experts}")
+    if m.n_experts and (c.size("tp") > 1 or c.size("pp") > 1 or c.size("sp") > 1 or c.zero is not None):
+        bad.append("mixture of experts is modelled with dp and ep only (not tp, pp, sp or ZeRO) in this release")
     if all(isinstance(n, int) and n >= 1 for _, n in c.mesh):
         mb = c.microbatches if c.size("pp") > 1 else 1
         if m.n_heads % c.size("tp"):
             bad.append(f"tp={c.size('tp')} does not divide n_heads={m.n_heads}")
+        if m.n_heads % c.size("sp") or m.seq_len % c.size("sp"):
+            bad.append(f"sp={c.size('sp')} must divide n_heads={m.n_heads} and seq_len={m.seq_len} (Ulysses)")
         if m.n_layers % c.size("pp"):
             bad.append(f"pp={c.size('pp')} does not divide n_layers={m.n_layers}")
-        if global_batch % (c.size("dp") * mb):
-            bad.append(f"global batch {global_batch} does not split over dp={c.size('dp')} x {mb} microbatches")
+        ep = f" x ep={c.size('ep')}" if c.size("ep") > 1 else ""
+        if global_batch % (c.size("dp") * c.size("ep") * mb):
+            bad.append(f"global batch {global_batch} does not split over dp={c.size('dp')}{ep} x {mb} microbatches")
     if bad:
         raise ConfigError(format_failures(f"Candidate {c} cannot run {m.name} (global batch {global_batch}):", bad,
                                           fix="pick sizes that divide the model and the batch "

@@ -27,6 +27,14 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   ``b*s*h``; the gradients of the replicated parameters (norms, position
   table) are all-reduced over tp in the backward (with dp, the norms' over
   dp and tp at once, axis ``"dp+tp"``).
+* sp with Ulysses (Jacobs et al. 2023): per layer, one all-to-all of the
+  stacked queries, keys and values (``3 b s h / sp``) and one of the attention
+  output (``b s h / sp``), and their transposes in the backward; the loss and
+  the gradients are all-reduced over dp and sp at once (``"dp+sp"``).
+* ep (GShard, Lepikhin et al. 2020): per MoE layer, the router's statistics
+  all-reduced over the tokens' axes, an all-gather of per-expert counts over
+  ep, and two all-to-alls (dispatch, combine) of ``ep x room x h`` each way;
+  the experts' gradients are all-reduced over dp, the rest over dp and ep.
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
   gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
   metadata messages are not counted. With pp, dp all-reduces the gradients
@@ -44,7 +52,14 @@ import dataclasses
 from typing import Literal
 
 from colofn.plan._candidate import Candidate
-from colofn.plan._memory import MIXED_ADAM, Precision, device_params, zero_params, zero_units
+from colofn.plan._memory import (
+    MIXED_ADAM,
+    Precision,
+    device_params,
+    expert_device_params,
+    zero_params,
+    zero_units,
+)
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
 
@@ -83,13 +98,20 @@ def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
     return norms, m.pos_params if stage == 0 else 0
 
 
-def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
-    n = c.size("dp")
+def tokens_axis(c: Candidate) -> tuple[str, int]:
+    """The axes the tokens are split over (``"dp"``, ``"sp"``, ``"ep"`` or several, ``"dp+ep"``) and their size."""
+    axes = [a for a in ("dp", "sp", "ep") if c.size(a) > 1] or ["dp"]
+    return "+".join(axes), c.size("dp") * c.size("sp") * c.size("ep")
+
+
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = False) -> list[Collective]:
+    axis, n = tokens_axis(c)
     if n == 1:
         return []
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
-    calls = c.microbatches if c.size("pp") > 1 else 1  # with pp: every microbatch's gradients
+    # With pp colofn reduces every microbatch's gradients; Megatron-LM once per step.
+    calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
         # summed whole over tp (in _tp) and whole over dp (varied before it is sliced).
@@ -97,8 +119,15 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
         dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
-    if c.zero is None:  # plain dp: all-reduced inside the backward
-        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, grads)]
+    if c.size("ep") > 1:  # the experts' gradients over dp, everything else over dp and ep
+        experts = expert_device_params(m, c)
+        out = [Collective("grads", "all_reduce", axis, n, "backward", calls, (p - experts) * pr.comm_grad)]
+        if c.size("dp") > 1:
+            out.append(Collective("expert grads", "all_reduce", "dp", c.size("dp"), "backward", calls,
+                                  experts * pr.comm_grad))
+        return out
+    if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
+        return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
     if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
         p = zero_params(m, c)
         grads, params = p * pr.comm_grad, p * pr.param
@@ -158,19 +187,60 @@ def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
     return out
 
 
+def _ulysses(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    n = c.size("sp")
+    if n == 1:
+        return []
+    act = b * m.seq_len // n * m.d_model * pr.activation
+    return [Collective(what, "all_to_all", "sp", n, phase, m.n_layers, k * act)  # type: ignore[arg-type]
+            for phase in ("forward", "backward") for what, k in (("q,k,v", 3), ("attention out", 1))]
+
+
+def balanced_room(m: ModelShape, c: Candidate, global_batch: int) -> int:
+    """Rows per destination of an ep all-to-all when the router spreads tokens evenly: ``b s k / ep``."""
+    return -(-microbatch_rows(c, global_batch) * m.seq_len * m.top_k // c.size("ep"))
+
+
+def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
+         rooms: tuple[int, ...] | None) -> list[Collective]:
+    axis, n = tokens_axis(c)
+    out = []
+    if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
+        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, 2 * m.n_experts * 4))
+    ep = c.size("ep")
+    if ep == 1:
+        return out
+    out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
+    for room in rooms or (balanced_room(m, c, global_batch),) * m.moe_layers:
+        for phase in ("forward", "backward"):  # dispatch and combine, and their transposes
+            out.append(Collective("tokens", "all_to_all", "ep", ep, phase, 2, ep * room * m.d_model * pr.activation))  # type: ignore[arg-type]
+    return out
+
+
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
-    """Rows of one microbatch on one dp rank."""
+    """Rows of one microbatch on one dp (and ep) rank."""
     mb = c.microbatches if c.size("pp") > 1 else 1
-    return global_batch // (c.size("dp") * mb)
+    return global_batch // (c.size("dp") * c.size("ep") * mb)
 
 
-def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int,
-                     precision: Precision = MIXED_ADAM, stage: int = 0) -> list[Collective]:
-    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside)."""
+def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precision: Precision = MIXED_ADAM,
+                     stage: int = 0, dp_per_step: bool = False, ep_rooms: tuple[int, ...] | None = None
+                     ) -> list[Collective]:
+    """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside).
+
+    ``dp_per_step``: with a pipeline, reduce the gradients over dp once per step
+    (as Megatron-LM does) rather than once per microbatch (as colofn does today).
+    ``ep_rooms``: rows per destination of each MoE layer's all-to-alls (colofn pads
+    them to the most any rank sends any other in the step, which depends on the
+    routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
+    """
     b = microbatch_rows(c, global_batch)
     out = []
-    if c.size("dp") > 1 and stage == c.size("pp") - 1:
+    axis, n = tokens_axis(c)
+    if n > 1 and stage == c.size("pp") - 1:
         scalars = 1 if c.zero is not None else 2
         calls = c.microbatches if c.size("pp") > 1 else 1
-        out.append(Collective("loss", "all_reduce", "dp", c.size("dp"), "forward", calls, 4 * scalars))
-    return out + _tp(m, c, precision, b, stage) + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage)
+        out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
+    moe = _moe(m, c, precision, global_batch, ep_rooms) if m.n_experts else []
+    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + moe
+            + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from typing import Literal
 
 from colofn.errors import ConfigError
 
@@ -36,6 +37,16 @@ class ModelShape:
         norm_params: parameters of one norm (``2 * d_model`` LayerNorm, ``d_model`` RMSNorm).
         learned_pos: a ``seq_len x d_model`` position table (GPT-2), else rotary.
         tie_embeddings: the head is the token embedding.
+        n_experts, top_k, moe_every: mixture of experts (colofn's GPT): layer ``i``
+            is MoE when ``(i + 1) % moe_every == 0``, with ``n_experts`` MLPs of
+            two ``d_model x d_ff`` matrices and a ``d_model x n_experts`` router;
+            each token goes to ``top_k`` of them. ``n_experts = 0``: dense.
+        activation_layout: what a layer keeps for the backward: ``"korthikanti"``
+            (Megatron-LM as Korthikanti et al. 2022 count it: dropout masks, the
+            softmax materialized, sequence-parallel matmul inputs kept sharded) or
+            ``"colofn"`` (colofn's GPT without dropout: SDPA keeps only its
+            log-sum-exp, gathered matmul inputs kept whole; see
+            :func:`~colofn.plan.colofn_activation_bytes_per_layer`).
         source: where the sizes come from.
     """
 
@@ -51,6 +62,10 @@ class ModelShape:
     norm_params: int | None = None
     learned_pos: bool = False
     tie_embeddings: bool = True
+    n_experts: int = 0
+    top_k: int = 1
+    moe_every: int = 1
+    activation_layout: Literal["korthikanti", "colofn"] = "korthikanti"
     source: str = ""
 
     @property
@@ -62,17 +77,31 @@ class ModelShape:
         return 2 * self.d_model if self.norm_params is None else self.norm_params
 
     @property
-    def layer_tp_params(self) -> int:
-        """Matrix parameters of one block (what tensor parallelism shards)."""
+    def moe_layers(self) -> int:
+        """How many blocks are mixture-of-experts."""
+        return self.n_layers // self.moe_every if self.n_experts else 0
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (its two matrices)."""
+        return 2 * self.d_model * self.d_ff
+
+    @property
+    def attn_params(self) -> int:
         h, hd = self.d_model, self.d_model // self.n_heads
-        attn = 2 * h * h + 2 * h * self.kv_heads * hd
-        return attn + (3 if self.gated_mlp else 2) * h * self.d_ff
+        return 2 * h * h + 2 * h * self.kv_heads * hd
+
+    @property
+    def layer_tp_params(self) -> int:
+        """Matrix parameters of one dense block (what tensor parallelism shards)."""
+        return self.attn_params + (3 if self.gated_mlp else 2) * self.d_model * self.d_ff
 
     @property
     def tp_params(self) -> int:
-        """All parameters tensor parallelism shards: blocks, embedding and (untied) head."""
+        """All parameters tensor parallelism shards: blocks, embedding and (untied) head (MoE: every expert)."""
         emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.n_layers * self.layer_tp_params + emb
+        moe = self.moe_layers * (self.attn_params + self.n_experts * self.expert_params - self.layer_tp_params)
+        return self.n_layers * self.layer_tp_params + moe + emb
 
     @property
     def pos_params(self) -> int:
@@ -81,8 +110,8 @@ class ModelShape:
 
     @property
     def replicated_params(self) -> int:
-        """Parameters every tp rank holds whole: norms and the learned position table."""
-        return (2 * self.n_layers + 1) * self._norm + self.pos_params
+        """Parameters every tp rank holds whole: norms, the learned position table (and MoE routers)."""
+        return (2 * self.n_layers + 1) * self._norm + self.pos_params + self.moe_layers * self.d_model * self.n_experts
 
     @property
     def params(self) -> int:
@@ -94,8 +123,10 @@ class ModelShape:
 
         Kaplan et al. 2020 (section 2.1) count ``2N + 2 L s d`` forward FLOPs per
         token; training is three times the forward (backward = 2x forward).
+        With experts, ``N`` counts the ``top_k`` experts a token visits.
         """
-        return 6 * self.params + 12 * self.n_layers * self.seq_len * self.d_model
+        idle = self.moe_layers * (self.n_experts - self.top_k) * self.expert_params  # experts a token skips
+        return 6 * (self.params - idle) + 12 * self.n_layers * self.seq_len * self.d_model
 
 
 def from_gpt(config: object, name: str = "gpt") -> ModelShape:
@@ -106,13 +137,16 @@ def from_gpt(config: object, name: str = "gpt") -> ModelShape:
     True
     """
     c = config
-    if getattr(c, "n_experts", 0):
-        raise ConfigError(f"the planner does not model mixture-of-experts yet ({name}: n_experts={c.n_experts})")  # type: ignore[attr-defined]
+    if getattr(c, "n_experts", 0) and getattr(c, "capacity_factor", None) is not None:
+        raise ConfigError(f"the planner models mixture-of-experts without a capacity factor ({name}: "
+                          f"capacity_factor={c.capacity_factor})")  # type: ignore[attr-defined]
     return ModelShape(
         name=name, n_layers=c.n_layers, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff,  # type: ignore[attr-defined]
         vocab_size=c.vocab_size, seq_len=c.seq_len,  # type: ignore[attr-defined]
         norm_params=(2 if c.norm == "layernorm" else 1) * c.d_model,  # type: ignore[attr-defined]
         learned_pos=c.pos == "learned", tie_embeddings=c.tie_embeddings,  # type: ignore[attr-defined]
+        activation_layout="colofn" if not c.dropout else "korthikanti",  # type: ignore[attr-defined]
+        n_experts=c.n_experts, top_k=c.top_k, moe_every=c.moe_every,  # type: ignore[attr-defined]
         source="colofn.models.gpt.PRESETS",
     )
 

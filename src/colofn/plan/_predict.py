@@ -17,7 +17,7 @@ Step time is ``compute / (1 - bubble) + exposed communication``:
 >>> from colofn.plan import Candidate, cluster, model
 >>> p = predict(model("gpt2-124m"), Candidate((("dp", 8),)), cluster("cpu-local"), global_batch=8)
 >>> p.fits, round(p.memory / 2**30, 2)
-(True, 3.05)
+(True, 2.33)
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from functools import cache
 from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import Cluster
 from colofn.plan._comm import Collective, microbatch_rows, step_collectives
-from colofn.plan._memory import MIXED_ADAM, Precision, activation_bytes_per_layer, model_state_bytes
+from colofn.plan._memory import (
+    MIXED_ADAM,
+    Precision,
+    activation_bytes_per_layer,
+    colofn_activation_bytes_per_layer,
+    model_state_bytes,
+)
 from colofn.plan._model import ModelShape
 
 __all__ = ["Prediction", "link", "pipeline_shape", "predict"]
@@ -96,17 +102,33 @@ def link(c: Candidate, axis: str, cl: Cluster) -> str:
 
 
 def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
-    b, t = microbatch_rows(c, global_batch), c.size("tp")
-    layer = activation_bytes_per_layer(s=m.seq_len, b=b, h=m.d_model, a=m.n_heads, t=t,
-                                       sp=c.sp == "megatron", recompute=c.recompute, element=pr.activation)
+    # Ulysses: each rank keeps s/sp tokens, and whole sequences of a/sp heads inside attention,
+    # which is the same bytes as s x b/sp.
+    b, t, s, h = microbatch_rows(c, global_batch) / c.size("sp"), c.size("tp"), m.seq_len, m.d_model
+    sp = c.sp == "megatron"
+    if m.activation_layout == "colofn" and c.recompute != "full":
+        # Selective recompute saves nothing here: colofn's attention core keeps no s x s matrix.
+        layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
+                                                  element=pr.activation)
+        if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
+            layer += pr.activation * s * b * h
+        # The last stage: the final norm's input, statistics and (whole) output; the fp32
+        # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
+        split = t if sp else 1
+        last = pr.activation * ((s * b * h + 2 * s * b) / split + s * b * h) + (2 if t > 1 else 1) * b * s * m.vocab_size * 4 / t
+        return layer * (m.n_layers // c.size("pp")) * in_flight + last + 8 * b * s
+    layer = activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, t=t, sp=sp, recompute=c.recompute,
+                                       element=pr.activation)
     # The logits (fp32, vocabulary-parallel) of the last stage: not in Korthikanti's per-layer formula.
-    logits = b * m.seq_len * m.vocab_size * 4 / t
+    logits = b * s * m.vocab_size * 4 / t
     return layer * (m.n_layers // c.size("pp")) * in_flight + logits
 
 
 def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, efficiency: float = 0.5,
-            precision: Precision = MIXED_ADAM) -> Prediction:
+            precision: Precision = MIXED_ADAM, dp_per_step: bool = False) -> Prediction:
     """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step.
+
+    ``dp_per_step``: see :func:`~colofn.plan.step_collectives` (for comparisons with Megatron-LM).
 
     Raises:
         ConfigError: ``c`` cannot run ``m`` (every reason, see :func:`~colofn.plan.check`).
@@ -121,7 +143,8 @@ def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, effi
         flops += 4 * m.n_layers * m.seq_len * m.d_model * tokens / c.devices
     compute = flops / (cl.peak_flops * efficiency)
     # The stage that sends the most bytes sets the pace.
-    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
+    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s,
+                                        dp_per_step=dp_per_step)
                        for s in range(c.size("pp"))), key=lambda cs: sum(x.bytes_sent for x in cs)))
     by_link = {"intra": 0, "inter": 0}
     exposed = hidden = 0.0

@@ -3,7 +3,9 @@
 Legal means what ``colofn train`` accepts (``docs/train.md``): ``pp x dp x tp``
 equal to the device count; ``tp`` divides the heads and stays inside a node;
 ``pp`` divides the layers; the batch splits over dp and the microbatches;
-ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp.
+ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp;
+Ulysses over an ``sp`` axis inside a node, with dp only; a mixture-of-experts
+model on ``dp x ep`` only (ep dividing the experts, the batch split over both).
 
 >>> from colofn.plan import cluster, model
 >>> ranked, refused = search(model("gpt2-124m"), cluster("cpu-local"), devices=8, global_batch=8)
@@ -32,8 +34,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int) -> Iterator[Candidate]:
+def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
+               recompute: tuple[Recompute, ...] = RECOMPUTE) -> Iterator[Candidate]:
     """Every legal candidate (see the module docstring), pipelines with ``pp``, ``2 pp``, ``4 pp`` microbatches."""
+    if m.n_experts:  # mixture of experts: dp x ep only
+        for ep in _divisors(devices):
+            dp = devices // ep
+            if m.n_experts % ep or global_batch % devices:
+                continue
+            mesh = tuple((a, n) for a, n in (("dp", dp), ("ep", ep)) if n > 1) or (("dp", 1),)
+            for rc in recompute:
+                yield Candidate(mesh, recompute=rc)
+        return
     for pp in _divisors(devices):
         for tp in _divisors(devices // pp):
             dp = devices // pp // tp
@@ -43,17 +55,28 @@ def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int) -
             sps = ("none", "megatron") if tp > 1 else ("none",)
             zeros = (None, 1, 2, 3) if dp > 1 and pp == 1 else (None,)
             pipes = [(s, k * pp) for s in SCHEDULES for k in (1, 2, 4) if global_batch % (dp * k * pp) == 0] if pp > 1 else [("1f1b", 1)]
-            for sp, zero, (sched, mb), rc in itertools.product(sps, zeros, pipes, RECOMPUTE):
+            for sp, zero, (sched, mb), rc in itertools.product(sps, zeros, pipes, recompute):
                 yield Candidate(mesh, sp=sp, zero=zero, schedule=sched, microbatches=mb, recompute=rc)  # type: ignore[arg-type]
+    # Ulysses over an sp axis (innermost), with dp only.
+    for u in _divisors(devices)[1:]:
+        dp = devices // u
+        if m.n_heads % u or m.seq_len % u or u > cl.devices_per_node or global_batch % dp:
+            continue
+        mesh = (("dp", dp), ("sp", u)) if dp > 1 else (("sp", u),)
+        for rc in recompute:
+            yield Candidate(mesh, sp="ulysses", recompute=rc)
 
 
-def search(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
-           efficiency: float = 0.5) -> tuple[list[Prediction], list[Prediction]]:
-    """``(ranked, refused)``: the candidates that fit, fastest first, and those that do not (``.reason``)."""
+def search(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int, efficiency: float = 0.5,
+           recompute: tuple[Recompute, ...] = RECOMPUTE) -> tuple[list[Prediction], list[Prediction]]:
+    """``(ranked, refused)``: the candidates that fit, fastest first, and those that do not (``.reason``).
+
+    ``recompute`` limits the recompute modes tried (``("none",)``: what ``colofn train`` runs).
+    """
     if devices < 1 or global_batch < 1:
         raise ConfigError(f"devices={devices} and global_batch={global_batch} must be >= 1")
     preds = [predict(m, c, cl, global_batch=global_batch, efficiency=efficiency)
-             for c in candidates(m, cl, devices=devices, global_batch=global_batch)]
+             for c in candidates(m, cl, devices=devices, global_batch=global_batch, recompute=recompute)]
     if not preds:
         raise ConfigError(
             f"no legal composition of {m.name} on {devices} devices with global batch {global_batch}: "

@@ -10,9 +10,10 @@ from typing import Any
 
 from colofn.errors import ConfigError
 from colofn.plan._cluster import CLUSTERS, Cluster, cluster
+from colofn.plan._file import plan_json
 from colofn.plan._model import MODELS, model
 from colofn.plan._predict import Prediction
-from colofn.plan._search import search
+from colofn.plan._search import RECOMPUTE, search
 
 __all__ = ["add_subparser", "explain", "main", "table"]
 
@@ -23,7 +24,8 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``plan`` command to ``subparsers``."""
     p = subparsers.add_parser(
         "plan", help="predict memory, communication and step time of every composition, and pick one",
-        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, ZeRO, "
+        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses, "
+        "dp x ep for experts, ZeRO, "
         "schedule, microbatches, recompute), predict each on the cluster and rank them. See docs/plan.md.")
     p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--devices", type=int, required=True, help="devices in the job")
@@ -33,6 +35,11 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--efficiency", type=float, default=0.5,
                    help="fraction of peak FLOP/s the compute reaches (default 0.5)")
     p.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    p.add_argument("--recompute", choices=("any", "none"), default="any",
+                   help="any: try none, selective and full activation recomputation; none: only what "
+                   "colofn train runs (default any)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the best composition as a plan file, for colofn train --plan FILE (default: none)")
     p.set_defaults(func=main)
     return p
 
@@ -80,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--devices {args.devices}: must be >= 1")
         cl = _cluster(args.cluster, args.devices)
         ranked, refused = search(m, cl, devices=args.devices, global_batch=args.batch or args.devices,
-                                 efficiency=args.efficiency)
+                                 efficiency=args.efficiency,
+                                 recompute=("none",) if args.recompute == "none" else RECOMPUTE)
     except ConfigError as e:
         print(f"colofn plan: {e}", file=sys.stderr)
         return 2
@@ -94,4 +102,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"refused: {p.candidate}: {p.reason}")
     if len(refused) > 3:
         print(f"refused: {len(refused) - 3} more")
+    if ranked and args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(plan_json(ranked[0].candidate, model=m.name, devices=args.devices,
+                              global_batch=args.batch or args.devices, cluster_name=cl.name,
+                              prediction=ranked[0]) + "\n")
+        print(f"wrote {args.out}: run it with colofn train --preset {m.name} --plan {args.out}")
     return 0 if ranked else 1

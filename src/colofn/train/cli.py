@@ -63,6 +63,10 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--data", default=None, metavar="FILE",
                    help="train on the bytes of this text file (byte-level tokens, last 10%% held out for the eval loss; "
                         "default: the shipped corpus)")
+    p.add_argument("--plan", default=None, metavar="auto|FILE",
+                   help="take the mesh, --sp, --zero, --schedule and --microbatches from the planner: auto plans "
+                   "for the device count of --mesh on cluster cpu-local; FILE is what colofn plan --out wrote "
+                   "(default: the flags)")
     p.set_defaults(func=run)
 
 
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
             experts=args.experts, hf=args.hf, data=args.data, tp_mode=args.tp_mode, tp_depth=args.tp_depth,
             tp_remat=args.tp_remat,
         )
+        if args.plan is not None:
+            from colofn.plan import plan_train
+
+            cfg, why = plan_train(args.plan, cfg)
+            print(why)
         return train(cfg)
     except ColofnError as e:
         print(f"colofn train: error: {str(e).removeprefix('colofn train: ')}", file=sys.stderr)

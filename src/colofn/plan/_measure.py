@@ -1,0 +1,83 @@
+"""Measure what the planner predicts: the activation memory of a forward, and the bytes a step sends.
+
+On CPU there is no allocator to ask for a peak (``torch.cuda.max_memory_allocated``
+has no CPU twin), so colofn counts what the forward leaves behind for the
+backward: every tensor autograd saves passes through a
+:func:`torch.autograd.graph.saved_tensors_hooks` pack hook, and the distinct
+storages among them (parameters excluded) are the activation memory held when
+the forward ends, which is the peak of activation memory in a step without a
+pipeline (the backward frees them as it goes).
+
+>>> import torch
+>>> w = torch.ones(4, 8, requires_grad=True)
+>>> x = torch.ones(16, 4)
+>>> saved_activation_bytes(lambda: torch.relu(x @ w).sum(), exclude=[w])  # x (256 B) and relu's output (512 B)
+768
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["saved_activation_bytes", "step_bytes"]
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    local = getattr(t, "_local_tensor", t)  # a DTensor's shard
+    return local.untyped_storage()
+
+
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages that ``fn()``'s autograd graph saves, less those of ``exclude``.
+
+    Run ``fn`` (a forward whose result the backward will start from) with a
+    pack hook that notes each saved tensor's storage; a storage saved twice
+    (the same input of two matmuls, views of one buffer) counts once, whole.
+    Hooks are per thread, so each simulated rank measures its own forward.
+    """
+    skip = {_storage(t).data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        st = _storage(x)
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], batch_size: int,
+               sp: str = "none") -> tuple[Counter[tuple[str, str, str]], tuple[int, ...]]:
+    """What one rank sends in a ``make_value_and_grad`` step of ``config`` on ``mesh_pairs``, by (op, axes, phase).
+
+    Run it on every rank of a world (``colofn.launch``); the plan takes ``dp``,
+    ``tp``, ``ep`` (and ``sp`` over an ``sp`` axis) from the mesh's axis names.
+    Also returns each MoE layer's all-to-all room (rows per destination), which
+    depends on the routing: pass it to ``step_collectives(ep_rooms=...)``.
+    """
+    from colofn import comm_trace, random
+    from colofn.mesh import Mesh
+    from colofn.models import gpt
+    from colofn.parallel import Plan, make_value_and_grad, shard_params
+
+    shape = dict(mesh_pairs)
+    mesh = Mesh(tuple(shape.values()), tuple(shape))
+    plan = Plan(**{a: a if a in shape else None for a in ("dp", "tp", "ep")},  # type: ignore[arg-type]
+                sp=sp, sp_axis="sp" if "sp" in shape else None)  # type: ignore[arg-type]
+    params = shard_params(gpt.init(random.key(0), config), config, plan, mesh)
+    t = random.randint(random.key(1), (batch_size, config.seq_len + 1), 0, config.vocab_size)
+    with comm_trace() as records:
+        make_value_and_grad(config, plan, mesh)(params, {"tokens": t[:, :-1], "targets": t[:, 1:]})
+    out: Counter[tuple[str, str, str]] = Counter()
+    for r in records:
+        out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
+    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
+    return out, rooms[::2]  # dispatch and combine share a room
