@@ -223,11 +223,11 @@ def test_ring_learned_positions_untied():
 MOE = gpt.config("tiny", n_layers=L, n_experts=4, top_k=2)
 
 
-def test_dp_ep_two_all_to_alls_per_moe_layer():
+def test_dp_ep_three_collectives_per_moe_layer():
     c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
     assert fwd(c, "all_to_all", ("ep",)) == 2 * L  # dispatch, combine
-    assert fwd(c, "all_gather", ("ep",)) == L  # per-expert counts (buffer sizes)
-    assert fwd(c, "all_reduce", ("dp", "ep")) == L + 1  # routing statistics per layer; the loss
+    assert fwd(c, "all_reduce", ("dp", "ep")) == L + 1  # routing statistics and counts per layer; the loss
+    assert sum(n for (_, _, phase), n in c.items() if phase == "forward") == 3 * L + 1  # nothing else: no count all-gather
     assert bwd(c, "all_to_all", ("ep",)) == 2 * L
 
 
@@ -235,8 +235,8 @@ def test_ep_on_the_data_axis_with_capacity():
     cfg = gpt.config("tiny", n_layers=L, n_experts=4, top_k=2, capacity_factor=1.0, moe_every=2)
     c, _ = run(cfg, Plan(dp="dp", ep="dp"), {"dp": 4})
     assert (
-        fwd(c, "all_to_all", ("dp",)) == 2 and fwd(c, "all_gather", ("dp",)) == 2
-    )  # counts; capacity order
+        fwd(c, "all_to_all", ("dp",)) == 2 and fwd(c, "all_gather", ("dp",)) == 1
+    )  # capacity order (the counts ride in the statistics' sum)
 
 
 def test_ep_group_whose_assignments_are_all_dropped_still_communicates_in_step():
