@@ -224,7 +224,20 @@ MOE = gpt.config("tiny", n_layers=L, n_experts=4, top_k=2)
 
 
 def test_dp_ep_three_collectives_per_moe_layer():
-    c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
+    # and the forward's all-to-alls are started asynchronously (this rank's own block goes
+    # through its experts meanwhile); their transposes in the backward block
+    events = {r: [] for r in range(4)}
+    real = torch.distributed.all_to_all_single
+
+    def watched(*args, **kwargs):
+        in_backward = torch._C._current_graph_task_id() != -1
+        events[torch.distributed.get_rank()].append((kwargs.get("async_op", False), in_backward))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(torch.distributed, "all_to_all_single", watched):
+        c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
+    for got in events.values():  # the program runs the step twice
+        assert [a for a, b in got if not b] == [True] * (4 * L) and [a for a, b in got if b] == [False] * (4 * L)
     assert fwd(c, "all_to_all", ("ep",)) == 2 * L  # dispatch, combine
     assert fwd(c, "all_reduce", ("dp", "ep")) == L + 1  # routing statistics and counts per layer; the loss
     assert sum(n for (_, _, phase), n in c.items() if phase == "forward") == 3 * L + 1  # nothing else: no count all-gather

@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from einops import rearrange, reduce
 
-from colofn.collectives import all_gather, all_to_all, axis_index, axis_size
+from colofn.collectives import all_gather, axis_index, axis_size
 from colofn.models import gpt
+from colofn.parallel.ep._async import AllToAll
 
 __all__ = ["expert_parallel", "grouped_mlp", "local_experts"]
 
@@ -96,15 +97,24 @@ def expert_parallel(
     dest = expert // n_local
     at = dest * room + torch.arange(len(expert), device=tokens.device) - _exclusive_cumsum(sent[me])[dest]
     buffer = tokens.new_zeros(n * room, tokens.shape[-1]).index_copy(0, at, tokens[tok])
-    blocks = rearrange(buffer, "(rank room) d -> rank room d", rank=n)  # block p goes to rank p
-    received = rearrange(all_to_all(blocks, axis, 0, 0, tiled=True), "rank room d -> (rank room) d")
+    # block p goes to rank p; while it travels, this rank's own block (already here) goes through its experts
+    dispatch = AllToAll(rearrange(buffer, "(rank room) d -> rank room d", rank=n), axis)
     rows, local = _received_rows(table[:, me * n_local : (me + 1) * n_local], room)
+    own = (rows >= me * room) & (rows < (me + 1) * room)
+    own_rows, other_rows = rows[own], rows[~own]
+    done_here = torch.zeros_like(buffer).index_copy(0, own_rows, grouped_mlp(params, buffer[own_rows], local[own], config))
+    received = rearrange(dispatch.wait(), "rank room d -> (rank room) d")
     out = torch.zeros_like(received).index_copy(
-        0, rows, grouped_mlp(params, received[rows], local, config)
+        0, other_rows, grouped_mlp(params, received[other_rows], local[~own], config)
     )
-    blocks = rearrange(out, "(rank room) d -> rank room d", rank=n)  # block p goes back to rank p
-    back = rearrange(all_to_all(blocks, axis, 0, 0, tiled=True), "rank room d -> (rank room) d")
-    return torch.zeros_like(tokens).index_add(0, tok, back[at] * r.gates[tok, slot, None])
+    # block p goes back to rank p (this rank's own block is zeros: its results are done_here);
+    # while it travels, the own block's results are gated into y
+    combine = AllToAll(rearrange(out, "(rank room) d -> rank room d", rank=n), axis)
+    here = dest == me
+    gates = r.gates[tok, slot, None]
+    y = torch.zeros_like(tokens).index_add(0, tok[here], done_here[at[here]] * gates[here])
+    back = rearrange(combine.wait(), "rank room d -> (rank room) d")
+    return y.index_add(0, tok[~here], back[at[~here]] * gates[~here])
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
