@@ -115,21 +115,25 @@ def _value_and_grad_program(cfg, plan, mesh_shape, params, batch):
     return float(loss.to_local())
 
 
-def test_value_and_grad_has_no_rendezvous_in_the_forward():
-    # DDP's step synchronises once, in the backward; make_value_and_grad's loss sum (the only
-    # forward collective of dp) is started asynchronously before the backward and waited after it.
-    # dist.all_reduce is patched around the launch (the ranks are threads sharing the module).
-    params, batch = gpt.init(random.key(0), DENSE), _batch(DENSE, 4, 8)
-    want, _ = _reference(params, batch, DENSE)
-    events = {r: [] for r in range(4)}
-    real = torch.distributed.all_reduce
+def _watched(name, events):
+    """``torch.distributed.<name>`` patched to log ``(async_op, in a backward)`` per rank (the ranks are threads)."""
+    real = getattr(torch.distributed, name)
 
     def watched(*args, **kwargs):
         in_backward = torch._C._current_graph_task_id() != -1
         events[torch.distributed.get_rank()].append((kwargs.get("async_op", False), in_backward))
         return real(*args, **kwargs)
 
-    with mock.patch.object(torch.distributed, "all_reduce", watched):
+    return mock.patch.object(torch.distributed, name, watched)
+
+
+def test_value_and_grad_has_no_rendezvous_in_the_forward():
+    # DDP's step synchronises once, in the backward; make_value_and_grad's loss sum (the only
+    # forward collective of dp) is started asynchronously before the backward and waited after it.
+    params, batch = gpt.init(random.key(0), DENSE), _batch(DENSE, 4, 8)
+    want, _ = _reference(params, batch, DENSE)
+    events = {r: [] for r in range(4)}
+    with _watched("all_reduce", events):
         losses = colofn.launch(
             _value_and_grad_program, DENSE, Plan(dp="dp"), {"dp": 4}, params, batch, world_size=4
         )
@@ -227,14 +231,7 @@ def test_dp_ep_three_collectives_per_moe_layer():
     # and the forward's all-to-alls are started asynchronously (this rank's own block goes
     # through its experts meanwhile); their transposes in the backward block
     events = {r: [] for r in range(4)}
-    real = torch.distributed.all_to_all_single
-
-    def watched(*args, **kwargs):
-        in_backward = torch._C._current_graph_task_id() != -1
-        events[torch.distributed.get_rank()].append((kwargs.get("async_op", False), in_backward))
-        return real(*args, **kwargs)
-
-    with mock.patch.object(torch.distributed, "all_to_all_single", watched):
+    with _watched("all_to_all_single", events):
         c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
     for got in events.values():  # the program runs the step twice
         assert [a for a, b in got if not b] == [True] * (4 * L) and [a for a, b in got if b] == [False] * (4 * L)
