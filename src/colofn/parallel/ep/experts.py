@@ -17,7 +17,10 @@ from the table of per-expert counts (summed with the routing statistics by
 when not given), so no assignment is ever dropped for lack of room (only
 ``capacity_factor`` drops, exactly as the single-device model does). Every
 index of the dispatch and combine is computed with batched ops from that
-table (no loop over ranks or experts).
+table (no loop over ranks or experts). Both all-to-alls are started
+asynchronously (:class:`~colofn.parallel.ep._async.AllToAll`): this rank's own
+block goes through its experts while the dispatch travels, and is gated into
+the output while the combine does.
 """
 
 from __future__ import annotations
