@@ -72,7 +72,7 @@ def route_and_count(
 
     The second value is an int64 ``[axis_size(count_axis), n_experts]`` table,
     row ``i`` the counts of the rank at index ``i`` of ``count_axis`` with this
-    rank's other coordinates, invariant: what expert parallelism over
+    rank's other coordinates, invariant along ``count_axis``: what expert parallelism over
     ``count_axis`` needs to size its buffers. It is summed in the statistics'
     ``psum`` (no collective of its own). ``None`` when ``count_axis`` is not
     one of the token axes or when the counts could round in the statistics'
@@ -106,7 +106,8 @@ def route_and_count(
     if not counted:
         return routing, None
     sizes = [axis_size(a) for a in axes]
-    at = [slice(None) if a == count_axis else int(axis_index(a)) for a in axes]
+    # the rows of this rank's count_axis group: indexed by this rank's other coordinates, so it varies along them
+    at = [slice(None) if a == count_axis else axis_index(a) for a in axes]
     table = stats[2:].detach().reshape(*sizes, n_experts)[tuple(at)]  # [axis_size(count_axis), n_experts]
     return routing, table.to(torch.int64)
 
