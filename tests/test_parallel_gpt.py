@@ -115,21 +115,25 @@ def _value_and_grad_program(cfg, plan, mesh_shape, params, batch):
     return float(loss.to_local())
 
 
-def test_value_and_grad_has_no_rendezvous_in_the_forward():
-    # DDP's step synchronises once, in the backward; make_value_and_grad's loss sum (the only
-    # forward collective of dp) is started asynchronously before the backward and waited after it.
-    # dist.all_reduce is patched around the launch (the ranks are threads sharing the module).
-    params, batch = gpt.init(random.key(0), DENSE), _batch(DENSE, 4, 8)
-    want, _ = _reference(params, batch, DENSE)
-    events = {r: [] for r in range(4)}
-    real = torch.distributed.all_reduce
+def _watched(name, events):
+    """``torch.distributed.<name>`` patched to log ``(async_op, in a backward)`` per rank (the ranks are threads)."""
+    real = getattr(torch.distributed, name)
 
     def watched(*args, **kwargs):
         in_backward = torch._C._current_graph_task_id() != -1
         events[torch.distributed.get_rank()].append((kwargs.get("async_op", False), in_backward))
         return real(*args, **kwargs)
 
-    with mock.patch.object(torch.distributed, "all_reduce", watched):
+    return mock.patch.object(torch.distributed, name, watched)
+
+
+def test_value_and_grad_has_no_rendezvous_in_the_forward():
+    # DDP's step synchronises once, in the backward; make_value_and_grad's loss sum (the only
+    # forward collective of dp) is started asynchronously before the backward and waited after it.
+    params, batch = gpt.init(random.key(0), DENSE), _batch(DENSE, 4, 8)
+    want, _ = _reference(params, batch, DENSE)
+    events = {r: [] for r in range(4)}
+    with _watched("all_reduce", events):
         losses = colofn.launch(
             _value_and_grad_program, DENSE, Plan(dp="dp"), {"dp": 4}, params, batch, world_size=4
         )
@@ -223,11 +227,17 @@ def test_ring_learned_positions_untied():
 MOE = gpt.config("tiny", n_layers=L, n_experts=4, top_k=2)
 
 
-def test_dp_ep_two_all_to_alls_per_moe_layer():
-    c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
+def test_dp_ep_three_collectives_per_moe_layer():
+    # and the forward's all-to-alls are started asynchronously (this rank's own block goes
+    # through its experts meanwhile); their transposes in the backward block
+    events = {r: [] for r in range(4)}
+    with _watched("all_to_all_single", events):
+        c, _ = run(MOE, Plan(dp="dp", ep="ep"), {"dp": 2, "ep": 2})
+    for got in events.values():  # the program runs the step twice
+        assert [a for a, b in got if not b] == [True] * (4 * L) and [a for a, b in got if b] == [False] * (4 * L)
     assert fwd(c, "all_to_all", ("ep",)) == 2 * L  # dispatch, combine
-    assert fwd(c, "all_gather", ("ep",)) == L  # per-expert counts (buffer sizes)
-    assert fwd(c, "all_reduce", ("dp", "ep")) == L + 1  # routing statistics per layer; the loss
+    assert fwd(c, "all_reduce", ("dp", "ep")) == L + 1  # routing statistics and counts per layer; the loss
+    assert sum(n for (_, _, phase), n in c.items() if phase == "forward") == 3 * L + 1  # nothing else: no count all-gather
     assert bwd(c, "all_to_all", ("ep",)) == 2 * L
 
 
@@ -235,8 +245,8 @@ def test_ep_on_the_data_axis_with_capacity():
     cfg = gpt.config("tiny", n_layers=L, n_experts=4, top_k=2, capacity_factor=1.0, moe_every=2)
     c, _ = run(cfg, Plan(dp="dp", ep="dp"), {"dp": 4})
     assert (
-        fwd(c, "all_to_all", ("dp",)) == 2 and fwd(c, "all_gather", ("dp",)) == 2
-    )  # counts; capacity order
+        fwd(c, "all_to_all", ("dp",)) == 2 and fwd(c, "all_gather", ("dp",)) == 1
+    )  # capacity order (the counts ride in the statistics' sum)
 
 
 def test_ep_group_whose_assignments_are_all_dropped_still_communicates_in_step():

@@ -234,3 +234,24 @@ def test_expert_parallel_equals_local_experts(n):
     f = _mapped(local, {"ep": n}, (specs, P("ep")), (P("ep"), P()))
     assert_equivalent(f, single, params, x, world_size=n)
     assert math.isfinite(float(single(params, x)[1]))
+
+
+def test_counts_in_the_statistics_sum_are_the_gathered_counts_and_size_the_dispatch():
+    cfg = gpt.config("tiny", n_experts=4, top_k=2, capacity_factor=1.0, dtype=torch.float64)
+    params = gpt.init(random.key(0), cfg)["layers"][0]["moe"]
+    x = random.normal(random.key(1), (4, 6, cfg.d_model), torch.float64)  # [batch, seq, d]
+
+    def local(params, x):
+        r, table = ep.route_and_count(params["router"], x, cfg, batch_axes=("dp", "ep"), count_axis="ep")
+        kept = torch.bincount(r.expert_index[r.keep], minlength=4)
+        gathered = colofn.all_gather(kept, "ep", axis_dim=0, to="invariant")
+        assert table is not None and torch.equal(table, gathered), (table, gathered)
+        y = ep.expert_parallel(params, x.flatten(0, 1), r, cfg, "ep", table)
+        return y.reshape(x.shape), r.aux_loss
+
+    def single(params, x):
+        return gpt.moe(params, x, cfg)
+
+    specs = {"router": P(), "w1": P("ep"), "w2": P("ep")}
+    f = _mapped(local, {"dp": 2, "ep": 2}, (specs, P(("dp", "ep"))), (P(("dp", "ep")), P()))
+    assert_equivalent(f, single, params, x, world_size=4)

@@ -25,6 +25,14 @@ def test_report_has_communication_by_collective_memory_and_the_check_difference(
     assert "communication per step" in report and "all_reduce over dp, backward" in report
     assert "peak resident memory per rank" in report
     assert "log scale" in (out / "loss_curve.svg").read_text()
+    split = record["time_split"]  # the parts of step 2 on each rank, which add up to at most the step
+    assert record["time_split_steps"] == [2, 2] and set(split) == {"step", "compute", "communication", "wait"}
+    for r in range(2):
+        parts = [split[k][r] for k in ("compute", "communication", "wait")]
+        assert all(p >= 0 for p in parts) and split["communication"][r] > 0  # dp=2 waits for its buckets
+        assert sum(parts) <= split["step"][r] * (1 + 1e-9)
+    assert min(split["wait"]) == 0.0  # the rank blocked least waited for no one
+    assert "rank 1: " in report and "compute + communication + wait" in report
 
 
 def test_difference_panel_only_with_a_check_and_exact_zeros_at_the_floor():

@@ -18,6 +18,7 @@ from colofn.mesh import Mesh
 from colofn.models import gpt
 from colofn.optim.adam import AdamState
 from colofn.tracing import comm_trace
+from colofn.train import timing
 from colofn.train.config import TrainConfig
 from colofn.train.trainers import DenseTrainer, PipelineTrainer, ZeroTrainer
 from colofn.world import process_index
@@ -188,16 +189,22 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
     say(header)
     per_rank: list[int] | None = None
     progress = Progress(sys.stdout)
+    step_s: list[float] = []
+    blocked_s: list[float] = []
+    clock = timing.BlockedClock()
     for step in range(start, cfg.steps):
         batch = sample(step)
-        t0 = time.perf_counter()
-        if step == start:  # every step communicates the same: trace the first
-            with comm_trace() as comm:
+        with clock:
+            t0, b0 = time.perf_counter(), clock.blocked
+            if step == start:  # every step communicates the same: trace the first
+                with comm_trace() as comm:
+                    loss = trainer.step(batch)
+                record["comm_per_step"] = comm_summary(comm)
+            else:
                 loss = trainer.step(batch)
-            record["comm_per_step"] = comm_summary(comm)
-        else:
-            loss = trainer.step(batch)
-        dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+        step_s.append(dt)
+        blocked_s.append(clock.blocked - b0)
         if per_rank is None:  # the sizes of what a rank holds do not change between steps
             per_rank = _per_rank(trainer.local_bytes())
         single = checker.step(batch) if checker else None
@@ -217,4 +224,17 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
             if me == 0:
                 progress.note(f"  saved {path}")
     record["peak_rss_per_rank"] = _peak_rss_per_rank()
+    if step_s:  # the first step (traced, and the first of its kind) is left out unless it is the only one
+        first = 1 if len(step_s) > 1 else 0
+        record["time_split"] = timing.split(_per_rank_floats(step_s[first:]), _per_rank_floats(blocked_s[first:]))
+        record["time_split_steps"] = [start + first + 1, cfg.steps]
     return record
+
+
+def _per_rank_floats(values: list[float]) -> list[list[float]]:
+    """``values`` (as long on every rank) from every rank, in rank order (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [values]
+    out = [torch.zeros(len(values), dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(values, dtype=torch.float64))
+    return [t.tolist() for t in out]

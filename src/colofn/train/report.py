@@ -113,6 +113,14 @@ def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
         total = sum(b for _, b in comm.values())
         lines.append(f"- communication per step (rank 0, bytes sent as by a ring algorithm): {_bytes(total)}"
                      + "".join(f"\n  - {html.escape(k)}: {n} op(s), {_bytes(b)}" for k, (n, b) in comm.items()))
+    split = record.get("time_split")
+    if split:
+        first, last = record["time_split_steps"]
+        lines.append(f"- time per step, mean of steps {first}..{last}, per rank: compute + communication + wait of the step, ms "
+                     "(communication: the least time any rank was blocked in communication that step; "
+                     "wait: this rank's blocked time beyond it; compute: the rest)"
+                     + "".join(f"\n  - rank {r}: {1e3 * split['compute'][r]:.1f} + {1e3 * split['communication'][r]:.1f}"
+                               f" + {1e3 * split['wait'][r]:.1f} of {1e3 * split['step'][r]:.1f}" for r in range(len(split["step"]))))
     rss = record.get("peak_rss_per_rank")
     if rss:
         lines.append("- peak resident memory per rank process (simulated ranks share one process): "

@@ -8,7 +8,7 @@ from einops import rearrange
 from colofn.collectives import pmean
 from colofn.models import gpt
 from colofn.parallel.ep.experts import expert_parallel, local_experts
-from colofn.parallel.ep.routing import route
+from colofn.parallel.ep.routing import route_and_count
 from colofn.parallel.plan import Plan
 
 __all__ = ["moe"]
@@ -25,15 +25,18 @@ def moe(
     ``d_ff`` is split over ``tp`` and ``y`` is a partial sum (the caller leaves
     the region). Every ``tp`` rank routes the same tokens identically, so the
     loss is their ``pmean``: invariant, with each rank's share of the gradient.
+    The expert-parallel buffer sizes ride in the routing statistics' ``psum``
+    (:func:`~colofn.parallel.ep.routing.route_and_count`).
     """
     seq_axis = plan.sp_axis if plan.sp in ("ulysses", "ring") else None
-    r = route(
-        params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis, seq_layout=plan.seq_layout
-    )
+    r, table = route_and_count(
+        params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis,
+        seq_layout=plan.seq_layout, count_axis=plan.ep,
+    )  # fmt: skip
     tokens = rearrange(x, "b s d -> (b s) d")
     if plan.ep is None:
         y = local_experts(params, tokens, r, config)
     else:
-        y = expert_parallel(params, tokens, r, config, plan.ep)
+        y = expert_parallel(params, tokens, r, config, plan.ep, table)
     aux = r.aux_loss if plan.tp is None else pmean(r.aux_loss, plan.tp)
     return rearrange(y, "(b s) d -> b s d", b=x.shape[0]), aux

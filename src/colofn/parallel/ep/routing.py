@@ -14,6 +14,10 @@ exactly as the single-device step does.
   first choices of all tokens in global token order, then second choices, ...
   Each rank all-gathers the per-row assignment counts of the other shards to
   find how many assignments precede its own.
+* Expert-parallel buffer sizes (:func:`route_and_count`): the kept assignments
+  per expert of every rank, as rows of a ``[ranks, experts]`` table that rides
+  in the statistics' ``psum`` (each rank fills only its own row, so the sum is
+  the table), instead of a separate all-gather: one rendezvous per layer fewer.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from colofn.collectives import all_gather, axis_index, axis_size, psum
 from colofn.models import gpt
 from colofn.parallel.sp.chunks import Layout, chunk_ids
 
-__all__ = ["route"]
+__all__ = ["route", "route_and_count"]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,30 @@ def route(
     Returns a :class:`colofn.models.gpt.Routing` for the ``b * s`` local tokens
     (row-major) equal to ``gpt.route`` on the global tokens, restricted to this block.
     """
+    return route_and_count(router, x, config, batch_axes=batch_axes, seq_axis=seq_axis, seq_layout=seq_layout)[0]
+
+
+def route_and_count(
+    router: torch.Tensor,
+    x: torch.Tensor,
+    config: gpt.GPTConfig,
+    *,
+    batch_axes: tuple[str, ...] = (),
+    seq_axis: str | None = None,
+    seq_layout: Layout = "contiguous",
+    count_axis: str | None = None,
+) -> tuple[gpt.Routing, torch.Tensor | None]:
+    """:func:`route`, and the kept assignments per expert of every rank along ``count_axis``.
+
+    The second value is an int64 ``[axis_size(count_axis), n_experts]`` table,
+    row ``i`` the counts of the rank at index ``i`` of ``count_axis`` with this
+    rank's other coordinates, invariant along ``count_axis``: what expert parallelism over
+    ``count_axis`` needs to size its buffers. It is summed in the statistics'
+    ``psum`` (no collective of its own). ``None`` when ``count_axis`` is not
+    one of the token axes or when the counts could round in the statistics'
+    float dtype (``2**24`` assignments or more in float32): then the caller
+    gathers the counts itself.
+    """
     b, s, _ = x.shape
     n_experts, k = router.shape[1], config.top_k
     axes = batch_axes + ((seq_axis,) if seq_axis else ())
@@ -58,18 +86,30 @@ def route(
     gates, expert_index = probs.topk(k, dim=-1)
     chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
     stats = torch.stack([chosen.sum(dim=(0, 1)), probs.sum(dim=0)])
-    n_tokens = b * s
-    if axes:
-        stats = psum(stats, axes)
-        n_tokens *= axis_size(axes)
-    aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
+    n_tokens = b * s * (axis_size(axes) if axes else 1)
     if config.capacity_factor is None:
         keep = torch.ones_like(expert_index, dtype=torch.bool)
     else:
         capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
         per_token = rearrange(chosen.detach(), "(b s) k e -> b s k e", b=b)
         keep = rearrange(_rank_in_expert(per_token, batch_axes, seq_axis, seq_layout) < capacity, "b s k -> (b s) k")
-    return gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
+    exact = n_tokens * k <= 2 / torch.finfo(stats.dtype).eps  # every partial sum of counts is an exact float
+    counted = count_axis is not None and count_axis in axes and exact
+    if counted:  # this rank's row of the [ranks, experts] table; the psum fills the others
+        mine = int(axis_index(axes))
+        counts = torch.bincount(expert_index[keep], minlength=n_experts).to(stats.dtype)
+        stats = torch.cat([stats, F.pad(counts[None], (0, 0, mine, axis_size(axes) - mine - 1))])
+    if axes:
+        stats = psum(stats, axes)
+    aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
+    routing = gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
+    if not counted:
+        return routing, None
+    sizes = [axis_size(a) for a in axes]
+    # the rows of this rank's count_axis group: indexed by this rank's other coordinates, so it varies along them
+    at = [slice(None) if a == count_axis else axis_index(a) for a in axes]
+    table = stats[2:].detach().reshape(*sizes, n_experts)[tuple(at)]  # [axis_size(count_axis), n_experts]
+    return routing, table.to(torch.int64)
 
 
 def _rank_in_expert(
