@@ -31,6 +31,20 @@ def test_every_check_on_gloo(world_size: int) -> None:
     assert sim == out
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.mark.gloo
+def test_gloo_ranks_share_the_cores() -> None:
+    """Each rank gets its share of the cores, not one thread per core each (as torchrun's OMP_NUM_THREADS=1)."""
+    from colofn._world.procs import rank_threads
+
+    assert colofn.launch(_threads, world_size=2, backend="gloo", timeout=60) == [rank_threads(2)] * 2
+
+
 @pytest.mark.gloo
 def test_rank_exception_on_gloo() -> None:
     with pytest.raises(KeyError) as e:

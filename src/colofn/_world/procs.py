@@ -66,6 +66,25 @@ _OK, _RAISED = b"\x01", b"\x00"
 # ----------------------------------------------------------------------------- rank side
 
 
+def rank_threads(size: int, env: Any = os.environ) -> int:
+    """Intra-op threads for each of ``size`` ranks on this machine: their share of its cores.
+
+    Every rank process would otherwise start one thread per core, and ``size``
+    ranks would oversubscribe the machine ``size`` times (a step on 4 ranks of
+    a 2-core machine ran ~40x slower). torchrun sets ``OMP_NUM_THREADS=1`` for
+    the same reason; a value the user set is kept.
+
+    >>> rank_threads(4, env={"OMP_NUM_THREADS": "3"})
+    3
+    >>> rank_threads(10_000, env={})
+    1
+    """
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // size)
+
+
 def _worker(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -82,6 +101,7 @@ def _worker(
 
     _watch_parent(parent, world_dir, rank)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size))
+    torch.set_num_threads(rank_threads(size))
     b: board.Board | None = None
     try:
         dist.init_process_group(
