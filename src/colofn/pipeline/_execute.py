@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from einops import rearrange
 
-from colofn import _comm
+from colofn import _comm, _step_sums
 from colofn import tree as jt
 from colofn.errors import ShapeError, TreeError, TreeTypeError
 from colofn.pipeline._p2p import Meta, Pending, Wire, meta_of
@@ -99,6 +99,9 @@ class Step:
         self.saved: dict[tuple[int, int], _Saved] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.acc = {st: [torch.zeros_like(p) for p in self.param_leaves[st]] for st in self.params}
+        self.sums = _step_sums.StepSums()  # the stages' dp gradient sums, once per step
+        for st in self.params:
+            self.sums.register(st, self.param_leaves[st])
         self.wire = Wire(_comm.axis_group(pipe.mesh, (pipe.axis_name,)), pipe.axis_name,
                          pipe._tags, pipe.mesh.device)
 
@@ -133,9 +136,14 @@ class Step:
 
     # ------------------------------------------------------------------- the loop
     def run(self) -> PipelineResult:
+        with _step_sums.active(self.sums):
+            return self._run()
+
+    def _run(self) -> PipelineResult:
         from colofn.pipeline.runtime import PipelineResult
 
         program = self.pipe._program
+        last_pass = self.pipe._last_param_pass
         events = []
         posted: dict[int, Pending] = {}
         ahead = 0  # the next op whose receives are not posted yet
@@ -157,14 +165,20 @@ class Step:
                     pending = posted.pop(k)
                     pending.wait()
                     self._deliver(pending)
+            stage = last_pass.get(k)
+            if stage is not None:
+                self.sums.begin_last(stage)
             start = time.perf_counter()
             sends = self._compute(op)
             end = time.perf_counter()
+            if stage is not None:
+                self.sums.end_last(stage)
             events.append(Event(self.me, op.action, start - t0, end - t0))
             if sends:
                 self.wire.send(sends)
         losses = self._share_losses(loss)
         self.wire.wait_sends()
+        self.sums.finish(self.acc)
         if self.discovery:
             self.pipe._metas[self.signature] = self.metas
         grads = {st: jt.unflatten(self.param_defs[st], self.acc[st]) for st in self.params}

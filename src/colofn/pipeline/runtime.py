@@ -108,7 +108,7 @@ from colofn.mesh import Mesh, get_mesh
 from colofn.pipeline import _wire_meta
 from colofn.pipeline._execute import Step
 from colofn.pipeline._p2p import Meta
-from colofn.pipeline._program import make_links, num_tags, programs
+from colofn.pipeline._program import last_param_passes, make_links, num_tags, programs
 from colofn.pipeline.ir import Schedule
 from colofn.pipeline.simulation import Event
 from colofn.pipeline.validation import validate
@@ -205,6 +205,7 @@ class Pipeline:
         self.rank = m.axis_index(axis_name)
         self.local_stages = schedule.stages_of(self.rank)
         self._program = programs(schedule, self.links)[self.rank]
+        self._last_param_pass = last_param_passes(self._program)
         self._tags = num_tags(schedule.num_stages, len(self.links), schedule.num_microbatches)
         self._metas: dict[Any, dict[int, Meta]] = {}  # input signature -> link -> metadata
 
