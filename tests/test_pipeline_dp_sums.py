@@ -35,12 +35,12 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
     def program():
         mesh = colofn.Mesh((2, 2), ("pp", "dp"))
         seen: list[int] = []
-        rec: list = []
+        trace: list = []  # the open comm_trace's records
 
         def layers(p, h):
             h = torch.tanh(h @ p[0])
             if h.requires_grad:  # fires when dL/dh0 exists: after the second layer's parameter gradient
-                h.register_hook(lambda _: seen.append(sum(r.op == "all_reduce" and r.phase == "backward" for r in rec)))
+                h.register_hook(lambda _: seen.append(sum(r.op == "all_reduce" and r.phase == "backward" for r in trace[0])))
             return torch.tanh(h @ p[1])
 
         mse = lambda p, h, t: ((layers(p, h) - t) ** 2).mean()  # noqa: E731  (this rank's part of the mean)
@@ -49,6 +49,7 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
         pipe = Pipeline(stages, make_schedule("1f1b", 2, 4), mesh=mesh)
         d = mesh.axis_index("dp")
         with colofn.comm_trace() as rec:
+            trace.append(rec)
             outs = [pipe(w, x.view(2, 8, 4)[d], t.view(2, 8, 4)[d]) for _ in range(2)]
         reduces = [r for r in rec if r.op == "all_reduce"]
         return seen, [(r.axes, r.shape, r.phase) for r in reduces], outs[-1].loss, gather_stages(outs[-1].grads, mesh=mesh)
@@ -117,3 +118,23 @@ def test_receives_are_posted_before_the_action_ahead_of_them_runs():
         for k in needs:
             posted_at = events.index(("post", k))
             assert k == 0 or posted_at < events.index(("compute", k - 1)), (k, events)
+
+
+def test_train_reports_one_dp_reduction_per_step_and_the_measured_bubble_next_to_simulate(tmp_path):
+    """``colofn train`` with pp=2 x dp=2 (the GPT's real stages): one backward all-reduce over dp per step
+    on rank 0 (all of stage 0's parameters in one bucket), and the report gives the last step's measured
+    idle per pipeline rank next to simulate()'s for the same schedule and measured action times."""
+    import json
+
+    from colofn.train import TrainConfig, parse_mesh, train
+
+    out = tmp_path / "out"
+    cfg = TrainConfig(mesh=tuple(parse_mesh("pp=2,dp=2").items()), out=str(out), steps=2, warmup=1)
+    assert train(cfg) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["comm_per_step"]["all_reduce over dp, backward"][0] == 1
+    idle = record["pipeline_idle"]
+    assert len(idle["measured_idle_s"]) == len(idle["simulated_idle_s"]) == 2
+    assert all(i >= 0 for i in idle["measured_idle_s"] + idle["simulated_idle_s"])
+    assert 0 < idle["simulated_makespan_s"] and 0 < idle["measured_makespan_s"]
+    assert "pipeline bubble of the last step" in (out / "report.md").read_text()

@@ -196,4 +196,18 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
             if me == 0:
                 progress.note(f"  saved {path}")
     record["peak_rss_per_rank"] = _peak_rss_per_rank()
+    if getattr(trainer, "events", None) is not None:
+        record["pipeline_idle"] = pipeline_idle(trainer.pipe, trainer.events)
     return record
+
+
+def pipeline_idle(pipe: Any, events: Any) -> dict[str, Any]:
+    """The last step's measured idle per pipeline rank next to ``simulate()``'s (collective)."""
+    from colofn.pipeline.measured import compare_to_simulation, gather_events
+
+    s = pipe.schedule
+    length = max(sum(a is not None for a in row) for row in s.actions)
+    c = compare_to_simulation(s, gather_events(events, pipe.rank, s.num_ranks, length))
+    return {"measured_idle_s": list(c.measured_idle), "simulated_idle_s": list(c.simulated_idle),
+            "measured_makespan_s": c.measured_makespan, "simulated_makespan_s": c.simulated_makespan,
+            "measured_bubble": c.measured_bubble, "simulated_bubble": c.simulated_bubble, "summary": c.summary()}

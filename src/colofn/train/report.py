@@ -113,6 +113,10 @@ def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
         total = sum(b for _, b in comm.values())
         lines.append(f"- communication per step (rank 0, bytes sent as by a ring algorithm): {_bytes(total)}"
                      + "".join(f"\n  - {html.escape(k)}: {n} op(s), {_bytes(b)}" for k, (n, b) in comm.items()))
+    idle = record.get("pipeline_idle")
+    if idle is not None:
+        lines.append("- pipeline bubble of the last step (idle per pipeline rank, against `simulate()` of the same "
+                     f"schedule with the measured action times): {html.escape(idle['summary'])}")
     rss = record.get("peak_rss_per_rank")
     if rss:
         lines.append("- peak resident memory per rank process (simulated ranks share one process): "

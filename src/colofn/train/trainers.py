@@ -154,6 +154,7 @@ class PipelineTrainer:
         tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)
         targets = local_block(batch["targets"], self.batch_specs["targets"], self.mesh)
         result = self.pipe(self.params, tokens, targets)
+        self.events = result.events  # the step's compute per action, for the report's measured bubble
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
             self.params[s] = jt.map(torch.Tensor.detach, optim.apply_updates(self.params[s], updates))
