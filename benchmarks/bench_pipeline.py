@@ -38,6 +38,7 @@ from torch import nn
 import colofn
 from colofn import pipeline
 from colofn._comm import axis_group
+from colofn.pipeline.measured import measured_costs
 
 PAIRS = [  # colofn schedule, chunks, torch.distributed.pipelining class
     ("gpipe", 1, "ScheduleGPipe"),
@@ -176,25 +177,8 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
 
 
 def costs_from(events: list[list[Any]], num_stages: int) -> pipeline.Costs:
-    """Median measured time of each kind on each stage (B splits evenly into I and W if alone)."""
-    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for rank_events in events:
-        for step in rank_events:
-            for e in step:
-                acc[(e.action.kind.value, e.action.stage)].append(e.end - e.start)
-
-    def mean(kind: str, s: int) -> float | None:  # the median: robust to preempted actions
-        v = acc.get((kind, s))
-        return statistics.median(v) if v else None
-
-    f, i, w, b = [], [], [], []
-    for s in range(num_stages):
-        fb = mean("B", s)
-        f.append(mean("F", s) or 0.0)
-        i.append(mean("I", s) or (fb or 0.0) / 2)
-        w.append(mean("W", s) or (fb or 0.0) / 2)
-        b.append(fb if fb is not None else i[-1] + w[-1])
-    return pipeline.Costs(forward=f, input_grad=i, weight_grad=w, backward=b)
+    """Median measured time of each kind on each stage, over every rank's steps."""
+    return measured_costs(num_stages, [e for rank_events in events for step in rank_events for e in step])
 
 
 def summarize(world: int, backend: str, per_rank: list[dict], cfg: dict) -> list[dict]:

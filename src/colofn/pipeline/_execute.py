@@ -89,11 +89,9 @@ class Step:
             self.targets = _split(targets, self.M, "targets")[0]
         self.discovery = self.signature not in pipe._metas
         self.metas: dict[int, Meta] = dict(pipe._metas.get(self.signature, {}))
-        self.into: dict[int, list[Link]] = {}
-        self.out_of: dict[int, list[Link]] = {}
-        for link in pipe.links:
-            self.into.setdefault(link.dst, []).append(link)
-            self.out_of.setdefault(link.src, []).append(link)
+        self.into, self.out_of, self.routed = pipe._into, pipe._out_of, pipe._routed  # precomputed per pipeline
+        self.send_of = pipe._send_of  # action -> link -> the message its result goes out in
+        self.grad_metas: dict[int, Meta] = {}  # link -> the shapes of its gradient messages, this step
         self.acts: dict[tuple[int, int], Any] = {}  # (link, microbatch) -> activation pytree
         self.grads_in: dict[tuple[int, int], list[torch.Tensor]] = {}  # (link, mb) -> grads
         self.saved: dict[tuple[int, int], _Saved] = {}
@@ -188,7 +186,10 @@ class Step:
         """The shapes of ``msg``: of the link's activations, or their floating leaves for gradients."""
         meta = self.metas[msg.link]
         if msg.payload is Payload.GRADIENT:
-            return None, tuple(sp for sp in meta[1] if sp[1].is_floating_point)
+            grad = self.grad_metas.get(msg.link)
+            if grad is None:
+                grad = self.grad_metas[msg.link] = (None, tuple(sp for sp in meta[1] if sp[1].is_floating_point))
+            return grad
         return meta
 
     def _deliver(self, pending: Pending) -> None:
@@ -251,7 +252,7 @@ class Step:
             y = fn(params, x)
         outputs: dict[int, list[torch.Tensor]] = {}
         sends = []
-        routed = [n for link in self.out_of[s] if link.names is not None for n in link.names]
+        routed = self.routed[s]
         for link in self.out_of[s]:
             value = _route(y, link, routed, s)
             leaves, treedef = jt.flatten(value)
@@ -261,7 +262,7 @@ class Step:
                 continue
             meta = meta_of(treedef, leaves)
             self._check_meta(link.key, meta, f"stage {s}'s output for microbatch {m}")
-            msg = next(x for x in op.sends if x.link == link.key)
+            msg = self.send_of[op.action][link.key]
             sends.append((msg, leaves, meta if self.discovery else None))
         self.saved[(s, m)] = _Saved(inputs, outputs)
         return sends
@@ -296,7 +297,7 @@ class Step:
             if self.rank_of[src] == self.me:
                 self.grads_in[(link, m)] = part
             else:
-                msg = next(x for x in op.sends if x.link == link)
+                msg = self.send_of[op.action][link]
                 sends.append((msg, part, None))
         return sends
 

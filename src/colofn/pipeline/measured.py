@@ -4,8 +4,8 @@
 :class:`~colofn.pipeline.Event` s (``PipelineResult.events``; seconds from the
 start of that rank's step). :func:`compare_to_simulation` takes every rank's
 events of one step, measures each rank's idle (the step's span minus the
-rank's compute), and simulates the same schedule with the *measured* mean time
-of each kind of action on each stage (no latency). The difference is what the
+rank's compute), and simulates the same schedule with the *measured* median
+time of each kind of action on each stage (:func:`measured_costs`; no latency). The difference is what the
 schedule alone does not explain: the time to move activations and gradients,
 ranks that start the step at different moments, per-action work outside the
 compute (posting and waiting for messages) and machine load.
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from colofn.pipeline.ir import Action, ActionKind, Schedule
 from colofn.pipeline.simulation import Costs, Event, simulate
 
-__all__ = ["BubbleComparison", "compare_to_simulation", "gather_events"]
+__all__ = ["BubbleComparison", "compare_to_simulation", "gather_events", "measured_costs"]
 
 _KINDS = tuple(ActionKind)
 
@@ -42,7 +42,7 @@ class BubbleComparison(NamedTuple):
     """Measured and simulated idle of one step, per pipeline rank (seconds).
 
     Attributes:
-        costs: the measured mean time of each kind of action per stage, as
+        costs: the measured median time of each kind of action per stage, as
             given to :func:`~colofn.pipeline.simulate`.
         measured_idle: per rank, the step's span (the latest end of any
             rank's last action, each rank timed from the start of its own step)
@@ -78,8 +78,13 @@ class BubbleComparison(NamedTuple):
                 f"(idle ms measured vs simulated: {ranks})")
 
 
-def compare_to_simulation(schedule: Schedule, events: Sequence[Event]) -> BubbleComparison:
-    """Every rank's ``events`` of one step (``Event.rank``: the pipeline rank) against ``simulate()``."""
+def measured_costs(num_stages: int, events: Sequence[Event]) -> Costs:
+    """The median measured time of each kind of action on each stage, as :class:`~colofn.pipeline.Costs`.
+
+    The median, not the mean: one action preempted by another process should
+    not move a stage's cost. Kinds a schedule does not use cost 0 (a ``B``-less
+    zero-bubble schedule leaves ``backward`` to ``I + W``).
+    """
     times: dict[tuple[ActionKind, int], list[float]] = {}
     for e in events:
         times.setdefault((e.action.kind, e.action.stage), []).append(e.end - e.start)
@@ -87,12 +92,17 @@ def compare_to_simulation(schedule: Schedule, events: Sequence[Event]) -> Bubble
     def per_stage(kind: ActionKind) -> tuple[float, ...] | None:
         if not any(k is kind for k, _ in times):
             return None
-        return tuple(statistics.fmean(times.get((kind, s), [0.0])) for s in range(schedule.num_stages))
+        return tuple(statistics.median(times.get((kind, s), [0.0])) for s in range(num_stages))
 
     split = per_stage(ActionKind.I) is not None
-    costs = Costs(forward=per_stage(ActionKind.F) or 0.0, input_grad=per_stage(ActionKind.I) or 0.0,
-                  weight_grad=per_stage(ActionKind.W) or 0.0,
-                  backward=per_stage(ActionKind.B) or (None if split else 0.0))
+    return Costs(forward=per_stage(ActionKind.F) or 0.0, input_grad=per_stage(ActionKind.I) or 0.0,
+                 weight_grad=per_stage(ActionKind.W) or 0.0,
+                 backward=per_stage(ActionKind.B) or (None if split else 0.0))
+
+
+def compare_to_simulation(schedule: Schedule, events: Sequence[Event]) -> BubbleComparison:
+    """Every rank's ``events`` of one step (``Event.rank``: the pipeline rank) against ``simulate()``."""
+    costs = measured_costs(schedule.num_stages, events)
     sim = simulate(schedule, costs)
     busy = [0.0] * schedule.num_ranks
     for e in events:

@@ -108,7 +108,7 @@ from colofn.mesh import Mesh, get_mesh
 from colofn.pipeline import _wire_meta
 from colofn.pipeline._execute import Step
 from colofn.pipeline._p2p import Meta
-from colofn.pipeline._program import last_param_passes, make_links, num_tags, programs
+from colofn.pipeline._program import Link, last_param_passes, make_links, num_tags, programs
 from colofn.pipeline.ir import Schedule
 from colofn.pipeline.simulation import Event
 from colofn.pipeline.validation import validate
@@ -206,6 +206,15 @@ class Pipeline:
         self.local_stages = schedule.stages_of(self.rank)
         self._program = programs(schedule, self.links)[self.rank]
         self._last_param_pass = last_param_passes(self._program)
+        # this rank's program, precomputed once: links by stage, names routed away, each action's messages
+        self._into: dict[int, list[Link]] = {}
+        self._out_of: dict[int, list[Link]] = {}
+        for link in self.links:
+            self._into.setdefault(link.dst, []).append(link)
+            self._out_of.setdefault(link.src, []).append(link)
+        self._routed = {s: [n for k in self._out_of.get(s, ()) if k.names is not None for n in k.names]
+                        for s in range(schedule.num_stages)}
+        self._send_of = {op.action: {msg.link: msg for msg in op.sends} for op in self._program}
         self._tags = num_tags(schedule.num_stages, len(self.links), schedule.num_microbatches)
         self._metas: dict[Any, dict[int, Meta]] = {}  # input signature -> link -> metadata
 
