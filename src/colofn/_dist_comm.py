@@ -370,7 +370,10 @@ class GradBucket:
         if not local.requires_grad:
             return local
         if self.step_sums is not None and (h := self.step_sums.handle(local)) is not None:
-            self.deferred[index] = h
+            self.deferred[index] = h  # the step adds its sums: no backward node of its own to wait in
+            out = local.view_as(local)
+            self.owned[id(out)] = index
+            return out
         out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g), lin=_same)
         self.owned[id(out)] = index
         return out
