@@ -165,7 +165,7 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
                 if k >= cfg["warmup"]:
                     times[fw].append(time.perf_counter() - t0)
         outs = steps["colofn"].outputs[-cfg["steps"]:]
-        entry["colofn"] = {"times": times["colofn"], "events": [o.events for o in outs],
+        entry["colofn"] = {"times": times["colofn"], "events": [[plain(e) for e in o.events] for o in outs],
                            "grads": outs[-1].grads}
         if "torch" in steps:
             entry["torch"] = {"times": times["torch"], "grads": steps["torch"].grads()}
@@ -174,6 +174,15 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
 
 
 # ----------------------------------------------------------------------------- the report
+
+
+def plain(e: pipeline.Event) -> list[Any]:
+    """An event as data (ranks return data to the launcher, never pickled objects)."""
+    return [e.rank, e.action.stage, e.action.kind.value, e.action.microbatch, e.start, e.end]
+
+
+def event(x: list[Any]) -> pipeline.Event:
+    return pipeline.Event(x[0], pipeline.Action(x[1], x[2], x[3]), x[4], x[5])
 
 
 def costs_from(events: list[list[Any]], num_stages: int) -> pipeline.Costs:
@@ -186,6 +195,8 @@ def summarize(world: int, backend: str, per_rank: list[dict], cfg: dict) -> list
     for name, chunks, cls_name in PAIRS:
         schedule = pipeline.make_schedule(name, world, cfg["microbatches"], chunks=chunks)
         c = [r[name]["colofn"] for r in per_rank]
+        for x in c:
+            x["events"] = [[event(e) for e in step] for step in x["events"]]
         step_c = [max(ts) for ts in zip(*(x["times"] for x in c), strict=True)]
         idle = []
         for r in range(world):
