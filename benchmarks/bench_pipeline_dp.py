@@ -29,8 +29,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_train as bt  # noqa: E402
 import colofn  # noqa: E402
-from colofn import _step_sums, data, random  # noqa: E402
-from colofn.models import gpt  # noqa: E402
+import profile_train  # noqa: E402
+from colofn import _step_sums  # noqa: E402
 from colofn.pipeline import Pipeline  # noqa: E402
 from colofn.pipeline.measured import compare_to_simulation, gather_events  # noqa: E402
 
@@ -39,13 +39,7 @@ _current = _step_sums.current
 
 
 def rank_program(steps: int, compare: int) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    s = next(x for x in bt.STRATEGIES if x.name == ROW)
-    cfg = bt.train_config(s, 4)
-    mcfg = cfg.model_config()
-    mesh = colofn.Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
-    params = gpt.init(random.key(0), mcfg)
-    batch = data.sample_batch(random.key(100), data.encode(data.text()), bt.BATCH, mcfg.seq_len)
+    s, cfg, mcfg, mesh, params, batch = profile_train.row(ROW)
     runs: dict[str, Any] = {"once per step": bt.Colofn(cfg, mcfg, params, mesh), "per microbatch": bt.Colofn(cfg, mcfg, params, mesh),
             "torch": bt.Native(s, cfg, mcfg, params, mesh, True)}
 

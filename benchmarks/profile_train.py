@@ -23,6 +23,7 @@ import os
 import pstats
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ from colofn import data, random  # noqa: E402
 from colofn.models import gpt  # noqa: E402
 
 
-def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: int = 0) -> str | None:
+def row(name: str) -> tuple[Any, ...]:
+    """``(strategy, config, model config, mesh, params, batch)`` of ``bench_train.py``'s row ``name``, world 4 (one thread)."""
     torch.set_num_threads(1)
     s = next(x for x in bt.STRATEGIES if x.name == name)
     cfg = bt.train_config(s, 4)
@@ -42,6 +44,11 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: 
     mesh = colofn.Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     params = gpt.init(random.key(0), mcfg)
     batch = data.sample_batch(random.key(100), data.encode(data.text()), bt.BATCH, mcfg.seq_len)
+    return s, cfg, mcfg, mesh, params, batch
+
+
+def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: int = 0) -> str | None:
+    s, cfg, mcfg, mesh, params, batch = row(name)
     run = bt.Colofn(cfg, mcfg, params, mesh) if side == "colofn" else bt.Native(s, cfg, mcfg, params, mesh, True)
     for _ in range(2):
         run.step(batch)
