@@ -28,6 +28,10 @@ The stage-function contract
   without gradients. Stage functions must not mutate their inputs.
 * Stage functions get this rank's local tensors; for collectives over other
   mesh axes inside a stage, wrap it in :func:`colofn.shard_map.per_device`.
+  The sums over other axes of the stage *parameters*' gradients that
+  varying/invariant tracking derives (dp) are then done once per step, during
+  the stage's last parameter backward (:mod:`colofn._step_sums`), not once per
+  microbatch.
 * Loss terms computed on earlier stages (say a mixture-of-experts balancing
   loss) travel as a leaf of the activations: stage ``s`` returns
   ``{"h": h, "aux": x["aux"] + aux_s}`` and the last stage adds ``x["aux"]``
