@@ -38,6 +38,7 @@ from torch import nn
 import colofn
 from colofn import pipeline
 from colofn._comm import axis_group
+from colofn.pipeline.measured import measured_costs
 
 PAIRS = [  # colofn schedule, chunks, torch.distributed.pipelining class
     ("gpipe", 1, "ScheduleGPipe"),
@@ -164,9 +165,7 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
                 if k >= cfg["warmup"]:
                     times[fw].append(time.perf_counter() - t0)
         outs = steps["colofn"].outputs[-cfg["steps"]:]
-        # Events as plain tuples (kind, stage, start, end): launch returns data, not objects.
-        events = [[(e.action.kind.value, e.action.stage, e.start, e.end) for e in o.events] for o in outs]
-        entry["colofn"] = {"times": times["colofn"], "events": events,
+        entry["colofn"] = {"times": times["colofn"], "events": [[plain(e) for e in o.events] for o in outs],
                            "grads": outs[-1].grads}
         if "torch" in steps:
             entry["torch"] = {"times": times["torch"], "grads": steps["torch"].grads()}
@@ -177,26 +176,18 @@ def rank_program(world: int, cfg: dict, with_torch: bool = True) -> dict:
 # ----------------------------------------------------------------------------- the report
 
 
+def plain(e: pipeline.Event) -> list[Any]:
+    """An event as data (ranks return data to the launcher, never pickled objects)."""
+    return [e.rank, e.action.stage, e.action.kind.value, e.action.microbatch, e.start, e.end]
+
+
+def event(x: list[Any]) -> pipeline.Event:
+    return pipeline.Event(x[0], pipeline.Action(x[1], x[2], x[3]), x[4], x[5])
+
+
 def costs_from(events: list[list[Any]], num_stages: int) -> pipeline.Costs:
-    """Median measured time of each kind on each stage (B splits evenly into I and W if alone)."""
-    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for rank_events in events:
-        for step in rank_events:
-            for kind, stage, start, end in step:
-                acc[(kind, stage)].append(end - start)
-
-    def mean(kind: str, s: int) -> float | None:  # the median: robust to preempted actions
-        v = acc.get((kind, s))
-        return statistics.median(v) if v else None
-
-    f, i, w, b = [], [], [], []
-    for s in range(num_stages):
-        fb = mean("B", s)
-        f.append(mean("F", s) or 0.0)
-        i.append(mean("I", s) or (fb or 0.0) / 2)
-        w.append(mean("W", s) or (fb or 0.0) / 2)
-        b.append(fb if fb is not None else i[-1] + w[-1])
-    return pipeline.Costs(forward=f, input_grad=i, weight_grad=w, backward=b)
+    """Median measured time of each kind on each stage, over every rank's steps."""
+    return measured_costs(num_stages, [e for rank_events in events for step in rank_events for e in step])
 
 
 def summarize(world: int, backend: str, per_rank: list[dict], cfg: dict) -> list[dict]:
@@ -204,12 +195,14 @@ def summarize(world: int, backend: str, per_rank: list[dict], cfg: dict) -> list
     for name, chunks, cls_name in PAIRS:
         schedule = pipeline.make_schedule(name, world, cfg["microbatches"], chunks=chunks)
         c = [r[name]["colofn"] for r in per_rank]
+        for x in c:
+            x["events"] = [[event(e) for e in step] for step in x["events"]]
         step_c = [max(ts) for ts in zip(*(x["times"] for x in c), strict=True)]
         idle = []
         for r in range(world):
             fr = []
             for k, span in enumerate(step_c):
-                busy = sum(end - start for _, _, start, end in c[r]["events"][k])
+                busy = sum(e.end - e.start for e in c[r]["events"][k])
                 fr.append(1 - busy / span)
             idle.append(statistics.median(fr))
         costs = costs_from([x["events"] for x in c], schedule.num_stages)

@@ -8,6 +8,7 @@ time. Run the same row for both sides, one after the other, and compare::
     python benchmarks/profile_train.py dp colofn
     python benchmarks/profile_train.py dp native
     python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --sort cumtime --lines 60
+    python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --rank 2   # a rank of the last stage
 
 Absolute times on a shared machine are noisy (say the load next to them); the
 number of Python calls per step and the share of each entry are not.
@@ -22,6 +23,7 @@ import os
 import pstats
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,8 @@ from colofn import data, random  # noqa: E402
 from colofn.models import gpt  # noqa: E402
 
 
-def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str | None:
+def row(name: str) -> tuple[Any, ...]:
+    """``(strategy, config, model config, mesh, params, batch)`` of ``bench_train.py``'s row ``name``, world 4 (one thread)."""
     torch.set_num_threads(1)
     s = next(x for x in bt.STRATEGIES if x.name == name)
     cfg = bt.train_config(s, 4)
@@ -41,6 +44,11 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str
     mesh = colofn.Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     params = gpt.init(random.key(0), mcfg)
     batch = data.sample_batch(random.key(100), data.encode(data.text()), bt.BATCH, mcfg.seq_len)
+    return s, cfg, mcfg, mesh, params, batch
+
+
+def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: int = 0) -> str | None:
+    s, cfg, mcfg, mesh, params, batch = row(name)
     run = bt.Colofn(cfg, mcfg, params, mesh) if side == "colofn" else bt.Native(s, cfg, mcfg, params, mesh, True)
     for _ in range(2):
         run.step(batch)
@@ -52,11 +60,11 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str
         run.step(batch)
     prof.disable()
     step = (time.perf_counter() - t0) / steps
-    if dist.get_rank() != 0:
+    if dist.get_rank() != show:
         return None
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
-    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average {os.getloadavg()[0]:.1f}\n{out.getvalue()}"
+    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank {show}), load average {os.getloadavg()[0]:.1f}\n{out.getvalue()}"
 
 
 def main() -> None:
@@ -66,8 +74,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sort", default="tottime", help="a pstats sort key (tottime, cumtime, ncalls)")
     p.add_argument("--lines", type=int, default=35)
+    p.add_argument("--rank", type=int, default=0, help="whose profile to print (pp+dp: 0-1 hold stage 0, 2-3 stage 1)")
     a = p.parse_args()
-    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, world_size=4, backend="gloo")[0])
+    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, a.rank, world_size=4, backend="gloo")[a.rank])
 
 
 if __name__ == "__main__":

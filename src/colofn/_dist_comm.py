@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from colofn import _comm, _vma
+from colofn import _comm, _step_sums, _vma
 from colofn.mesh import Mesh
 from colofn.world import in_simulated_world
 
@@ -348,7 +348,9 @@ class GradBucket:
     pvary, so the result is unchanged; only the number of messages and the
     time spent waiting drop. Every rank runs the same graph, so every rank
     stashes and launches in the same order. With ``create_graph=True`` the sums
-    happen at once, differentiably.
+    happen at once, differentiably. Inside a pipeline step, the sums of the
+    step's parameters go to its :class:`~colofn._step_sums.StepSums` instead
+    (once per step, not once per microbatch).
     """
 
     def __init__(self, comm: DistComm) -> None:
@@ -360,11 +362,18 @@ class GradBucket:
         self.waiting: dict[int, int] = {}  # argument index -> launched buckets holding its sums, not yet waited for
         self.ready: dict[int, torch.Tensor] = {}
         self.cap = FIRST_BUCKET_BYTES
+        self.step_sums = _step_sums.current()
+        self.deferred: dict[int, _step_sums.Handle] = {}  # argument index -> its parameter in step_sums
 
     def enter(self, index: int, local: torch.Tensor) -> torch.Tensor:
         """Wrap argument ``index``'s block so its backward adds the summed gradients."""
         if not local.requires_grad:
             return local
+        if self.step_sums is not None and (h := self.step_sums.handle(local)) is not None:
+            self.deferred[index] = h  # the step adds its sums: no backward node of its own to wait in
+            out = local.view_as(local)
+            self.owned[id(out)] = index
+            return out
         out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g), lin=_same)
         self.owned[id(out)] = index
         return out
@@ -379,6 +388,9 @@ class GradBucket:
     def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # create_graph: keep the sum differentiable
             return self.comm.psum_raw_grad(g, axes)
+        if index in self.deferred:
+            assert self.step_sums is not None
+            return self.step_sums.stash(self.comm, self.deferred[index], axes, g)
         key = (axes, g.dtype, g.device)
         self.open.setdefault(key, []).append((index, g.detach()))
         self.open_bytes[key] = self.open_bytes.get(key, 0) + g.numel() * g.element_size()

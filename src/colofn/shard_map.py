@@ -274,16 +274,23 @@ def per_device(f: Callable[..., Any], /, *, mesh: Mesh | None = None, in_specs: 
     [[1.5, 1.5], [1.5, 1.5]]
     """
 
+    checked: dict[Any, tuple[Mesh, list[Any]]] = {}  # argument structure -> (mesh, its checked specs)
+
     @functools.wraps(f)
     def body(*args: Any) -> Any:
         if _vma.current() is not None:
             raise NotImplementedError(f"per_device of {_name(f)!r} was called inside a shard_map body")
         m = get_mesh(mesh, f"per_device of {_name(f)!r}")
-        specs = jt.broadcast_prefix(in_specs, args, is_leaf=_is_spec, prefix_name="in_specs", full_name="the argument tuple")
         leaves, treedef = jt.flatten(args)
-        bad = [spec for spec in specs if not _is_spec(spec) or spec_mesh_failures(spec, m)]
-        if bad:
-            raise SpecError(f"per_device of {_name(f)!r}: in_specs entries {bad} are not P(...) of axes of {m}")
+        hit = checked.get(treedef)
+        if hit is not None and hit[0] is m:  # a pipeline calls a stage once per microbatch: check once
+            specs = hit[1]
+        else:
+            specs = jt.broadcast_prefix(in_specs, args, is_leaf=_is_spec, prefix_name="in_specs", full_name="the argument tuple")
+            bad = [spec for spec in specs if not _is_spec(spec) or spec_mesh_failures(spec, m)]
+            if bad:
+                raise SpecError(f"per_device of {_name(f)!r}: in_specs entries {bad} are not P(...) of axes of {m}")
+            checked[treedef] = (m, specs)
         comm = DistComm(m, check_vma)
         ctx = _vma.Context(dict(m.shape), {a: m.axis_index(a) for a in m.axis_names}, comm, check_vma)
         bucket = ctx.bucket = GradBucket(comm) if check_vma else None  # the gradient sums in buckets, as shard_map's

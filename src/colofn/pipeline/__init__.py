@@ -18,6 +18,7 @@ runs a schedule over a mesh axis (:mod:`colofn.pipeline.runtime`).
 from colofn.errors import ScheduleError
 from colofn.pipeline.comm import Payload, Step, Transfer, fifo_conflicts, plan, transfers
 from colofn.pipeline.ir import Action, ActionKind, Schedule, looped_placement, v_placement
+from colofn.pipeline.measured import BubbleComparison, compare_to_simulation
 from colofn.pipeline.registry import SCHEDULES, ScheduleFn, get_schedule, make_schedule
 from colofn.pipeline.render import (
     KIND_COLORS,
@@ -75,7 +76,9 @@ __all__ = [
     "Event",
     "SimulationResult",
     "simulate",
-    # the runtime
+    # the runtime, and its measured idle against simulate()
+    "BubbleComparison",
+    "compare_to_simulation",
     "Pipeline",
     "PipelineResult",
     "StageFn",

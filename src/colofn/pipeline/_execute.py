@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from einops import rearrange
 
-from colofn import _comm
+from colofn import _comm, _step_sums
 from colofn import tree as jt
 from colofn.errors import ShapeError, TreeError, TreeTypeError
 from colofn.pipeline._p2p import Meta, Pending, Wire, meta_of
@@ -90,16 +90,17 @@ class Step:
             self.targets = _split(targets, self.M, "targets")[0]
         self.discovery = self.signature not in pipe._metas
         self.metas: dict[int, Meta] = dict(pipe._metas.get(self.signature, {}))
-        self.into: dict[int, list[Link]] = {}
-        self.out_of: dict[int, list[Link]] = {}
-        for link in pipe.links:
-            self.into.setdefault(link.dst, []).append(link)
-            self.out_of.setdefault(link.src, []).append(link)
+        self.into, self.out_of, self.routed = pipe._into, pipe._out_of, pipe._routed  # precomputed per pipeline
+        self.send_of = pipe._send_of  # action -> link -> the message its result goes out in
+        self.grad_metas: dict[int, Meta] = {}  # link -> the shapes of its gradient messages, this step
         self.acts: dict[tuple[int, int], Any] = {}  # (link, microbatch) -> activation pytree
         self.grads_in: dict[tuple[int, int], list[torch.Tensor]] = {}  # (link, mb) -> grads
         self.saved: dict[tuple[int, int], _Saved] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.acc = {st: [torch.zeros_like(p) for p in self.param_leaves[st]] for st in self.params}
+        self.sums = _step_sums.StepSums()  # the stages' dp gradient sums, once per step
+        for st in self.params:
+            self.sums.register(st, self.param_leaves[st])
         self.wire = Wire(_comm.axis_group(pipe.mesh, (pipe.axis_name,)), pipe.axis_name,
                          pipe._tags, pipe.mesh.device)
 
@@ -134,9 +135,14 @@ class Step:
 
     # ------------------------------------------------------------------- the loop
     def run(self) -> PipelineResult:
+        with _step_sums.active(self.sums):
+            return self._run()
+
+    def _run(self) -> PipelineResult:
         from colofn.pipeline.runtime import PipelineResult
 
         program = self.pipe._program
+        last_pass = self.pipe._last_param_pass
         events = []
         posted: dict[int, Pending] = {}
         ahead = 0  # the next op whose receives are not posted yet
@@ -158,14 +164,20 @@ class Step:
                     pending = posted.pop(k)
                     pending.wait()
                     self._deliver(pending)
+            stage = last_pass.get(k)
+            if stage is not None:
+                self.sums.begin_last(stage)
             start = time.perf_counter()
             sends = self._compute(op)
             end = time.perf_counter()
+            if stage is not None:
+                self.sums.end_last(stage)
             events.append(Event(self.me, op.action, start - t0, end - t0))
             if sends:
                 self.wire.send(sends)
         losses = self._share_losses(loss)
         self.wire.wait_sends()
+        self.sums.finish(self.acc)
         if self.discovery:
             self.pipe._metas[self.signature] = self.metas
         grads = {st: jt.unflatten(self.param_defs[st], self.acc[st]) for st in self.params}
@@ -175,7 +187,10 @@ class Step:
         """The shapes of ``msg``: of the link's activations, or their floating leaves for gradients."""
         meta = self.metas[msg.link]
         if msg.payload is Payload.GRADIENT:
-            return None, tuple(sp for sp in meta[1] if sp[1].is_floating_point)
+            grad = self.grad_metas.get(msg.link)
+            if grad is None:
+                grad = self.grad_metas[msg.link] = (None, tuple(sp for sp in meta[1] if sp[1].is_floating_point))
+            return grad
         return meta
 
     def _deliver(self, pending: Pending) -> None:
@@ -238,7 +253,7 @@ class Step:
             y = fn(params, x)
         outputs: dict[int, list[torch.Tensor]] = {}
         sends = []
-        routed = [n for link in self.out_of[s] if link.names is not None for n in link.names]
+        routed = self.routed[s]
         for link in self.out_of[s]:
             value = _route(y, link, routed, s)
             leaves, treedef = jt.flatten(value)
@@ -248,7 +263,7 @@ class Step:
                 continue
             meta = meta_of(treedef, leaves)
             self._check_meta(link.key, meta, f"stage {s}'s output for microbatch {m}")
-            msg = next(x for x in op.sends if x.link == link.key)
+            msg = self.send_of[op.action][link.key]
             sends.append((msg, leaves, meta if self.discovery else None))
         self.saved[(s, m)] = _Saved(inputs, outputs)
         return sends
@@ -283,7 +298,7 @@ class Step:
             if self.rank_of[src] == self.me:
                 self.grads_in[(link, m)] = part
             else:
-                msg = next(x for x in op.sends if x.link == link)
+                msg = self.send_of[op.action][link]
                 sends.append((msg, part, None))
         return sends
 

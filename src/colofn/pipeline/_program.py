@@ -136,6 +136,15 @@ def programs(schedule: Schedule, links: tuple[Link, ...]) -> tuple[tuple[Op, ...
     return tuple(result)
 
 
+def last_param_passes(program: tuple[Op, ...]) -> dict[int, int]:
+    """``{op index: stage}`` for each stage's last parameter backward (``B`` or ``W``) in ``program``."""
+    last: dict[int, int] = {}
+    for k, op in enumerate(program):
+        if op.action.kind in (ActionKind.B, ActionKind.W):
+            last[op.action.stage] = k
+    return {k: stage for stage, k in last.items()}
+
+
 def _check_against_plan(step: Step, recvs: list[Msg], sends: list[Msg], num_stages: int) -> None:
     """The chain messages derived here are exactly the plan's transfers (same peers and tags)."""
     def chain(msgs: list[Msg]) -> list[tuple[int, int]]:

@@ -28,6 +28,10 @@ The stage-function contract
   without gradients. Stage functions must not mutate their inputs.
 * Stage functions get this rank's local tensors; for collectives over other
   mesh axes inside a stage, wrap it in :func:`colofn.shard_map.per_device`.
+  The sums over other axes of the stage *parameters*' gradients that
+  varying/invariant tracking derives (dp) are then done once per step, during
+  the stage's last parameter backward (:mod:`colofn._step_sums`), not once per
+  microbatch.
 * Loss terms computed on earlier stages (say a mixture-of-experts balancing
   loss) travel as a leaf of the activations: stage ``s`` returns
   ``{"h": h, "aux": x["aux"] + aux_s}`` and the last stage adds ``x["aux"]``
@@ -108,7 +112,7 @@ from colofn.mesh import Mesh, get_mesh
 from colofn.pipeline import _wire_meta
 from colofn.pipeline._execute import Step
 from colofn.pipeline._p2p import Meta
-from colofn.pipeline._program import make_links, num_tags, programs
+from colofn.pipeline._program import Link, last_param_passes, make_links, num_tags, programs
 from colofn.pipeline.ir import Schedule
 from colofn.pipeline.simulation import Event
 from colofn.pipeline.validation import validate
@@ -205,6 +209,16 @@ class Pipeline:
         self.rank = m.axis_index(axis_name)
         self.local_stages = schedule.stages_of(self.rank)
         self._program = programs(schedule, self.links)[self.rank]
+        self._last_param_pass = last_param_passes(self._program)
+        # this rank's program, precomputed once: links by stage, names routed away, each action's messages
+        self._into: dict[int, list[Link]] = {}
+        self._out_of: dict[int, list[Link]] = {}
+        for link in self.links:
+            self._into.setdefault(link.dst, []).append(link)
+            self._out_of.setdefault(link.src, []).append(link)
+        self._routed = {s: [n for k in self._out_of.get(s, ()) if k.names is not None for n in k.names]
+                        for s in range(schedule.num_stages)}
+        self._send_of = {op.action: {msg.link: msg for msg in op.sends} for op in self._program}
         self._tags = num_tags(schedule.num_stages, len(self.links), schedule.num_microbatches)
         self._metas: dict[Any, dict[int, Meta]] = {}  # input signature -> link -> metadata
 

@@ -228,6 +228,8 @@ def run_steps(cfg: TrainConfig, trainer: Any, checker: Any, sample: Any, tokens_
         first = 1 if len(step_s) > 1 else 0
         record["time_split"] = timing.split(_per_rank_floats(step_s[first:]), _per_rank_floats(blocked_s[first:]))
         record["time_split_steps"] = [start + first + 1, cfg.steps]
+    if getattr(trainer, "events", None) is not None:
+        record["pipeline_idle"] = pipeline_idle(trainer.pipe, trainer.events)
     return record
 
 
@@ -238,3 +240,15 @@ def _per_rank_floats(values: list[float]) -> list[list[float]]:
     out = [torch.zeros(len(values), dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(out, torch.tensor(values, dtype=torch.float64))
     return [t.tolist() for t in out]
+
+
+def pipeline_idle(pipe: Any, events: Any) -> dict[str, Any]:
+    """The last step's measured idle per pipeline rank next to ``simulate()``'s (collective)."""
+    from colofn.pipeline.measured import compare_to_simulation, gather_events
+
+    s = pipe.schedule
+    length = max(sum(a is not None for a in row) for row in s.actions)
+    c = compare_to_simulation(s, gather_events(events, pipe.rank, s.num_ranks, length))
+    return {"measured_idle_s": list(c.measured_idle), "simulated_idle_s": list(c.simulated_idle),
+            "measured_makespan_s": c.measured_makespan, "simulated_makespan_s": c.simulated_makespan,
+            "measured_bubble": c.measured_bubble, "simulated_bubble": c.simulated_bubble, "summary": c.summary()}

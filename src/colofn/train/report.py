@@ -121,6 +121,10 @@ def write(out: str, record: dict[str, Any]) -> tuple[str, str]:
                      "wait: this rank's blocked time beyond it; compute: the rest)"
                      + "".join(f"\n  - rank {r}: {1e3 * split['compute'][r]:.1f} + {1e3 * split['communication'][r]:.1f}"
                                f" + {1e3 * split['wait'][r]:.1f} of {1e3 * split['step'][r]:.1f}" for r in range(len(split["step"]))))
+    idle = record.get("pipeline_idle")
+    if idle is not None:
+        lines.append("- pipeline bubble of the last step (idle per pipeline rank, against `simulate()` of the same "
+                     f"schedule with the measured action times): {html.escape(idle['summary'])}")
     rss = record.get("peak_rss_per_rank")
     if rss:
         lines.append("- peak resident memory per rank process (simulated ranks share one process): "

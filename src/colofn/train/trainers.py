@@ -189,6 +189,7 @@ class PipelineTrainer:
 
             return zero_step(self.pipe, self.opt, self.states, tokens, targets)
         result = self.pipe(self.params, tokens, targets)
+        self.events = result.events  # the step's compute per action, for the report's measured bubble
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
             self.params[s] = jt.map(torch.Tensor.detach, optim.apply_updates(self.params[s], updates))

@@ -1,0 +1,100 @@
+"""The pp+dp row of ``bench_train.py`` with the stage's dp sums once per step, and once per microbatch, in the same processes.
+
+Builds the row's colofn trainer twice and torch's (Schedule1F1B + DDP) once,
+from the same parameters, on 4 gloo processes, and times them step by step in
+turn (each step from a barrier; the slowest rank's wall time; the median), so
+machine load hits all three alike. "per microbatch" is the same code with the
+pipeline's :class:`colofn._step_sums.StepSums` switched off (each microbatch's
+dp sums go through ``per_device``'s own ``GradBucket``, as before issue 12 §3).
+Also prints each side's CPU time per step (the process's, median) and, for a
+few more steps, the measured idle per pipeline rank next to ``simulate()``'s
+(:func:`colofn.pipeline.compare_to_simulation`)::
+
+    python benchmarks/bench_pipeline_dp.py              # 16 timed steps, about a minute on 2 busy cores
+    python benchmarks/bench_pipeline_dp.py --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_train as bt  # noqa: E402
+import colofn  # noqa: E402
+import profile_train  # noqa: E402
+from colofn import _step_sums  # noqa: E402
+from colofn.pipeline import Pipeline  # noqa: E402
+from colofn.pipeline.measured import compare_to_simulation, gather_events  # noqa: E402
+
+ROW = "pp+dp (1f1b)"
+_current = _step_sums.current
+
+
+def rank_program(steps: int, compare: int) -> dict[str, Any]:
+    s, cfg, mcfg, mesh, params, batch = profile_train.row(ROW)
+    runs: dict[str, Any] = {"once per step": bt.Colofn(cfg, mcfg, params, mesh), "per microbatch": bt.Colofn(cfg, mcfg, params, mesh),
+            "torch": bt.Native(s, cfg, mcfg, params, mesh, True)}
+
+    def step(side: str) -> None:
+        _step_sums.current = (lambda: None) if side == "per microbatch" else _current  # type: ignore[assignment]
+        try:
+            runs[side].step(batch)
+        finally:
+            _step_sums.current = _current  # type: ignore[assignment]
+
+    for side in runs:
+        for _ in range(2):
+            step(side)
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(steps):
+        for side in runs:
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(side)
+            cpu[side].append(time.process_time() - c0)
+            slowest = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            wall[side].append(float(slowest))
+    trainer = runs["once per step"].trainer
+    pipe = trainer.pipe if isinstance(trainer.pipe, Pipeline) else next(  # bench_train wraps it to count bytes
+        c.cell_contents for c in trainer.pipe.__closure__ if isinstance(c.cell_contents, Pipeline))
+    sched = pipe.schedule
+    length = max(sum(a is not None for a in row) for row in sched.actions)
+    idle = []
+    for _ in range(compare):
+        dist.barrier()
+        step("once per step")
+        idle.append(compare_to_simulation(sched, gather_events(trainer.events, pipe.rank, sched.num_ranks, length)).summary())
+    return {"wall_ms": {k: 1e3 * statistics.median(v) for k, v in wall.items()},
+            "cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()}, "idle": idle}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--compare", type=int, default=3, help="steps whose measured idle is compared with simulate()")
+    a = p.parse_args()
+    print(f"# {ROW}, world 4 gloo, {a.steps} timed steps per side, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    out = colofn.launch(rank_program, a.steps, a.compare, world_size=4, backend="gloo")
+    wall = out[0]["wall_ms"]
+    print("| dp sums | step ms (median, slowest rank) | torch / this | CPU ms per step, ranks 0-3 |")
+    print("| --- | ---: | ---: | --- |")
+    for side, ms in wall.items():
+        cpus = " ".join(f"{r['cpu_ms'][side]:.1f}" for r in out)
+        print(f"| {side} | {ms:.1f} | {wall['torch'] / ms:.2f} | {cpus} |")
+    for line in out[0]["idle"]:
+        print(f"# {line}")
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
