@@ -55,9 +55,9 @@ def runs(draw):
     return mesh, schedule, zero, microbatches, data_ranks * microbatches, model
 
 
-def program(mesh_text, schedule, zero, microbatches, batch_size, model, seed):
+def program(mesh_text, schedule, zero, microbatches, batch_size, model, seed, sp="none"):
     cfg = TrainConfig(mesh=tuple(parse_mesh(mesh_text).items()), steps=2, warmup=0, lr=1e-2, batch_size=batch_size,
-                      schedule=schedule, microbatches=microbatches, zero=zero, experts=model.get("n_experts", 0))
+                      schedule=schedule, microbatches=microbatches, zero=zero, experts=model.get("n_experts", 0), sp=sp)
     mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     mcfg = gpt.config("tiny", **model)
     opt = make_optimizer(cfg)

@@ -168,8 +168,6 @@ def validate(cfg: TrainConfig) -> None:
         failures += _zero_failures(cfg)
         if cfg.pp > 1 and cfg.zero == 3:
             failures.append(ZERO3_PP)
-        elif cfg.pp > 1 and ("ep" in m or cfg.sp in ("ulysses", "ring")):
-            failures.append("--zero with pp runs ZeRO over dp inside the stages, with tp and --sp megatron; not with an ep axis or --sp ulysses/ring in this release (ZeRO over dp x ep or dp x sp runs without pp): drop pp, or --zero")
     if cfg.pp == 1 and cfg.microbatches is not None:
         failures.append(f"--microbatches {cfg.microbatches} splits the batch of a pipeline: add pp=N to --mesh, or drop the flag")
     if cfg.pp == 1 and cfg.schedule != "1f1b":
