@@ -224,7 +224,7 @@ ZERO3_PP = (
     "F and again in its B (or I and W), at times only the schedule knows, with up to pp microbatches in "
     "flight; it needs gather/free hooks around the runtime's actions (2-3 all-gathers of the stage per "
     "microbatch). Use --zero 1 or 2 with pp (the optimizer state, and for 2 the gradients at the update, "
-    "sharded over dp), or --zero 3 without pp"
+    "sharded over dp and the Ulysses/ring sp or ep axis), or --zero 3 without pp"
 )
 
 

@@ -167,5 +167,5 @@ def _collective(plan: ZeroPlan, fulls: list[torch.Tensor], op: str) -> list[torc
         out_specs = tuple(plan.shard_spec for _ in fulls)
     # Each rank's buffer enters as its block of an array split over every axis: varying along all of them.
     fn = shard_map(body, mesh=plan.mesh, in_specs=(plan.shard_spec,), out_specs=out_specs)
-    out = fn(tuple(plan.wrap(f, plan.shard_spec) for f in fulls))
+    out: Any = fn(tuple(plan.wrap(f, plan.shard_spec) for f in fulls))
     return [o.to_local() for o in out]
