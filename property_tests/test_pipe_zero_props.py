@@ -1,8 +1,9 @@
 """ZeRO inside pipeline stages, and mixture-of-experts stages, equal one device.
 
 Random small GPTs (dense or MoE, with or without capacity dropping), meshes
-within world 8 (``pp x dp``, with ``tp`` or ``ep``), schedules, microbatch
-counts and ZeRO stages 0-2: two AdamW steps of
+within world 8 (``pp x dp``, with ``tp``, ``ep`` or a Ulysses/ring ``sp``
+axis), schedules, microbatch counts and ZeRO stages 0-2 (over ``dp``,
+``dp x sp`` or ``dp x ep``, experts over ``dp``): two AdamW steps of
 :class:`~colofn.train.trainers.PipelineTrainer` against
 :class:`~colofn.train.loop.SingleDevice` on the same batches. The losses of
 both steps, then the exported parameters (the updates) and AdamW moments (the
@@ -27,19 +28,26 @@ from colofn.train import TrainConfig, parse_mesh
 from colofn.train.loop import SingleDevice, _microbatch_rows, make_optimizer
 from colofn.train.trainers import PipelineTrainer
 
-DENSE_MESHES = ["pp=2,dp=2", "dp=2,pp=2", "pp=2,dp=2,tp=2"]
-MOE_MESHES = ["pp=2,dp=2", "pp=2,dp=2,ep=2", "pp=2,ep=2,tp=2"]
+DENSE_MESHES = ["pp=2,dp=2", "dp=2,pp=2", "pp=2,dp=2,tp=2", "pp=2,dp=2,sp=2", "pp=2,sp=2,dp=2"]
+MOE_MESHES = ["pp=2,dp=2", "pp=2,dp=2,ep=2", "pp=2,ep=2,dp=2", "pp=2,ep=2,tp=2"]
+
+
+# ZeRO over several data axes inside the stages: dense weights over dp x sp / dp x ep, experts over dp.
+SEVERAL_AXES = {0: ["pp=2,dp=2,sp=2", "pp=2,sp=2,dp=2"], 1: ["pp=2,dp=2,ep=2", "pp=2,ep=2,dp=2"]}
 
 
 @st.composite
-def runs(draw):
+def runs(draw, several_axes=False):
     experts = draw(st.sampled_from([0, 2, 4]))
-    meshes = MOE_MESHES if experts else DENSE_MESHES
-    mesh = draw(st.sampled_from(meshes))
-    if "ep" in mesh:  # --zero does not compose with ep yet: ep's own gradient sums run per microbatch
-        zero = None
+    if several_axes:
+        mesh = draw(st.sampled_from(SEVERAL_AXES[bool(experts)]))
     else:
-        zero = draw(st.sampled_from([0, 1, 2] if not experts else [None, 1, 2]))
+        mesh = draw(st.sampled_from(MOE_MESHES if experts else DENSE_MESHES))
+    if "dp" not in mesh:  # --zero needs dp
+        zero = None
+    else:  # with sp or ep, ZeRO shards dense weights over dp x sp / dp x ep, experts over dp
+        zero = draw(st.sampled_from([0, 1, 2] if not experts or several_axes else [None, 0, 1, 2]))
+    sp = draw(st.sampled_from(["ulysses", "ring"])) if "sp" in mesh else "none"
     schedule = draw(st.sampled_from(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"]))
     stages = 2 * (2 if schedule in ("interleaved_1f1b", "zbv") else 1)
     layers = stages * (draw(st.sampled_from([1, 2])) if stages == 2 else 1)
@@ -52,12 +60,12 @@ def runs(draw):
     if experts:
         model.update(n_experts=experts, moe_every=draw(st.sampled_from([1, 2])),
                      top_k=draw(st.sampled_from([1, 2])), capacity_factor=draw(st.sampled_from([None, 1.0])))
-    return mesh, schedule, zero, microbatches, data_ranks * microbatches, model
+    return mesh, schedule, zero, microbatches, data_ranks * microbatches, model, sp
 
 
-def program(mesh_text, schedule, zero, microbatches, batch_size, model, seed):
+def program(mesh_text, schedule, zero, microbatches, batch_size, model, seed, sp="none"):
     cfg = TrainConfig(mesh=tuple(parse_mesh(mesh_text).items()), steps=2, warmup=0, lr=1e-2, batch_size=batch_size,
-                      schedule=schedule, microbatches=microbatches, zero=zero, experts=model.get("n_experts", 0))
+                      schedule=schedule, microbatches=microbatches, zero=zero, experts=model.get("n_experts", 0), sp=sp)
     mesh = Mesh(tuple(cfg.mesh_shape.values()), tuple(cfg.mesh_shape))
     mcfg = gpt.config("tiny", **model)
     opt = make_optimizer(cfg)
@@ -78,9 +86,19 @@ def program(mesh_text, schedule, zero, microbatches, batch_size, model, seed):
 @settings(max_examples=5)
 @given(runs(), st.integers(0, 3))
 def test_pipeline_zero_and_moe_steps_equal_single_device(run, seed):
-    mesh, schedule, zero, microbatches, batch_size, model = run
+    check(run, seed)
+
+
+@settings(max_examples=5)
+@given(runs(several_axes=True), st.integers(0, 3))
+def test_pipeline_zero_over_dp_and_sp_or_ep_equals_single_device(run, seed):
+    check(run, seed)
+
+
+def check(run, seed):
+    mesh, schedule, zero, microbatches, batch_size, model, sp = run
     world = dataclasses.replace(TrainConfig(), mesh=tuple(parse_mesh(mesh).items())).world_size
-    losses, got, want = colofn.launch(program, mesh, schedule, zero, microbatches, batch_size, model, seed,
+    losses, got, want = colofn.launch(program, mesh, schedule, zero, microbatches, batch_size, model, seed, sp,
                                       world_size=world)[0]
     for step, (par, one) in enumerate(losses):
         assert abs(par - one) < 1e-5, (step, par, one)

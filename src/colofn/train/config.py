@@ -168,8 +168,6 @@ def validate(cfg: TrainConfig) -> None:
         failures += _zero_failures(cfg)
         if cfg.pp > 1 and cfg.zero == 3:
             failures.append(ZERO3_PP)
-        elif cfg.pp > 1 and ("ep" in m or cfg.sp in ("ulysses", "ring")):
-            failures.append("--zero with pp runs ZeRO over dp inside the stages, with tp and --sp megatron; not with an ep axis or --sp ulysses/ring in this release (ZeRO over dp x ep or dp x sp runs without pp): drop pp, or --zero")
     if cfg.pp == 1 and cfg.microbatches is not None:
         failures.append(f"--microbatches {cfg.microbatches} splits the batch of a pipeline: add pp=N to --mesh, or drop the flag")
     if cfg.pp == 1 and cfg.schedule != "1f1b":
@@ -226,7 +224,7 @@ ZERO3_PP = (
     "F and again in its B (or I and W), at times only the schedule knows, with up to pp microbatches in "
     "flight; it needs gather/free hooks around the runtime's actions (2-3 all-gathers of the stage per "
     "microbatch). Use --zero 1 or 2 with pp (the optimizer state, and for 2 the gradients at the update, "
-    "sharded over dp), or --zero 3 without pp"
+    "sharded over dp and the Ulysses/ring sp or ep axis), or --zero 3 without pp"
 )
 
 

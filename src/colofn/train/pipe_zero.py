@@ -38,30 +38,35 @@ if TYPE_CHECKING:
 Tree = Any
 
 
-def varying(params: Tree, axis: str) -> Tree:
-    """``params`` (a stage's, inside its ``per_device`` body) marked varying along ``axis``; no data moves.
+def varying(params: Tree, axis: str | tuple[str, ...]) -> Tree:
+    """``params`` (a stage's, inside its ``per_device`` body) marked varying along ``axis`` (one or several); no data moves.
 
     Each rank then differentiates only its own tokens' share of the loss, and
-    the sum over ``axis`` is left to ZeRO.
+    the sum over the axes is left to ZeRO. A leaf already split over one of
+    them (an expert weight over ``ep``) is varying along it anyway.
     """
     ctx = _vma.current()
     assert ctx is not None, "varying() runs inside a per_device stage"
+    axes = {axis} if isinstance(axis, str) else set(axis)
     # The tensors are per_device's own entries (never the caller's), so tagging them in place is safe.
-    return jt.map(lambda t: ctx.set_vma(t, ctx.vma(t) | {axis}), params)
+    return jt.map(lambda t: ctx.set_vma(t, ctx.vma(t) | axes), params)
 
 
 def stage_states(opt: GradientTransformation, mesh: Mesh, stage: int, specs: Mapping[int, Tree] | Sequence[Tree],
-                 per_stage: dict[int, tuple[Tree, Tree, Tree]], count: torch.Tensor) -> dict[int, zero.ZeroState]:
-    """A ZeRO state over ``dp`` for each stage of this rank, from its global ``(params, mu, nu)`` and AdamW's ``count``.
+                 per_stage: dict[int, tuple[Tree, Tree, Tree]], count: torch.Tensor,
+                 axis: str | tuple[str, ...] = "dp") -> dict[int, zero.ZeroState]:
+    """A ZeRO state over ``axis`` for each stage of this rank, from its global ``(params, mu, nu)`` and AdamW's ``count``.
 
     ``specs[s]`` lays stage ``s``'s params out over the model axes (``tp``, ``ep``): a dict or a list by stage.
+    ``axis`` is the data axes (:func:`colofn.parallel.data_axes.zero_axes`): with ``("dp", "ep")``
+    dense weights shard over ``dp x ep`` and expert weights over ``dp``.
     """
 
     def placed(tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: from_local_block(local_block(x, spec, mesh).clone(), spec, mesh), tree, specs[s])
 
     return {
-        s: zero.init(placed(p, s), opt, mesh, axis="dp", stage=stage, opt_state=AdamState(count, placed(mu, s), placed(nu, s)))
+        s: zero.init(placed(p, s), opt, mesh, axis=axis, stage=stage, opt_state=AdamState(count, placed(mu, s), placed(nu, s)))
         for s, (p, mu, nu) in per_stage.items()
     }
 

@@ -118,6 +118,9 @@ class PipelineTrainer:
 
         self.mcfg, self.plan, self.mesh, self.opt = mcfg, plan, mesh, opt
         self.zero_stage = zero_stage
+        from colofn.parallel.data_axes import zero_axes
+
+        self._zero_axes = zero_axes(plan)  # ZeRO's data axes inside the stages: dp, and sp (Ulysses/ring) or ep
         self.moe = mcfg.n_experts > 0
         sched = make_schedule(schedule_name, mesh.shape["pp"], microbatches)
         n = sched.num_stages
@@ -138,7 +141,8 @@ class PipelineTrainer:
 
             part = lambda t, s: stage_slice(t, mcfg, self.ranges[s])  # noqa: E731
             self.states = stage_states(opt, mesh, zero_stage, self.specs, {
-                s: (part(params, s), part(opt_state.mu, s), part(opt_state.nu, s)) for s in self.mine}, opt_state.count)
+                s: (part(params, s), part(opt_state.mu, s), part(opt_state.nu, s)) for s in self.mine}, opt_state.count,
+                axis=self._zero_axes)
         else:
             self.params = {s: self._local(stage_slice(params, mcfg, self.ranges[s]), s) for s in self.mine}
             self.opt_states = {
@@ -174,12 +178,12 @@ class PipelineTrainer:
         return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
 
     def _vary(self, params: Tree) -> Tree:
-        """Inside a stage: with ZeRO, the params vary along ``dp`` (ZeRO sums their gradients once per step)."""
+        """Inside a stage: with ZeRO, the params vary along the data axes (ZeRO sums their gradients once per step)."""
         if self.zero_stage is None:
             return params
         from colofn.train.pipe_zero import varying
 
-        return varying(params, "dp")
+        return varying(params, self._zero_axes)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)

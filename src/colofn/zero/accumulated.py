@@ -43,6 +43,7 @@ microbatch's forward and backward, at times only the schedule knows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -112,7 +113,7 @@ def apply_gradients(optimizer: GradientTransformation, state: ZeroState, grads: 
         if plan.stage == 1:  # reduced in place: the full buffer is the gradients' storage, as in train_step
             reduced = []
             for b, (full, mine) in enumerate(zip(fulls, summed, strict=True)):
-                shard = layout.shard(full, plan.index, b)
+                shard = layout.shard(full, plan.bucket_index(b), b)
                 with torch.no_grad():
                     shard.copy_(mine)
                 reduced.append(shard)
@@ -120,9 +121,11 @@ def apply_gradients(optimizer: GradientTransformation, state: ZeroState, grads: 
         else:
             reduced = summed
     del fulls
-    # ``_update`` divides by ``n * scale`` (train_step's gradients are of each rank's own
-    # mean); these are already of the mean over the data axis, so the divisor is 1.
-    new_state, memory, _ = _update(optimizer, state, reduced, held, 1.0 / plan.n, 0)
+    # ``_update`` divides by the sizes of ``mean_over`` times ``scale`` (train_step's gradients are
+    # of each rank's own mean over those axes); these already sum to the gradient of the step's
+    # mean over every data axis, so nothing is averaged and the divisor is exactly 1.
+    held["mean_over"] = ()
+    new_state, memory, _ = _update(optimizer, state, reduced, held, 1.0, 0)
     return dataclasses.replace(new_state, step=state.step + 1), memory
 
 
@@ -140,15 +143,29 @@ def _check_stage(plan: ZeroPlan, where: str) -> None:
 
 
 def _collective(plan: ZeroPlan, fulls: list[torch.Tensor], op: str) -> list[torch.Tensor]:
-    """Sum this rank's full buckets over the data axis: all of each (``all_reduce``) or its shard."""
-    if plan.n == 1:
+    """Sum this rank's full buckets over each bucket's data axes: all of each (``all_reduce``) or its shard.
+
+    With several data axes (``zero.init(axis=("dp", "ep"))``) each bucket has its own group
+    (:meth:`~colofn.zero.state.ZeroPlan.bucket_axes`): dense weights over all of them, expert
+    weights (split over ``ep``) over ``dp`` alone.
+    """
+    groups = [plan.bucket_axes(b) for b in range(len(fulls))]
+    sizes = [math.prod(plan.mesh.shape[a] for a in g) for g in groups]
+    if max(sizes, default=1) == 1:
         return fulls if op == "all_reduce" else [plan.layout.shard(f, 0, b) for b, f in enumerate(fulls)]
-    axis = plan.axis
+
+    def one(x: torch.Tensor, g: tuple[str, ...]) -> torch.Tensor:
+        axes = g if len(g) > 1 else g[0]
+        return psum(x, axes) if op == "all_reduce" else psum_scatter(x, axes, tiled=True)
+
+    def body(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(one(x, g) for x, g in zip(xs, groups, strict=True))
+
     if op == "all_reduce":
-        body, out_spec = (lambda xs: psum(xs, axis)), plan.full_spec
+        out_specs = tuple(plan.bucket_full_spec(b) for b in range(len(fulls)))
     else:
-        body, out_spec = (lambda xs: psum_scatter(xs, axis, tiled=True)), plan.shard_spec
-    # Each rank's buffer enters as its block of a data-axis-split array: varying along the axis.
-    fn = shard_map(body, mesh=plan.mesh, in_specs=(plan.shard_spec,), out_specs=out_spec)
-    out = fn(tuple(plan.wrap(f, plan.shard_spec) for f in fulls))
+        out_specs = tuple(plan.shard_spec for _ in fulls)
+    # Each rank's buffer enters as its block of an array split over every axis: varying along all of them.
+    fn = shard_map(body, mesh=plan.mesh, in_specs=(plan.shard_spec,), out_specs=out_specs)
+    out: Any = fn(tuple(plan.wrap(f, plan.shard_spec) for f in fulls))
     return [o.to_local() for o in out]
