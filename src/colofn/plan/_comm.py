@@ -104,13 +104,13 @@ def tokens_axis(c: Candidate) -> tuple[str, int]:
     return "+".join(axes), c.size("dp") * c.size("sp") * c.size("ep")
 
 
-def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = False) -> list[Collective]:
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = True) -> list[Collective]:
     axis, n = tokens_axis(c)
     if n == 1:
         return []
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
-    # With pp colofn reduces every microbatch's gradients; Megatron-LM once per step.
+    # With pp, colofn (StepSums) and Megatron-LM reduce once per step; False: once per microbatch.
     calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
@@ -205,12 +205,19 @@ def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
          rooms: tuple[int, ...] | None) -> list[Collective]:
     axis, n = tokens_axis(c)
     out = []
-    if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
-        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, 2 * m.n_experts * 4))
     ep = c.size("ep")
+    # With ep the per-expert counts ride in the statistics' all-reduce as a [ranks, experts]
+    # table, while every partial sum of counts is an exact float32 (parallel/ep/routing.py);
+    # past 2**24 assignments routing all-gathers them instead.
+    routed = microbatch_rows(c, global_batch) * m.seq_len * n * m.top_k
+    counted = ep > 1 and routed <= 2**24
+    if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
+        rows = 2 + (n if counted else 0)
+        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, rows * m.n_experts * 4))
     if ep == 1:
         return out
-    out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
+    if not counted:
+        out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
     for room in rooms or (balanced_room(m, c, global_batch),) * m.moe_layers:
         for phase in ("forward", "backward"):  # dispatch and combine, and their transposes
             out.append(Collective("tokens", "all_to_all", "ep", ep, phase, 2, ep * room * m.d_model * pr.activation))  # type: ignore[arg-type]
@@ -224,12 +231,13 @@ def microbatch_rows(c: Candidate, global_batch: int) -> int:
 
 
 def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precision: Precision = MIXED_ADAM,
-                     stage: int = 0, dp_per_step: bool = False, ep_rooms: tuple[int, ...] | None = None
+                     stage: int = 0, dp_per_step: bool = True, ep_rooms: tuple[int, ...] | None = None
                      ) -> list[Collective]:
     """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside).
 
-    ``dp_per_step``: with a pipeline, reduce the gradients over dp once per step
-    (as Megatron-LM does) rather than once per microbatch (as colofn does today).
+    ``dp_per_step``: with a pipeline, the gradients are reduced over dp once per
+    step (as colofn's pipeline trainer and Megatron-LM do); ``False`` models a
+    reduction per microbatch.
     ``ep_rooms``: rows per destination of each MoE layer's all-to-alls (colofn pads
     them to the most any rank sends any other in the step, which depends on the
     routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.

@@ -125,7 +125,7 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
 
 
 def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, efficiency: float = 0.5,
-            precision: Precision = MIXED_ADAM, dp_per_step: bool = False) -> Prediction:
+            precision: Precision = MIXED_ADAM, dp_per_step: bool = True) -> Prediction:
     """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step.
 
     ``dp_per_step``: see :func:`~colofn.plan.step_collectives` (for comparisons with Megatron-LM).
