@@ -8,6 +8,7 @@ time. Run the same row for both sides, one after the other, and compare::
     python benchmarks/profile_train.py dp colofn
     python benchmarks/profile_train.py dp native
     python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --sort cumtime --lines 60
+    python benchmarks/profile_train.py dp colofn --clock thread   # CPU time: comparable under load
 
 Absolute times on a shared machine are noisy (say the load next to them); the
 number of Python calls per step and the share of each entry are not.
@@ -33,7 +34,7 @@ from colofn import data, random  # noqa: E402
 from colofn.models import gpt  # noqa: E402
 
 
-def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str | None:
+def rank_program(name: str, side: str, steps: int, sort: str, lines: int, clock: str = "wall") -> str | None:
     torch.set_num_threads(1)
     s = next(x for x in bt.STRATEGIES if x.name == name)
     cfg = bt.train_config(s, 4)
@@ -45,7 +46,7 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str
     for _ in range(2):
         run.step(batch)
     dist.barrier()
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time) if clock == "thread" else cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     for _ in range(steps):
@@ -56,7 +57,8 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int) -> str
         return None
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
-    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average {os.getloadavg()[0]:.1f}\n{out.getvalue()}"
+    unit = " (profile times: this thread's CPU time)" if clock == "thread" else ""
+    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average {os.getloadavg()[0]:.1f}{unit}\n{out.getvalue()}"
 
 
 def main() -> None:
@@ -66,8 +68,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sort", default="tottime", help="a pstats sort key (tottime, cumtime, ncalls)")
     p.add_argument("--lines", type=int, default=35)
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: time entries by the main thread's CPU time (time.thread_time), which the "
+                   "machine's load does not inflate; waits then cost only what the waiting thread burns")
     a = p.parse_args()
-    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, world_size=4, backend="gloo")[0])
+    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, a.clock, world_size=4, backend="gloo")[0])
 
 
 if __name__ == "__main__":
