@@ -24,6 +24,7 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -211,15 +212,19 @@ class FlatLayout:
         One ``split`` per bucket (its leaves are contiguous from offset 0, the
         padding last): one autograd node per bucket, whose backward
         concatenates the leaves' gradients, not a slice per leaf, each of whose
-        backwards writes into a zero buffer of the whole bucket.
+        backwards writes into a zero buffer of the whole bucket. Plain tensors
+        are cut with ``__torch_function__`` off (no mode sees the ~50 views: a
+        ``shard_map`` body tags them itself).
         """
         out: list[torch.Tensor] = [flats[0]] * len(self.slots)
-        for b, flat in enumerate(flats):
-            ids = self._bucket_leaves[b]
-            sizes = [self.slots[i].numel for i in ids]
-            pad = flat.numel() - sum(sizes)
-            for i, piece in zip(ids, flat.split([*sizes, pad] if pad else sizes), strict=False):
-                out[i] = piece.view(self.slots[i].shape)
+        plain = all(type(f) is torch.Tensor for f in flats)
+        with torch._C.DisableTorchFunction() if plain else contextlib.nullcontext():
+            for b, flat in enumerate(flats):
+                ids = self._bucket_leaves[b]
+                sizes = [self.slots[i].numel for i in ids]
+                pad = flat.numel() - sum(sizes)
+                for i, piece in zip(ids, flat.split([*sizes, pad] if pad else sizes), strict=False):
+                    out[i] = piece.view(self.slots[i].shape)
         return out
 
     @functools.cached_property
