@@ -11,7 +11,10 @@ time. Run the same row for both sides, one after the other, and compare::
     python benchmarks/profile_train.py dp colofn --clock thread   # CPU time: comparable under load
 
 Absolute times on a shared machine are noisy (say the load next to them); the
-number of Python calls per step and the share of each entry are not.
+number of Python calls per step and the share of each entry are not, and nor,
+much, is the CPU time per step it prints first (the main thread's
+``time.thread_time`` over the same number of unprofiled steps; a thread that
+waits for a collective burns little of it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int, clock:
     for _ in range(2):
         run.step(batch)
     dist.barrier()
+    c0 = time.thread_time()  # the same steps without the profiler: CPU time, which load does not inflate
+    for _ in range(steps):
+        run.step(batch)
+    cpu = (time.thread_time() - c0) / steps
+    dist.barrier()
     prof = cProfile.Profile(time.thread_time) if clock == "thread" else cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -58,7 +66,9 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int, clock:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
     unit = " (profile times: this thread's CPU time)" if clock == "thread" else ""
-    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average {os.getloadavg()[0]:.1f}{unit}\n{out.getvalue()}"
+    return (f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank 0), load average "
+            f"{os.getloadavg()[0]:.1f}{unit}; without the profiler {cpu * 1e3:.1f} ms of CPU per step "
+            f"(rank 0's main thread)\n{out.getvalue()}")
 
 
 def main() -> None:
