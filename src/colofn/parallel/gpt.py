@@ -352,18 +352,17 @@ def make_local_value_and_grad(
     between steps (``colofn.train``'s dense trainer does); checkpoints and
     exports make DTensors of them with :func:`colofn.sharding.from_local_block`.
 
-    >>> import colofn, torch
+    >>> import colofn
     >>> from colofn import random
     >>> from colofn.models import gpt
     >>> from colofn.parallel import Plan, make_local_value_and_grad, shard_params
-    >>> cfg = gpt.config("tiny", n_layers=1)
-    >>> params = gpt.init(random.key(0), cfg)
-    >>> t = random.randint(random.key(1), (4, 17), 0, cfg.vocab_size)
+    >>> cfg, plan = gpt.config("tiny", n_layers=1), Plan(dp="dp", tp="tp")
+    >>> params, t = gpt.init(random.key(0), cfg), random.randint(random.key(1), (4, 17), 0, cfg.vocab_size)
     >>> batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
     >>> def program():
     ...     mesh = colofn.Mesh((2, 2), ("dp", "tp"))
-    ...     blocks = colofn.tree.map(lambda d: d.to_local(), shard_params(params, cfg, Plan(dp="dp", tp="tp"), mesh))
-    ...     loss, grads = make_local_value_and_grad(cfg, Plan(dp="dp", tp="tp"), mesh)(blocks, batch)
+    ...     blocks = colofn.tree.map(lambda d: d.to_local(), shard_params(params, cfg, plan, mesh))
+    ...     loss, grads = make_local_value_and_grad(cfg, plan, mesh)(blocks, batch)
     ...     return float(loss), tuple(grads["layers"][0]["mlp"]["w1"].shape)
     >>> got = colofn.launch(program, world_size=4)
     >>> abs(got[0][0] - float(gpt.loss(params, batch, cfg))) < 1e-5, got[0][1]  # w1 [32, 128], split over tp
