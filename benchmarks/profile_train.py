@@ -9,9 +9,13 @@ time. Run the same row for both sides, one after the other, and compare::
     python benchmarks/profile_train.py dp native
     python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --sort cumtime --lines 60
     python benchmarks/profile_train.py "pp+dp (1f1b)" colofn --rank 2   # a rank of the last stage
+    python benchmarks/profile_train.py dp colofn --clock thread   # CPU time: comparable under load
 
 Absolute times on a shared machine are noisy (say the load next to them); the
-number of Python calls per step and the share of each entry are not.
+number of Python calls per step and the share of each entry are not, and nor,
+much, is the CPU time per step it prints first (the main thread's
+``time.thread_time`` over the same number of unprofiled steps; a thread that
+waits for a collective burns little of it).
 """
 
 from __future__ import annotations
@@ -47,13 +51,18 @@ def row(name: str) -> tuple[Any, ...]:
     return s, cfg, mcfg, mesh, params, batch
 
 
-def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: int = 0) -> str | None:
+def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: int = 0, clock: str = "wall") -> str | None:
     s, cfg, mcfg, mesh, params, batch = row(name)
     run = bt.Colofn(cfg, mcfg, params, mesh) if side == "colofn" else bt.Native(s, cfg, mcfg, params, mesh, True)
     for _ in range(2):
         run.step(batch)
     dist.barrier()
-    prof = cProfile.Profile()
+    c0 = time.thread_time()  # the same steps without the profiler: CPU time, which load does not inflate
+    for _ in range(steps):
+        run.step(batch)
+    cpu = (time.thread_time() - c0) / steps
+    dist.barrier()
+    prof = cProfile.Profile(time.thread_time) if clock == "thread" else cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     for _ in range(steps):
@@ -64,7 +73,10 @@ def rank_program(name: str, side: str, steps: int, sort: str, lines: int, show: 
         return None
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
-    return f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank {show}), load average {os.getloadavg()[0]:.1f}\n{out.getvalue()}"
+    unit = " (profile times: this thread's CPU time)" if clock == "thread" else ""
+    return (f"# {name}, {side}: {step * 1e3:.1f} ms per step under cProfile (rank {show}), load average "
+            f"{os.getloadavg()[0]:.1f}{unit}; without the profiler {cpu * 1e3:.1f} ms of CPU per step "
+            f"(rank {show}'s main thread)\n{out.getvalue()}")
 
 
 def main() -> None:
@@ -75,8 +87,12 @@ def main() -> None:
     p.add_argument("--sort", default="tottime", help="a pstats sort key (tottime, cumtime, ncalls)")
     p.add_argument("--lines", type=int, default=35)
     p.add_argument("--rank", type=int, default=0, help="whose profile to print (pp+dp: 0-1 hold stage 0, 2-3 stage 1)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: time entries by the main thread's CPU time (time.thread_time), which the "
+                   "machine's load does not inflate; waits then cost only what the waiting thread burns")
     a = p.parse_args()
-    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, a.rank, world_size=4, backend="gloo")[a.rank])
+    print(colofn.launch(rank_program, a.strategy, a.side, a.steps, a.sort, a.lines, a.rank, a.clock, world_size=4,
+                        backend="gloo")[a.rank])
 
 
 if __name__ == "__main__":

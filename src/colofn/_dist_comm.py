@@ -11,6 +11,7 @@ pbroadcast, ppermute). What cannot work raises, naming the collective.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -378,12 +379,35 @@ class GradBucket:
         self.owned[id(out)] = index
         return out
 
+    def enter_all(self, blocks: list[Any]) -> list[Any]:
+        """:meth:`enter` of every block (argument ``i`` is ``blocks[i]``; non-tensors and blocks without grad pass as they are).
+
+        Under plain autograd, one node for all of them (:class:`_EnterAll`):
+        autograd runs it last, as it would each argument's own node.
+        """
+        idx = [i for i, x in enumerate(blocks) if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not idx or not _plain_autograd():
+            return [self.enter(i, x) if isinstance(x, torch.Tensor) else x for i, x in enumerate(blocks)]
+        out = list(blocks)
+        for i, y in zip(idx, _EnterAll.apply(self, tuple(idx), *(blocks[i] for i in idx)), strict=True):
+            out[i] = y
+            self.owned[id(y)] = i
+        return out
+
     def owns(self, t: torch.Tensor) -> bool:
         return id(t) in self.owned
 
     def pvary(self, t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
         index = self.owned[id(t)]
+        if _plain_autograd():  # a view whose gradient hook stashes: no Python node of its own
+            out = t.view_as(t)
+            out.register_hook(functools.partial(self._stash_hook, index, axes))
+            return out
         return op(t, lambda x: x.view_as(x), lambda g: self._stash(index, axes, g), lin=lambda u: self.comm.pvary(u, axes), name="pvary of a shard_map argument")
+
+    def _stash_hook(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
+        with _vma.suspended():
+            return self._stash(index, axes, g)
 
     def _stash(self, index: int, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # create_graph: keep the sum differentiable
@@ -421,6 +445,10 @@ class GradBucket:
         extra = self.ready.pop(index, None)
         return g if extra is None else g + extra
 
+    def _finish_all(self, indices: tuple[int, ...], gs: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+        """:meth:`_finish` of every argument at once; an unused one (``None``) stays ``None``."""
+        return [g if g is None else self._finish(i, g) for i, g in zip(indices, gs, strict=True)]
+
     def _wait(self, b: _Launched) -> None:
         if b.work is not None:
             b.work.wait()
@@ -429,6 +457,30 @@ class GradBucket:
             piece = piece.view(shape)
             self.ready[index] = piece if index not in self.ready else self.ready[index] + piece
             self.waiting[index] -= 1
+
+
+def _plain_autograd() -> bool:
+    """No ``torch.func`` transform and no forward-mode AD: what :func:`op`'s own fast path needs too."""
+    return not _transforms_active() and fwAD._current_level < 0
+
+
+class _EnterAll(torch.autograd.Function):
+    """The arguments of one call entered by one node: ``forward`` views them, ``backward`` adds each one's sums.
+
+    For plain autograd only (:meth:`GradBucket.enter_all`); under ``torch.func``
+    transforms or forward-mode AD every argument gets its own :func:`op`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, bucket: GradBucket, indices: tuple[int, ...], *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.bucket, ctx.indices = bucket, indices
+        ctx.set_materialize_grads(False)
+        return tuple(x.view_as(x) for x in blocks)
+
+    @staticmethod
+    def backward(ctx: Any, *gs: torch.Tensor | None) -> tuple[Any, ...]:
+        with _vma.suspended():
+            return (None, None, *ctx.bucket._finish_all(ctx.indices, gs))
 
 
 @dataclass

@@ -243,7 +243,7 @@ def _run(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any, check
     local = [_enter(x, s, mesh, comm, check_vma) for x, s in zip(leaves, specs, strict=True)]
     if check_vma:
         ctx.bucket = GradBucket(comm)
-        local = [ctx.bucket.enter(i, t) for i, t in enumerate(local)]
+        local = ctx.bucket.enter_all(local)
     local = [ctx.set_vma(t, s.axes) for t, s in zip(local, specs, strict=True)]
     with _vma.active(ctx):
         out = f(*jt.unflatten(treedef, local))
@@ -295,13 +295,14 @@ def per_device(f: Callable[..., Any], /, *, mesh: Mesh | None = None, in_specs: 
         ctx = _vma.Context(dict(m.shape), {a: m.axis_index(a) for a in m.axis_names}, comm, check_vma)
         bucket = ctx.bucket = GradBucket(comm) if check_vma else None  # the gradient sums in buckets, as shard_map's
 
-        def tag(i: int, x: Any, s: PartitionSpec) -> Any:
+        entered = bucket.enter_all(leaves) if bucket is not None else leaves
+
+        def tag(x: Any, e: Any, s: PartitionSpec) -> Any:
             if not isinstance(x, torch.Tensor):
                 return x
-            entered = bucket.enter(i, x) if bucket is not None else x
-            return ctx.set_vma(entered if entered is not x else x.view_as(x), s.axes)  # never tag the caller's tensor
+            return ctx.set_vma(e if e is not x else x.view_as(x), s.axes)  # never tag the caller's tensor
 
-        tagged = [tag(i, x, s) for i, (x, s) in enumerate(zip(leaves, specs, strict=True))]
+        tagged = [tag(x, e, s) for x, e, s in zip(leaves, entered, specs, strict=True)]
         with _vma.active(ctx):
             return f(*jt.unflatten(treedef, tagged))
 

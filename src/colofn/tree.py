@@ -148,6 +148,8 @@ def all_leaves_are(tree: Any, types: type | tuple[type, ...], what: str) -> None
     """Raise :class:`~colofn.errors.TreeTypeError` naming every leaf not of ``types``."""
     from colofn.errors import TreeTypeError, format_failures
 
+    if all(isinstance(x, types) for x in leaves(tree)):  # the common case: no paths to build
+        return
     bad = [
         f"{keystr(p)}: got {type(x).__name__} {x!r:.60}"
         for p, x in leaves_with_path(tree)
@@ -185,13 +187,40 @@ def broadcast_prefix(
     >>> broadcast_prefix({"a": 1, "b": 2}, {"a": [10, 20], "b": 30})
     [1, 1, 2]
     """
+    p_leaves, p_def = flatten(prefix, is_leaf)
+    try:  # the outcome depends only on the two structures: repeat a success without the walk
+        key: Any = (p_def, structure(full), is_leaf)
+        counts = _BROADCAST_COUNTS.get(key)
+    except TypeError:  # a node whose metadata is unhashable
+        key, counts = None, None
+    if counts is None:
+        out, counts = _broadcast_prefix(prefix, full, is_leaf, prefix_name, full_name)
+        if key is not None and len(counts) == len(p_leaves):
+            if len(_BROADCAST_COUNTS) >= 1024:
+                _BROADCAST_COUNTS.clear()
+            _BROADCAST_COUNTS[key] = counts
+        return out
+    return [x for x, k in zip(p_leaves, counts, strict=True) for _ in range(k)]
+
+
+# (prefix structure, full structure, is_leaf) -> how many leaves of full each leaf of prefix stands
+# for; successes only, so a mismatch is walked (and worded) again on every call
+_BROADCAST_COUNTS: dict[Any, tuple[int, ...]] = {}
+
+
+def _broadcast_prefix(
+    prefix: Any, full: Any, is_leaf: Callable[[Any], bool] | None, prefix_name: str, full_name: str
+) -> tuple[list[Any], tuple[int, ...]]:
+    """The walk behind :func:`broadcast_prefix`: its result, and the count of each prefix leaf, in order."""
     out: list[Any] = []
+    counts: list[int] = []
     failures: list[str] = []
 
     def rec(p: Any, f: Any, path: str) -> None:
         p_level = _one_level(p, is_leaf)
         if p_level is None:
-            out.extend([p] * len(leaves(f)))
+            counts.append(len(leaves(f)))
+            out.extend([p] * counts[-1])
             return
         f_level = _one_level(f, None)
         where = path or "<root>"
@@ -236,7 +265,7 @@ def broadcast_prefix(
                 "entry may stand for a whole subtree)",
             )
         )
-    return out
+    return out, tuple(counts)
 
 
 def register_dataclass(

@@ -125,4 +125,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             out = out.to(p.dtype)
         return out.requires_grad_(p.requires_grad) if out.is_floating_point() else out
 
+    p_leaves, treedef = ctree.flatten(params)
+    u_leaves = ctree.leaves(updates)
+    if all(type(p) is torch.Tensor and type(u) is torch.Tensor and p.dtype == u.dtype and p.device == u.device
+           for p, u in zip(p_leaves, u_leaves, strict=True)):  # the common case: one foreach add, the same sums
+        out = torch._foreach_add(p_leaves, u_leaves)
+        for o, p in zip(out, p_leaves, strict=True):
+            if p.requires_grad:
+                o.requires_grad_()
+        return ctree.unflatten(treedef, out)
     return ctree.map(add, params, updates)

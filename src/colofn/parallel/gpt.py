@@ -52,7 +52,7 @@ from colofn.parallel.specs import batch_specs, param_specs
 from colofn.parallel.tp import vocab
 from colofn.partition_spec import P
 from colofn.shard_map import shard_map
-from colofn.sharding import device_put, from_local_block
+from colofn.sharding import device_put, from_local_block, local_block
 
 __all__ = [
     "block",
@@ -60,6 +60,7 @@ __all__ = [
     "head_sums",
     "layers_forward",
     "local_loss",
+    "make_local_value_and_grad",
     "make_loss",
     "make_value_and_grad",
     "relayout",
@@ -257,9 +258,7 @@ def make_loss(
     )
 
     def loss(params: Params, batch: Mapping[str, torch.Tensor]) -> Any:
-        if not isinstance(batch, Mapping) or "tokens" not in batch or "targets" not in batch:
-            raise TreeError('the batch must be {"tokens": [batch, seq], "targets": [batch, seq]}')
-        check_batch(plan, m.shape, tuple(batch["tokens"].shape), config.seq_len)
+        _check_batch(batch, config, plan, m)
         return mapped(params, {"tokens": batch["tokens"], "targets": batch["targets"]})
 
     return loss
@@ -305,19 +304,12 @@ def _split_value_and_grad(
     specs = dict(batch_specs(plan), count=P())
 
     def parts(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)  # as local_loss
-        x = embed(params["embed"], tokens, config, plan)
-        x, aux = layers_forward(params["layers"], x, config, plan)
-        nll, count = head_sums(params, x, targets, config, plan)
-        share = nll / batch["count"].to(nll.dtype)
-        return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
+        return _parts(params, batch, config, plan)
 
     mapped = shard_map(parts, mesh=m, in_specs=(param_specs(config, plan), specs), out_specs=(P(axes), P(), P(axes)))
 
     def value_and_grad(params: Params, batch: Mapping[str, torch.Tensor]) -> tuple[Any, Params]:
-        if not isinstance(batch, Mapping) or "tokens" not in batch or "targets" not in batch:
-            raise TreeError('the batch must be {"tokens": [batch, seq], "targets": [batch, seq]}')
-        check_batch(plan, m.shape, tuple(batch["tokens"].shape), config.seq_len)
+        _check_batch(batch, config, plan, m)
         params = jt.map(lambda p: p if p.requires_grad else p.detach().requires_grad_(), params)
         count = (batch["targets"] != vocab.IGNORE).sum()
         out: Any = mapped(params, {"tokens": batch["tokens"], "targets": batch["targets"], "count": count})
@@ -328,6 +320,90 @@ def _split_value_and_grad(
         nll, total = sums.wait().unbind(0)
         loss = from_local_block(nll / total + aux.detach(), P(), m)
         return loss, jt.unflatten(jt.structure(params), grads)
+
+    return value_and_grad
+
+
+def _check_batch(batch: Any, config: gpt.GPTConfig, plan: Plan, m: Mesh) -> None:
+    if not isinstance(batch, Mapping) or "tokens" not in batch or "targets" not in batch:
+        raise TreeError('the batch must be {"tokens": [batch, seq], "targets": [batch, seq]}')
+    check_batch(plan, m.shape, tuple(batch["tokens"].shape), config.seq_len)
+
+
+def _parts(
+    params: Params, batch: Mapping[str, torch.Tensor], config: gpt.GPTConfig, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per device, for plans that split the tokens: ``(nll / global count, aux, [nll, count])``.
+
+    :func:`local_loss` without its ``psum``: ``batch["count"]`` is the global
+    token count, so the first part's gradient is this rank's share of the mean's.
+    """
+    tokens, targets = relayout(torch.stack([batch["tokens"], batch["targets"]]), plan).unbind(0)  # as local_loss
+    x = embed(params["embed"], tokens, config, plan)
+    x, aux = layers_forward(params["layers"], x, config, plan)
+    nll, count = head_sums(params, x, targets, config, plan)
+    share = nll / batch["count"].to(nll.dtype)
+    return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
+
+
+def make_local_value_and_grad(
+    config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
+) -> Callable[[Params, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Params]]:
+    """:func:`make_value_and_grad` on this rank's blocks: no DTensor in or out.
+
+    ``value_and_grad(blocks, batch) -> (loss, grads)``: ``blocks`` are this
+    rank's blocks of the parameters as :func:`shard_params` lays them out (its
+    DTensors' ``to_local()``), plain tensors; ``batch`` is the global batch, as
+    for :func:`make_value_and_grad`. ``loss`` is a 0-d tensor, the same on every
+    rank, and ``grads`` the blocks of :func:`make_value_and_grad`'s gradients:
+    the same numbers (the same ops, run by :func:`colofn.per_device`, the body
+    of ``shard_map``), without wrapping ~50 parameters and their gradients as
+    DTensors on every call. For a trainer that keeps its state as local blocks
+    between steps (``colofn.train``'s dense trainer does); checkpoints and
+    exports make DTensors of them with :func:`colofn.sharding.from_local_block`.
+
+    >>> import colofn
+    >>> from colofn import random
+    >>> from colofn.models import gpt
+    >>> from colofn.parallel import Plan, make_local_value_and_grad, shard_params
+    >>> cfg, plan = gpt.config("tiny", n_layers=1), Plan(dp="dp", tp="tp")
+    >>> params, t = gpt.init(random.key(0), cfg), random.randint(random.key(1), (4, 17), 0, cfg.vocab_size)
+    >>> batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
+    >>> def program():
+    ...     mesh = colofn.Mesh((2, 2), ("dp", "tp"))
+    ...     blocks = colofn.tree.map(lambda d: d.to_local(), shard_params(params, cfg, plan, mesh))
+    ...     loss, grads = make_local_value_and_grad(cfg, plan, mesh)(blocks, batch)
+    ...     return float(loss), tuple(grads["layers"][0]["mlp"]["w1"].shape)
+    >>> got = colofn.launch(program, world_size=4)
+    >>> abs(got[0][0] - float(gpt.loss(params, batch, cfg))) < 1e-5, got[0][1]  # w1 [32, 128], split over tp
+    (True, (32, 64))
+    """
+    from colofn.shard_map import per_device
+
+    m = get_mesh(mesh, "make_local_value_and_grad")
+    check_plan(plan, config, m.shape)
+    axes = plan.token_axes
+    bspecs = batch_specs(plan)
+
+    def parts(params: Params, batch: Mapping[str, torch.Tensor]) -> Any:
+        return _parts(params, batch, config, plan) if axes else local_loss(params, batch, config, plan)
+
+    body = per_device(parts, mesh=m, in_specs=(param_specs(config, plan), dict(bspecs, count=P()) if axes else bspecs))
+
+    def value_and_grad(blocks: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Params]:
+        _check_batch(batch, config, plan, m)
+        leaves, treedef = jt.flatten(blocks)
+        leaves = [p if p.requires_grad else p.detach().requires_grad_() for p in leaves]
+        mine = {k: local_block(batch[k], bspecs[k], m) for k in ("tokens", "targets")}
+        if not axes:
+            loss = body(jt.unflatten(treedef, leaves), mine)
+            return loss.detach(), jt.unflatten(treedef, torch.autograd.grad(loss, leaves))
+        mine["count"] = (batch["targets"] != vocab.IGNORE).sum()
+        share, aux, stats = body(jt.unflatten(treedef, leaves), mine)
+        sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
+        grads = torch.autograd.grad(share.sum() + aux, leaves)
+        nll, total = sums.wait().unbind(0)
+        return nll / total + aux.detach(), jt.unflatten(treedef, grads)
 
     return value_and_grad
 

@@ -7,8 +7,10 @@ form (collective), which is what checkpoints store; so a run saved on one mesh
 resumes on any other.
 
 * :class:`DenseTrainer`: every strategy of :mod:`colofn.parallel` (dp, tp,
-  Megatron-SP, Ulysses, ring, ep) as one ``shard_map``; params and optimizer
-  state are DTensors.
+  Megatron-SP, Ulysses, ring, ep) as the body of one ``shard_map``
+  (:func:`~colofn.parallel.make_local_value_and_grad`); params and optimizer
+  state are this rank's blocks (plain tensors) between steps, DTensors only
+  on export.
 * :class:`ZeroTrainer`: the same loss without the dp mean, under
   :mod:`colofn.zero` (stages 0-3 over ``dp``).
 * :class:`PipelineTrainer`: the layers cut into stages run by a
@@ -39,7 +41,7 @@ from colofn.optim.adam import AdamState
 from colofn.parallel import (
     Plan,
     batch_specs,
-    make_value_and_grad,
+    make_local_value_and_grad,
     param_specs,
     shard_params,
     stage_slice,
@@ -69,19 +71,22 @@ def _map_adam(state: AdamState, fn: Any) -> AdamState:
 class DenseTrainer:
     def __init__(self, mcfg: gpt.GPTConfig, plan: Plan, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, opt_state: AdamState) -> None:
         self.mcfg, self.plan, self.mesh, self.opt = mcfg, plan, mesh, opt
-        place = lambda t: shard_params(t, mcfg, plan, mesh)  # noqa: E731
+        self.specs = param_specs(mcfg, plan)
+        # placed (and checked) as DTensors once, then held as the blocks: no DTensor per leaf per step
+        place = lambda t: jt.map(lambda d: d.to_local().clone(), shard_params(t, mcfg, plan, mesh))  # noqa: E731
         self.params = place(params)
         self.opt_state = _map_adam(opt_state, place)
-        self.value_and_grad = make_value_and_grad(mcfg, plan, mesh)
+        self.value_and_grad = make_local_value_and_grad(mcfg, plan, mesh)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         loss, grads = self.value_and_grad(self.params, batch)
         updates, self.opt_state = self.opt.update(grads, self.opt_state, self.params)
         self.params = jt.map(torch.Tensor.detach, optim.apply_updates(self.params, updates))
-        return float(loss.to_local().detach())
+        return float(loss)
 
     def export(self) -> tuple[Tree, AdamState]:
-        return gather(self.params), gather(self.opt_state)
+        wrap = lambda t: jt.map(lambda x, spec: from_local_block(x, spec, self.mesh), t, self.specs)  # noqa: E731
+        return gather(wrap(self.params)), gather(_map_adam(self.opt_state, wrap))
 
     def local_bytes(self) -> int:
         return nbytes((self.params, self.opt_state))

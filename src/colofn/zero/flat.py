@@ -24,6 +24,8 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -214,8 +216,37 @@ class FlatLayout:
         return flat[s.offset : s.offset + s.numel].view(s.shape)
 
     def views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Every leaf as a view into its bucket, in layout order."""
-        return [self.leaf_view(i, flats[s.bucket]) for i, s in enumerate(self.slots)]
+        """Every leaf as a view into its bucket, in layout order.
+
+        One ``split`` per bucket (its leaves are contiguous from offset 0, the
+        padding last): one autograd node per bucket, whose backward
+        concatenates the leaves' gradients, not a slice per leaf, each of whose
+        backwards writes into a zero buffer of the whole bucket. Plain tensors
+        are cut with ``__torch_function__`` off (no mode sees the ~50 views: a
+        ``shard_map`` body tags them itself).
+        """
+        out: list[torch.Tensor] = [flats[0]] * len(self.slots)
+        plain = all(type(f) is torch.Tensor for f in flats)
+        with torch._C.DisableTorchFunction() if plain else contextlib.nullcontext():
+            for b, flat in enumerate(flats):
+                ids = self._bucket_leaves[b]
+                sizes = [self.slots[i].numel for i in ids]
+                pad = flat.numel() - sum(sizes)
+                for i, piece in zip(ids, flat.split([*sizes, pad] if pad else sizes), strict=False):
+                    out[i] = piece.view(self.slots[i].shape)
+        return out
+
+    @functools.cached_property
+    def _bucket_leaves(self) -> tuple[tuple[int, ...], ...]:
+        """Each bucket's leaf indices in offset order (they fill it from 0, contiguously)."""
+        ids: list[list[int]] = [[] for _ in self.buckets]
+        for i, s in enumerate(self.slots):
+            ids[s.bucket].append(i)
+        for b, leaves in enumerate(ids):
+            leaves.sort(key=lambda i: self.slots[i].offset)
+            ends = [self.slots[i].offset + self.slots[i].numel for i in leaves]
+            assert [self.slots[i].offset for i in leaves] == [0, *ends[:-1]], f"bucket {b} is not filled contiguously"
+        return tuple(tuple(x) for x in ids)
 
     def unit_tree(self, u: int, flats: Sequence[torch.Tensor] | dict[int, torch.Tensor]) -> Any:
         """Unit ``u``'s subtree, its leaves views into ``flats`` (indexed by bucket)."""

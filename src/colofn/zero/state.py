@@ -31,13 +31,12 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from colofn import _comm
 from colofn import tree as jt
-from colofn.collectives import all_gather
 from colofn.errors import ConfigError
 from colofn.mesh import Mesh
 from colofn.optim.base import GradientTransformation
 from colofn.partition_spec import P, PartitionSpec
-from colofn.shard_map import shard_map
 from colofn.sharding import NamedSharding, sharding_of
 from colofn.zero import _checks
 from colofn.zero.flat import FlatLayout, split_units
@@ -183,24 +182,34 @@ class ZeroPlan:
 
         ``shards`` holds one shard per bucket, or several such runs back to back
         (the optimizer state's buffers): entry ``k`` is of bucket ``k % buckets``.
+        Every bucket's all-gather is started before the first is waited for, so
+        the buckets pay one round of waiting, not one each (the same ops, bytes
+        and phase as one ``all_gather(..., tiled=True)`` per bucket over its group).
         """
         nb = len(self.layout.buckets)
         groups = [self.bucket_axes(k % nb) for k in range(len(shards))]
         sizes = [self.layout.buckets[k % nb].n for k in range(len(shards))]
         if all(n == 1 for n in sizes):
             return list(shards)
-
-        def body(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            return tuple(all_gather(x, g, tiled=True, to="invariant") if n > 1 else x for x, g, n in zip(xs, groups, sizes, strict=True))
-
-        fn = shard_map(
-            body,
-            mesh=self.mesh,
-            in_specs=(tuple(self.shard_spec for _ in shards),),
-            out_specs=tuple(self.bucket_full_spec(k % nb) if n > 1 else self.shard_spec for k, n in enumerate(sizes)),
-        )
-        out: Any = fn(tuple(self.on_mesh(s, self.shard_spec) for s in shards))  # DTensors
-        return [o.to_local() for o in out]
+        started: list[Any] = []
+        for s, axes, n in zip(shards, groups, sizes, strict=True):
+            if n == 1:
+                started.append((s, None, None, None))
+                continue
+            g = _comm.axis_group(self.mesh, tuple(axes))
+            s = s.detach().to(self.compute_device).contiguous()
+            _comm._rec("all_gather", g, s, _comm._phase())
+            out = torch.empty(s.numel() * g.size, dtype=s.dtype, device=s.device)
+            started.append((s, out, g, _comm._all_gather_into(out, s, group=g.group, async_op=True)))
+        fulls = []
+        for s, out, g, work in started:
+            if work is None:
+                fulls.append(s)
+                continue
+            with _comm._Watch("all_gather", g, s):
+                work.wait()
+            fulls.append(out if g.identity_order else torch.cat(g.from_group_order(list(out.chunk(g.size)))))
+        return fulls
 
 
 @jt.register_dataclass(meta_fields=("plan",))
