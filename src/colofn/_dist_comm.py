@@ -389,6 +389,13 @@ class GradBucket:
         if not idx or not _plain_autograd():
             return [self.enter(i, x) if isinstance(x, torch.Tensor) else x for i, x in enumerate(blocks)]
         out = list(blocks)
+        if self.step_sums is not None:  # a pipeline step's parameters: their sums are the step's (plain views)
+            deferred = {i for i in idx if self.step_sums.handle(blocks[i]) is not None}
+            for i in deferred:
+                out[i] = self.enter(i, blocks[i])
+            idx = [i for i in idx if i not in deferred]
+            if not idx:
+                return out
         for i, y in zip(idx, _EnterAll.apply(self, tuple(idx), *(blocks[i] for i in idx)), strict=True):
             out[i] = y
             self.owned[id(y)] = i
