@@ -110,7 +110,7 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         return []
     p = device_params(m, c, stage)
     grads, params = p * pr.comm_grad, p * pr.param
-    # With pp colofn reduces every microbatch's gradients; Megatron-LM once per step.
+    # With pp colofn reduces every microbatch's gradients; Megatron-LM (and ZeRO inside stages) once per step.
     calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
@@ -129,13 +129,15 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
         return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
     if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
-        p = zero_params(m, c)
+        p = zero_params(m, c, stage)
         grads, params = p * pr.comm_grad, p * pr.param
     shard = params // n
     if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
         return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
     if c.stage in (1, 2):
-        return [Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads),  # overlapped with the backward
+        # Overlapped with the backward; inside pipeline stages, once after the schedule's last action.
+        rs_phase: Phase = "forward" if c.size("pp") > 1 else "backward"
+        return [Collective("grads", "reduce_scatter", "dp", n, rs_phase, 1, grads),
                 Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
     # The backward does not read an untied embedding (its gradient is a scatter of
     # the output gradient), so stage 3 does not gather it again.
@@ -156,10 +158,13 @@ def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
     # Two per block each way; the vocabulary-parallel embedding's in the forward
     # (first stage), the head's input in the backward (last stage).
     calls = {"forward": (2 * layers + first) * mb, "backward": (2 * layers + last) * mb}
+    # Megatron-SP: the embedding's output is reduce-scattered (its transpose all-gathers in the
+    # backward), the head's input all-gathered (reduce-scattered in the backward).
+    gathers = {"forward": (2 * layers + last) * mb, "backward": (2 * layers + first) * mb}
     out = []
     for phase in ("forward", "backward"):
         if c.sp == "megatron":
-            out += [Collective("activations", "all_gather", "tp", t, phase, calls[phase], act // t),  # type: ignore[arg-type]
+            out += [Collective("activations", "all_gather", "tp", t, phase, gathers[phase], act // t),  # type: ignore[arg-type]
                     Collective("activations", "reduce_scatter", "tp", t, phase, calls[phase], act)]  # type: ignore[arg-type]
         else:
             out.append(Collective("activations", "all_reduce", "tp", t, phase, calls[phase], act))  # type: ignore[arg-type]
@@ -170,7 +175,7 @@ def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
         norms, pos = _replicated(m, c, stage)
         # Plain dp sums the norms' gradients over dp and tp at once (in _dp); ZeRO owns dp itself.
         replicated = pos if c.size("dp") > 1 and c.zero is None else norms + pos
-        out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
+        out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", mb, replicated * pr.comm_grad))
     return out
 
 
@@ -238,7 +243,7 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     out = []
     axis, n = tokens_axis(c)
     if n > 1 and stage == c.size("pp") - 1:
-        scalars = 1 if c.zero is not None else 2
+        scalars = 1 if c.zero is not None and c.size("pp") == 1 else 2  # a pipeline psums (sum, count)
         calls = c.microbatches if c.size("pp") > 1 else 1
         out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
     moe = _moe(m, c, precision, global_batch, ep_rooms) if m.n_experts else []

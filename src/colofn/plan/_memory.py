@@ -82,23 +82,35 @@ def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
     return total
 
 
-def zero_units(m: ModelShape, c: Candidate) -> list[int]:
-    """Parameters of each ZeRO unit a device holds (no pipeline): the embeddings, each block, the final norm, the head.
+def zero_units(m: ModelShape, c: Candidate, stage: int = 0) -> list[int]:
+    """Parameters of each ZeRO unit a device of pipeline stage ``stage`` holds.
 
-    :mod:`colofn.zero.flat` pads each unit to a multiple of the dp size.
+    The units are :func:`colofn.zero.flat.split_units`' (each top-level entry,
+    each block): the embeddings (first stage), the stage's blocks, the final
+    norm and the head (last stage; with a pipeline the head holds the tied
+    embedding again). :mod:`colofn.zero.flat` pads each unit to a multiple of
+    the dp size.
     """
-    t, norm = c.size("tp"), m._norm
+    t, norm, pp = c.size("tp"), m._norm, c.size("pp")
     emb = m.vocab_size * m.d_model // t
-    units = [emb + m.pos_params] + [m.layer_tp_params // t + 2 * norm] * m.n_layers + [norm]
-    return units + ([] if m.tie_embeddings else [emb])
+    units = [emb + m.pos_params] if stage == 0 else []
+    units += [m.layer_tp_params // t + 2 * norm] * (m.n_layers // pp)
+    if stage == pp - 1:
+        units += [norm] + ([] if m.tie_embeddings and pp == 1 else [emb])
+    return units
 
 
-def zero_params(m: ModelShape, c: Candidate) -> int:
-    """:func:`device_params` as ZeRO stages 1-3 hold them: each unit padded to a multiple of dp."""
+def zero_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
+    """:func:`device_params` as ZeRO stages 1-2 (3 without a pipeline) hold them: each unit padded to a multiple of dp.
+
+    ``stage``: the pipeline stage (``None``: the largest).
+    """
     n = c.size("dp")
-    if c.stage == 0 or c.size("pp") > 1:
-        return device_params(m, c)
-    return sum(-(-u // n) * n for u in zero_units(m, c))
+    if c.stage == 0:
+        return device_params(m, c, stage)
+    if stage is None:
+        return max(zero_params(m, c, s) for s in {0, c.size("pp") - 1})
+    return sum(-(-u // n) * n for u in zero_units(m, c, stage))
 
 
 def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_ADAM) -> float:
@@ -109,7 +121,10 @@ def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_
     True
     """
     p = zero_params(m, c)
-    return precision.fixed + formula_bytes(stage=c.stage, params=p * precision.param, grads=p * precision.grad,
+    # Inside pipeline stages ZeRO-2 accumulates full gradients over the microbatches, as ZeRO-1 does
+    # (docs/zero.md, "Inside pipeline stages"): it shards only the gradients of the update.
+    stage = 1 if c.stage == 2 and c.size("pp") > 1 else c.stage
+    return precision.fixed + formula_bytes(stage=stage, params=p * precision.param, grads=p * precision.grad,
                                            states=p * precision.states, n=c.size("dp"))
 
 

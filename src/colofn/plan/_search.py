@@ -3,7 +3,7 @@
 Legal means what ``colofn train`` accepts (``docs/train.md``): ``pp x dp x tp``
 equal to the device count; ``tp`` divides the heads and stays inside a node;
 ``pp`` divides the layers; the batch splits over dp and the microbatches;
-ZeRO over dp only without a pipeline; Megatron sequence parallelism only with tp;
+ZeRO 1-3 over dp (1-2 inside pipeline stages); Megatron sequence parallelism only with tp;
 Ulysses over an ``sp`` axis inside a node, with dp only; a mixture-of-experts
 model on ``dp x ep`` only (ep dividing the experts, the batch split over both).
 
@@ -53,7 +53,7 @@ def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
                 continue
             mesh = tuple((a, n) for a, n in (("pp", pp), ("dp", dp), ("tp", tp)) if n > 1) or (("dp", 1),)
             sps = ("none", "megatron") if tp > 1 else ("none",)
-            zeros = (None, 1, 2, 3) if dp > 1 and pp == 1 else (None,)
+            zeros = ((None, 1, 2, 3) if pp == 1 else (None, 1, 2)) if dp > 1 else (None,)
             pipes = [(s, k * pp) for s in SCHEDULES for k in (1, 2, 4) if global_batch % (dp * k * pp) == 0] if pp > 1 else [("1f1b", 1)]
             for sp, zero, (sched, mb), rc in itertools.product(sps, zeros, pipes, recompute):
                 yield Candidate(mesh, sp=sp, zero=zero, schedule=sched, microbatches=mb, recompute=rc)  # type: ignore[arg-type]
