@@ -34,7 +34,7 @@ def _world(text):
 def _traced(records):
     out: Counter = Counter()
     for r in records:
-        if r.op in ("send", "recv") and len(r.shape) != 3:  # the schedule's metadata (a few ints): not predicted
+        if r.op in ("send", "recv") and len(r.shape) not in (0, 3):  # the schedule's metadata: not predicted
             continue
         out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
     return out
@@ -52,26 +52,28 @@ def _batch(mcfg, b):
     return {"tokens": t[:, :-1], "targets": t[:, 1:]}
 
 
-def _pipeline_zero_program(mesh_text, sp, zero, microbatches, b):
+def _pipeline_zero_program(mesh_text, sp, zero, microbatches, b, experts=0):
     from colofn.train.trainers import PipelineTrainer
 
     shape = parse_mesh(mesh_text)
     mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=zero, sp=sp)
+    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=zero, sp=sp, experts=experts)
+    mcfg = cfg.model_config()
     opt = make_optimizer(cfg)
-    params = gpt.init(random.key(0), TRAIN_CFG)
-    trainer = PipelineTrainer(TRAIN_CFG, cfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches,
+    params = gpt.init(random.key(0), mcfg)
+    trainer = PipelineTrainer(mcfg, cfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches,
                               zero_stage=zero)
     with colofn.comm_trace() as records:
-        trainer.step(_batch(TRAIN_CFG, b))
-    return _traced(records), mesh.axis_index("pp")
+        trainer.step(_batch(mcfg, b))
+    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
+    return _traced(records), mesh.axis_index("pp"), rooms[::2]
 
 
 @pytest.mark.parametrize(("mesh", "sp", "zero"), [("pp=2,dp=2", "none", 0), ("pp=2,dp=2", "none", 1),
                                                   ("pp=2,dp=2", "none", 2), ("pp=2,dp=2,tp=2", "megatron", 1)])
 def test_zero_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, sp, zero):
     cand = Candidate(_pairs(mesh), sp=sp, zero=zero, microbatches=2)
-    for traced, stage in colofn.launch(_pipeline_zero_program, mesh, sp, zero, 2, 8, world_size=_world(mesh)):
+    for traced, stage, _ in colofn.launch(_pipeline_zero_program, mesh, sp, zero, 2, 8, world_size=_world(mesh)):
         want = _predicted(TRAIN_CFG, cand, 8, stage)
         assert traced - Counter() == want - Counter(), (stage, traced, want)
 
@@ -83,3 +85,53 @@ def test_zero_inside_pipeline_stages_model_state_bytes_equal_what_colofn_train_r
     record = colofn.launch(rank_program, cfg, world_size=cfg.world_size)[0]
     predicted = model_state_bytes(from_gpt(cfg.model_config()), Candidate(cfg.mesh, zero=zero, microbatches=2), FP32_ADAM)
     assert predicted == max(record["bytes_per_rank"][-1])
+
+
+def _zero_program(mesh_text, sp, zero, b, experts):
+    from colofn.train.trainers import ZeroTrainer
+
+    shape = parse_mesh(mesh_text)
+    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
+    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=zero, sp=sp, experts=experts)
+    mcfg = cfg.model_config()
+    opt = make_optimizer(cfg)
+    params = gpt.init(random.key(0), mcfg)
+    trainer = ZeroTrainer(mcfg, cfg.plan(), mesh, opt, params, opt.init(params), zero)
+    with colofn.comm_trace() as records:
+        trainer.step(_batch(mcfg, b))
+    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
+    return _traced(records), rooms[::2]
+
+
+@pytest.mark.parametrize(("mesh", "sp", "zero", "experts"), [
+    ("dp=2,sp=2", "ulysses", 1, 0), ("dp=2,sp=2", "ulysses", 3, 0),  # one group: dp x sp
+    ("dp=2,ep=2", "none", 2, 4), ("dp=2,ep=2", "none", 3, 4),  # two: dense over dp x ep, experts over dp
+    ("dp=2", "none", 1, 4),  # experts over dp alone: one bucket per block
+])
+def test_zero_over_several_data_axes_bytes_per_collective_equal_comm_trace(mesh, sp, zero, experts):
+    mcfg = TrainConfig(preset="tiny", experts=experts).model_config()
+    cand = Candidate(_pairs(mesh), sp=sp, zero=zero)
+    for traced, rooms in colofn.launch(_zero_program, mesh, sp, zero, 8, experts, world_size=_world(mesh)):
+        assert traced == _predicted(mcfg, cand, 8, ep_rooms=rooms or None)
+
+
+@pytest.mark.parametrize(("mesh", "zero", "microbatches"), [("pp=2,ep=2", None, 2), ("pp=2,dp=2", 1, 4)])
+def test_experts_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, zero, microbatches):
+    mcfg = TrainConfig(preset="tiny", experts=4).model_config()
+    cand = Candidate(_pairs(mesh), zero=zero, microbatches=microbatches)
+    for traced, stage, rooms in colofn.launch(_pipeline_zero_program, mesh, "none", zero, microbatches, 8, 4,
+                                              world_size=_world(mesh)):
+        want = _predicted(mcfg, cand, 8, stage, ep_rooms=rooms or None)
+        assert traced - Counter() == want - Counter(), (stage, traced, want)
+
+
+@pytest.mark.parametrize(("mesh", "sp", "zero", "experts", "microbatches"), [
+    ("dp=2,sp=2", "ulysses", 3, 0, None), ("dp=2,ep=2", "none", 1, 4, None), ("pp=2,ep=2", "none", None, 4, 2),
+])
+def test_model_state_bytes_of_the_new_compositions_equal_what_colofn_train_reports(mesh, sp, zero, experts,
+                                                                                    microbatches, tmp_path):
+    cfg = TrainConfig(preset="tiny", mesh=_pairs(mesh), steps=1, warmup=1, zero=zero, sp=sp, experts=experts,
+                      batch_size=8, microbatches=microbatches, out=str(tmp_path))
+    record = colofn.launch(rank_program, cfg, world_size=cfg.world_size)[0]
+    cand = Candidate(cfg.mesh, sp=sp, zero=zero, microbatches=microbatches or 1)
+    assert model_state_bytes(from_gpt(cfg.model_config()), cand, FP32_ADAM) == max(record["bytes_per_rank"][-1])

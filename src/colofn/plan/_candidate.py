@@ -99,8 +99,8 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append("sp='megatron' splits the sequence over tp: add a tp axis")
     elif c.sp == "ulysses" and "sp" not in names:
         bad.append("sp='ulysses' splits the sequence over an sp axis: add one")
-    elif c.sp == "ulysses" and (c.size("tp") > 1 or c.size("pp") > 1 or c.zero is not None):
-        bad.append("sp='ulysses' is modelled with dp only (not tp, pp or ZeRO) in this release")
+    elif c.sp == "ulysses" and (c.size("tp") > 1 or c.size("pp") > 1):
+        bad.append("sp='ulysses' is modelled with dp (and ZeRO over dp x sp) only, not tp or pp, in this release")
     if "sp" in names and c.sp != "ulysses":
         bad.append(f"an sp axis needs sp='ulysses' (sp={c.sp!r}; ring attention is not modelled yet)")
     if c.recompute not in get_args(Recompute):
@@ -114,8 +114,11 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append(f"an ep axis splits experts, and {m.name} has none")
     elif "ep" in names and isinstance(c.size("ep"), int) and c.size("ep") >= 1 and m.n_experts % c.size("ep"):
         bad.append(f"ep={c.size('ep')} does not divide n_experts={m.n_experts}")
-    if m.n_experts and (c.size("tp") > 1 or c.size("pp") > 1 or c.size("sp") > 1 or c.zero is not None):
-        bad.append("mixture of experts is modelled with dp and ep only (not tp, pp, sp or ZeRO) in this release")
+    if m.n_experts and (c.size("tp") > 1 or c.size("sp") > 1):
+        bad.append("mixture of experts is modelled with dp, ep, pp and ZeRO (not tp or sp) in this release")
+    if c.zero is not None and c.size("pp") > 1 and (c.size("ep") > 1 or c.size("sp") > 1):
+        bad.append("ZeRO with pp runs over dp inside the stages, not with an ep or sp axis (colofn train refuses it): "
+                   "drop pp, or zero")
     if all(isinstance(n, int) and n >= 1 for _, n in c.mesh):
         mb = c.microbatches if c.size("pp") > 1 else 1
         if m.n_heads % c.size("tp"):

@@ -36,7 +36,8 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   ep, and two all-to-alls (dispatch, combine) of ``ep x room x h`` each way;
   the experts' gradients are all-reduced over dp, the rest over dp and ep.
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
-  gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
+  gradient to the previous one (``/t`` with Megatron-SP), with experts also the
+  running balancing loss (a 4-byte scalar each way); the schedule's small
   metadata messages are not counted. With pp, dp all-reduces the gradients
   of every microbatch (and the loss of each), and the tp collectives of the
   embedding (forward) and head (backward) run on the first and last stage.
@@ -57,8 +58,7 @@ from colofn.plan._memory import (
     Precision,
     device_params,
     expert_device_params,
-    zero_params,
-    zero_units,
+    zero_groups,
 )
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
@@ -109,7 +109,7 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
     if n == 1:
         return []
     p = device_params(m, c, stage)
-    grads, params = p * pr.comm_grad, p * pr.param
+    grads = p * pr.comm_grad
     # With pp colofn reduces every microbatch's gradients; Megatron-LM (and ZeRO inside stages) once per step.
     calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
@@ -119,8 +119,8 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
-    if c.size("ep") > 1:  # the experts' gradients over dp, everything else over dp and ep
-        experts = expert_device_params(m, c)
+    if c.size("ep") > 1 and c.zero is None:  # the experts' gradients over dp, everything else over dp and ep
+        experts = expert_device_params(m, c, stage)
         out = [Collective("grads", "all_reduce", axis, n, "backward", calls, (p - experts) * pr.comm_grad)]
         if c.size("dp") > 1:
             out.append(Collective("expert grads", "all_reduce", "dp", c.size("dp"), "backward", calls,
@@ -128,23 +128,32 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         return out
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
         return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
-    if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
-        p = zero_params(m, c, stage)
-        grads, params = p * pr.comm_grad, p * pr.param
-    shard = params // n
-    if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
-        return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
-    if c.stage in (1, 2):
-        # Overlapped with the backward; inside pipeline stages, once after the schedule's last action.
-        rs_phase: Phase = "forward" if c.size("pp") > 1 else "backward"
-        return [Collective("grads", "reduce_scatter", "dp", n, rs_phase, 1, grads),
-                Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
-    # The backward does not read an untied embedding (its gradient is a scatter of
-    # the output gradient), so stage 3 does not gather it again.
-    first = 0 if m.tie_embeddings else -(-zero_units(m, c)[0] // n) * n
-    return [Collective("params", "all_gather", "dp", n, "forward", 1, shard),
-            Collective("params", "all_gather", "dp", n, "backward", 1, (p - first) * pr.param // n),
-            Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]
+    return _zero(m, c, pr, stage)
+
+
+def _zero(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
+    """ZeRO's collectives, group by group (:func:`~colofn.plan._memory.zero_groups`), on the padded buckets."""
+    # Overlapped with the backward; inside pipeline stages, once after the schedule's last action.
+    rs_phase: Phase = "forward" if c.size("pp") > 1 else "backward"
+    out = []
+    for i, (axis, n, units) in enumerate(zero_groups(m, c, stage)):
+        if n == 1:
+            continue
+        padded = sum(-(-u // n) * n for u in units)
+        grads, shard = padded * pr.comm_grad, padded * pr.param // n
+        if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
+            out.append(Collective("grads", "all_reduce", axis, n, "forward", 1, grads))
+        elif c.stage in (1, 2):
+            out += [Collective("grads", "reduce_scatter", axis, n, rs_phase, 1, grads),
+                    Collective("params", "all_gather", axis, n, "forward", 1, shard)]
+        else:
+            # The backward does not read an untied embedding (its gradient is a scatter of
+            # the output gradient), so stage 3 does not gather it again.
+            first = -(-units[0] // n) * n if i == 0 and not m.tie_embeddings else 0
+            out += [Collective("params", "all_gather", axis, n, "forward", 1, shard),
+                    Collective("params", "all_gather", axis, n, "backward", 1, (padded - first) * pr.param // n),
+                    Collective("grads", "reduce_scatter", axis, n, "backward", 1, grads)]
+    return out
 
 
 def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
@@ -189,6 +198,9 @@ def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
         out.append(Collective("activations", "send", "pp", pp, "forward", c.microbatches, act))
     if stage > 0:
         out.append(Collective("activation grads", "send", "pp", pp, "backward", c.microbatches, act))
+    if m.n_experts:  # the running balancing loss travels with the activations (train/pipe_moe.py): fp32 scalars
+        out += [Collective("aux loss" + g, "send", "pp", pp, ph, c.microbatches, 4)  # type: ignore[arg-type]
+                for g, ph, on in (("", "forward", stage < pp - 1), (" grad", "backward", stage > 0)) if on]
     return out
 
 
@@ -207,16 +219,19 @@ def balanced_room(m: ModelShape, c: Candidate, global_batch: int) -> int:
 
 
 def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
-         rooms: tuple[int, ...] | None) -> list[Collective]:
+         rooms: tuple[int, ...] | None, stage: int) -> list[Collective]:
     axis, n = tokens_axis(c)
+    per = m.n_layers // c.size("pp")
+    mb = c.microbatches if c.size("pp") > 1 else 1
+    layers = sum(1 for i in range(stage * per, (stage + 1) * per) if (i + 1) % m.moe_every == 0) * mb
     out = []
     if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
-        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, 2 * m.n_experts * 4))
+        out.append(Collective("router stats", "all_reduce", axis, n, "forward", layers, 2 * m.n_experts * 4))
     ep = c.size("ep")
     if ep == 1:
         return out
-    out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
-    for room in rooms or (balanced_room(m, c, global_batch),) * m.moe_layers:
+    out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", layers, m.n_experts * 8))
+    for room in rooms or (balanced_room(m, c, global_batch),) * layers:
         for phase in ("forward", "backward"):  # dispatch and combine, and their transposes
             out.append(Collective("tokens", "all_to_all", "ep", ep, phase, 2, ep * room * m.d_model * pr.activation))  # type: ignore[arg-type]
     return out
@@ -235,7 +250,7 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
 
     ``dp_per_step``: with a pipeline, reduce the gradients over dp once per step
     (as Megatron-LM does) rather than once per microbatch (as colofn does today).
-    ``ep_rooms``: rows per destination of each MoE layer's all-to-alls (colofn pads
+    ``ep_rooms``: rows per destination of each MoE layer's (and microbatch's) all-to-alls (colofn pads
     them to the most any rank sends any other in the step, which depends on the
     routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
     """
@@ -243,9 +258,13 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     out = []
     axis, n = tokens_axis(c)
     if n > 1 and stage == c.size("pp") - 1:
-        scalars = 1 if c.zero is not None and c.size("pp") == 1 else 2  # a pipeline psums (sum, count)
         calls = c.microbatches if c.size("pp") > 1 else 1
-        out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
-    moe = _moe(m, c, precision, global_batch, ep_rooms) if m.n_experts else []
+        if c.zero is not None and c.size("pp") == 1 and not m.n_experts:
+            # ZeRO averages each dp rank's own mean (one scalar); the loss psums its (sum, count) over sp itself.
+            out += [Collective("loss", "all_reduce", a, c.size(a), "forward", 1, k)
+                    for a, k in (("dp", 4), ("sp", 8)) if c.size(a) > 1]
+        else:  # the (sum, count) psum of the whole step's (or microbatch's) tokens
+            out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 8))
+    moe = _moe(m, c, precision, global_batch, ep_rooms, stage) if m.n_experts else []
     return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + moe
             + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))
