@@ -135,3 +135,24 @@ def test_model_state_bytes_of_the_new_compositions_equal_what_colofn_train_repor
     record = colofn.launch(rank_program, cfg, world_size=cfg.world_size)[0]
     cand = Candidate(cfg.mesh, sp=sp, zero=zero, microbatches=microbatches or 1)
     assert model_state_bytes(from_gpt(cfg.model_config()), cand, FP32_ADAM) == max(record["bytes_per_rank"][-1])
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_every_candidate_the_planner_enumerates_is_one_colofn_train_accepts(experts):
+    from colofn.plan import candidates, cluster, model, search
+    from colofn.train import validate
+
+    m = from_gpt(TrainConfig(preset="tiny", experts=experts).model_config(), "tiny") if experts else model("tiny")
+    cands = list(candidates(m, cluster("cpu-local", 8), devices=8, global_batch=16, recompute=("none",)))
+    seen = {(c.size("pp") > 1, c.zero is not None, c.sp, c.size("ep") > 1) for c in cands}
+    if experts:  # experts inside pipeline stages (with ep, and with ZeRO over dp), ZeRO over dp x ep
+        assert {(True, False, "none", True), (True, True, "none", False), (False, True, "none", True)} <= seen
+    else:  # ZeRO inside pipeline stages, ZeRO over dp x sp
+        assert {(True, True, "none", False), (True, True, "megatron", False), (False, True, "ulysses", False)} <= seen
+    assert not any(c.zero == 3 and c.size("pp") > 1 for c in cands)
+    for c in cands:
+        pp = c.size("pp") > 1
+        validate(TrainConfig(preset="tiny", mesh=c.mesh, sp=c.sp, zero=c.zero, experts=experts, batch_size=16,
+                             schedule=c.schedule if pp else "1f1b", microbatches=c.microbatches if pp else None))
+    ranked, refused = search(m, cluster("cpu-local", 8), devices=8, global_batch=16, recompute=("none",))
+    assert len(ranked) + len(refused) == len(cands)

@@ -30,8 +30,10 @@ class Candidate:
         mesh: ``(axis, size)`` pairs, row-major (``pp``, ``dp``, ``sp``, ``tp``, ``ep`` are modelled;
             ``ep`` splits the experts of a mixture-of-experts model, and the batch with dp).
         sp: ``"megatron"``: sequence parallelism over the ``tp`` axis (Korthikanti et al. 2022);
-            ``"ulysses"``: over the ``sp`` axis (Jacobs et al. 2023; with dp only, for now).
-        zero: ZeRO stage 0-3 over ``dp`` (``None``: plain data parallelism, same as 0).
+            ``"ulysses"``: over the ``sp`` axis (Jacobs et al. 2023; with dp and ZeRO, not tp or pp, for now).
+        zero: ZeRO stage 0-3 over the data axes: ``dp``, with Ulysses ``dp x sp``, with experts
+            ``dp x ep`` (the experts over ``dp``); inside pipeline stages (1-2) over ``dp``
+            (``None``: plain data parallelism).
         schedule: pipeline schedule name (used when ``pp > 1``).
         microbatches: microbatches per step (pipeline).
         recompute: activation recomputation: none, selective (attention core) or full.
@@ -107,6 +109,8 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append(f"recompute={c.recompute!r} is not one of {get_args(Recompute)}")
     if c.zero not in (None, 0, 1, 2, 3):
         bad.append(f"zero={c.zero!r}: the stages are 0, 1, 2, 3 (or None)")
+    elif c.zero is not None and "dp" not in names:
+        bad.append(f"zero={c.zero} shards over the dp axis (and the other data axes with it): add dp")
     elif c.zero == 3 and c.size("pp") > 1:
         bad.append("zero=3 with pp: ZeRO-3 gathers a unit for each use, but a stage uses its parameters in every "
                    "microbatch at times only the schedule knows (colofn train refuses it): use zero 1 or 2 with pp")
