@@ -263,6 +263,7 @@ def test_predict_names_every_reason_a_candidate_cannot_run():
                    "sp='megatron' splits the sequence over tp: add a tp axis",
                    "recompute='some' is not one of ('none', 'selective', 'full')",
                    "zero=3 with pp: ZeRO-3 gathers a unit for each use",
+                   "zero=3 shards over the dp axis (and the other data axes with it): add dp",
                    "pp=3 does not divide n_layers=32"):
         assert f"  * {reason}" in msg
     assert "Fix: pick sizes" in msg

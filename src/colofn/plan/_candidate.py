@@ -109,11 +109,11 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append(f"recompute={c.recompute!r} is not one of {get_args(Recompute)}")
     if c.zero not in (None, 0, 1, 2, 3):
         bad.append(f"zero={c.zero!r}: the stages are 0, 1, 2, 3 (or None)")
-    elif c.zero is not None and "dp" not in names:
-        bad.append(f"zero={c.zero} shards over the dp axis (and the other data axes with it): add dp")
     elif c.zero == 3 and c.size("pp") > 1:
         bad.append("zero=3 with pp: ZeRO-3 gathers a unit for each use, but a stage uses its parameters in every "
                    "microbatch at times only the schedule knows (colofn train refuses it): use zero 1 or 2 with pp")
+    if c.zero is not None and "dp" not in names:
+        bad.append(f"zero={c.zero} shards over the dp axis (and the other data axes with it): add dp")
     if "ep" in names and not m.n_experts:
         bad.append(f"an ep axis splits experts, and {m.name} has none")
     elif "ep" in names and isinstance(c.size("ep"), int) and c.size("ep") >= 1 and m.n_experts % c.size("ep"):
