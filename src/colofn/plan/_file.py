@@ -138,7 +138,7 @@ def plan_train(spec: str, cfg: TrainConfig) -> tuple[TrainConfig, str]:
 
     ``auto`` runs the planner for ``cfg.world_size`` devices of cluster
     ``cpu-local`` and the global batch ``cfg.batch_size``, over what
-    ``colofn train`` runs (no recompute; with ``--experts``, ``dp x ep``). The mesh, ``--sp``, ``--zero``,
+    ``colofn train`` runs (no recompute; with ``--experts``, ``pp x dp x ep``). The mesh, ``--sp``, ``--zero``,
     ``--schedule`` and ``--microbatches`` come from the plan; the result is
     validated as any flags are (:func:`colofn.train.config.validate`).
 
