@@ -69,8 +69,10 @@ def _pipeline_zero_program(mesh_text, sp, zero, microbatches, b, experts=0):
     return _traced(records), mesh.axis_index("pp"), rooms[::2]
 
 
-@pytest.mark.parametrize(("mesh", "sp", "zero"), [("pp=2,dp=2", "none", 0), ("pp=2,dp=2", "none", 1),
-                                                  ("pp=2,dp=2", "none", 2), ("pp=2,dp=2,tp=2", "megatron", 1)])
+# ZeRO 1-2 in stages, ZeRO over dp x sp and dp x ep, experts in stages: also for random small GPTs in
+# property_tests/test_plan_props.py; here one case of each, and what the property does not draw.
+@pytest.mark.parametrize(("mesh", "sp", "zero"), [("pp=2,dp=2", "none", 0), ("pp=2,dp=2", "none", 2),
+                                                  ("pp=2,dp=2,tp=2", "megatron", 1)])
 def test_zero_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, sp, zero):
     cand = Candidate(_pairs(mesh), sp=sp, zero=zero, microbatches=2)
     for traced, stage, _ in colofn.launch(_pipeline_zero_program, mesh, sp, zero, 2, 8, world_size=_world(mesh)):
@@ -104,8 +106,8 @@ def _zero_program(mesh_text, sp, zero, b, experts):
 
 
 @pytest.mark.parametrize(("mesh", "sp", "zero", "experts"), [
-    ("dp=2,sp=2", "ulysses", 1, 0), ("dp=2,sp=2", "ulysses", 3, 0),  # one group: dp x sp
-    ("dp=2,ep=2", "none", 2, 4), ("dp=2,ep=2", "none", 3, 4),  # two: dense over dp x ep, experts over dp
+    ("dp=2,sp=2", "ulysses", 3, 0),  # one group: dp x sp
+    ("dp=2,ep=2", "none", 3, 4),  # two: dense over dp x ep, experts over dp
     ("dp=2", "none", 1, 4),  # experts over dp alone: one bucket per block
 ])
 def test_zero_over_several_data_axes_bytes_per_collective_equal_comm_trace(mesh, sp, zero, experts):
@@ -115,7 +117,7 @@ def test_zero_over_several_data_axes_bytes_per_collective_equal_comm_trace(mesh,
         assert traced == _predicted(mcfg, cand, 8, ep_rooms=rooms or None)
 
 
-@pytest.mark.parametrize(("mesh", "zero", "microbatches"), [("pp=2,ep=2", None, 2), ("pp=2,dp=2", 1, 4)])
+@pytest.mark.parametrize(("mesh", "zero", "microbatches"), [("pp=2,ep=2", None, 4)])
 def test_experts_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, zero, microbatches):
     mcfg = TrainConfig(preset="tiny", experts=4).model_config()
     cand = Candidate(_pairs(mesh), zero=zero, microbatches=microbatches)
