@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 import colofn
 from colofn.models import gpt
-from colofn.plan import FP32_ADAM, Candidate, from_gpt, step_bytes, step_collectives
+from colofn.plan import (
+    FP32_ADAM,
+    Candidate,
+    from_gpt,
+    step_bytes,
+    step_collectives,
+    trainer_step_bytes,
+)
 
 MESHES = [((("dp", 2),), "none"), ((("tp", 2),), "none"), ((("tp", 2),), "megatron"),
           ((("dp", 2), ("tp", 2)), "none"), ((("dp", 2), ("tp", 2)), "megatron"), ((("dp", 4),), "none"),
@@ -74,34 +81,6 @@ COMPOSITIONS = [  # (mesh, sp, zero, experts?, pipeline?)
 ]
 
 
-def _composed_step(cfg, mesh_pairs, sp, zero, b, microbatches):
-    """One traced step of colofn train's trainer: (bytes by (op, axes, phase), pipeline stage, MoE rooms)."""
-    from colofn import random
-    from colofn.train import TrainConfig
-    from colofn.train.loop import make_optimizer
-    from colofn.train.trainers import PipelineTrainer, ZeroTrainer
-
-    shape = dict(mesh_pairs)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    tcfg = TrainConfig(mesh=mesh_pairs, zero=zero, sp=sp, experts=cfg.n_experts)
-    opt = make_optimizer(tcfg)
-    params = gpt.init(random.key(0), cfg)
-    if "pp" in shape:
-        trainer = PipelineTrainer(cfg, tcfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches,
-                                  zero_stage=zero)
-    else:
-        trainer = ZeroTrainer(cfg, tcfg.plan(), mesh, opt, params, opt.init(params), zero)
-    t = random.randint(random.key(1), (b, cfg.seq_len + 1), 0, cfg.vocab_size)
-    with colofn.comm_trace() as records:
-        trainer.step({"tokens": t[:, :-1], "targets": t[:, 1:]})
-    out: Counter = Counter()
-    for r in records:
-        if r.op not in ("send", "recv") or len(r.shape) in (0, 3):  # the schedule's metadata is not predicted
-            out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
-    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
-    return out, mesh.axis_index("pp") if "pp" in shape else 0, rooms[::2]
-
-
 @st.composite
 def composed_cases(draw):
     mesh, sp, zero, moe = draw(st.sampled_from(COMPOSITIONS))
@@ -121,7 +100,8 @@ def test_predicted_bytes_of_zero_on_data_axes_and_in_stages_and_experts_in_stage
     cfg, mesh, sp, zero, b = case
     microbatches = 2
     cand = Candidate(mesh, sp=sp, zero=zero, microbatches=microbatches)
-    for got, stage, rooms in colofn.launch(_composed_step, cfg, mesh, sp, zero, b, microbatches, world_size=4):
+    for got, stage, rooms in colofn.launch(trainer_step_bytes, cfg, mesh, b, sp=sp, zero=zero,
+                                           microbatches=microbatches, world_size=4):
         want: Counter = Counter()
         for c in step_collectives(from_gpt(cfg), cand, global_batch=b, precision=FP32_ADAM, stage=stage,
                                   ep_rooms=rooms or None):

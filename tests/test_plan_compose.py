@@ -9,13 +9,12 @@ from collections import Counter
 import pytest
 
 import colofn
-from colofn import random
 from colofn.models import gpt
-from colofn.plan import Candidate, from_gpt
+from colofn.plan import Candidate, from_gpt, trainer_step_bytes
 from colofn.plan._comm import step_collectives
 from colofn.plan._memory import FP32_ADAM, model_state_bytes
 from colofn.train import TrainConfig, parse_mesh
-from colofn.train.loop import make_optimizer, rank_program
+from colofn.train.loop import rank_program
 
 TRAIN_CFG = gpt.config("tiny", tie_embeddings=False)  # what `colofn train --preset tiny` builds
 
@@ -31,15 +30,6 @@ def _world(text):
     return n
 
 
-def _traced(records):
-    out: Counter = Counter()
-    for r in records:
-        if r.op in ("send", "recv") and len(r.shape) not in (0, 3):  # the schedule's metadata: not predicted
-            continue
-        out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
-    return out
-
-
 def _predicted(mcfg, cand, batch, stage=0, **kw):
     out: Counter = Counter()
     for c in step_collectives(from_gpt(mcfg), cand, global_batch=batch, precision=FP32_ADAM, stage=stage, **kw):
@@ -47,26 +37,9 @@ def _predicted(mcfg, cand, batch, stage=0, **kw):
     return out
 
 
-def _batch(mcfg, b):
-    t = random.randint(random.key(1), (b, mcfg.seq_len + 1), 0, mcfg.vocab_size)
-    return {"tokens": t[:, :-1], "targets": t[:, 1:]}
-
-
-def _pipeline_zero_program(mesh_text, sp, zero, microbatches, b, experts=0):
-    from colofn.train.trainers import PipelineTrainer
-
-    shape = parse_mesh(mesh_text)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=zero, sp=sp, experts=experts)
-    mcfg = cfg.model_config()
-    opt = make_optimizer(cfg)
-    params = gpt.init(random.key(0), mcfg)
-    trainer = PipelineTrainer(mcfg, cfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches,
-                              zero_stage=zero)
-    with colofn.comm_trace() as records:
-        trainer.step(_batch(mcfg, b))
-    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
-    return _traced(records), mesh.axis_index("pp"), rooms[::2]
+def _step_program(mesh_text, sp, zero, microbatches, b, experts=0):
+    mcfg = TrainConfig(preset="tiny", experts=experts).model_config()
+    return trainer_step_bytes(mcfg, _pairs(mesh_text), b, sp=sp, zero=zero, microbatches=microbatches)
 
 
 # ZeRO 1-2 in stages, ZeRO over dp x sp and dp x ep, experts in stages: also for random small GPTs in
@@ -75,7 +48,7 @@ def _pipeline_zero_program(mesh_text, sp, zero, microbatches, b, experts=0):
                                                   ("pp=2,dp=2,tp=2", "megatron", 1)])
 def test_zero_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, sp, zero):
     cand = Candidate(_pairs(mesh), sp=sp, zero=zero, microbatches=2)
-    for traced, stage, _ in colofn.launch(_pipeline_zero_program, mesh, sp, zero, 2, 8, world_size=_world(mesh)):
+    for traced, stage, _ in colofn.launch(_step_program, mesh, sp, zero, 2, 8, world_size=_world(mesh)):
         want = _predicted(TRAIN_CFG, cand, 8, stage)
         assert traced - Counter() == want - Counter(), (stage, traced, want)
 
@@ -89,22 +62,6 @@ def test_zero_inside_pipeline_stages_model_state_bytes_equal_what_colofn_train_r
     assert predicted == max(record["bytes_per_rank"][-1])
 
 
-def _zero_program(mesh_text, sp, zero, b, experts):
-    from colofn.train.trainers import ZeroTrainer
-
-    shape = parse_mesh(mesh_text)
-    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
-    cfg = TrainConfig(preset="tiny", mesh=tuple(shape.items()), zero=zero, sp=sp, experts=experts)
-    mcfg = cfg.model_config()
-    opt = make_optimizer(cfg)
-    params = gpt.init(random.key(0), mcfg)
-    trainer = ZeroTrainer(mcfg, cfg.plan(), mesh, opt, params, opt.init(params), zero)
-    with colofn.comm_trace() as records:
-        trainer.step(_batch(mcfg, b))
-    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
-    return _traced(records), rooms[::2]
-
-
 @pytest.mark.parametrize(("mesh", "sp", "zero", "experts"), [
     ("dp=2,sp=2", "ulysses", 3, 0),  # one group: dp x sp
     ("dp=2,ep=2", "none", 3, 4),  # two: dense over dp x ep, experts over dp
@@ -113,7 +70,7 @@ def _zero_program(mesh_text, sp, zero, b, experts):
 def test_zero_over_several_data_axes_bytes_per_collective_equal_comm_trace(mesh, sp, zero, experts):
     mcfg = TrainConfig(preset="tiny", experts=experts).model_config()
     cand = Candidate(_pairs(mesh), sp=sp, zero=zero)
-    for traced, rooms in colofn.launch(_zero_program, mesh, sp, zero, 8, experts, world_size=_world(mesh)):
+    for traced, _, rooms in colofn.launch(_step_program, mesh, sp, zero, 1, 8, experts, world_size=_world(mesh)):
         assert traced == _predicted(mcfg, cand, 8, ep_rooms=rooms or None)
 
 
@@ -121,7 +78,7 @@ def test_zero_over_several_data_axes_bytes_per_collective_equal_comm_trace(mesh,
 def test_experts_inside_pipeline_stages_bytes_per_collective_equal_comm_trace(mesh, zero, microbatches):
     mcfg = TrainConfig(preset="tiny", experts=4).model_config()
     cand = Candidate(_pairs(mesh), zero=zero, microbatches=microbatches)
-    for traced, stage, rooms in colofn.launch(_pipeline_zero_program, mesh, "none", zero, microbatches, 8, 4,
+    for traced, stage, rooms in colofn.launch(_step_program, mesh, "none", zero, microbatches, 8, 4,
                                               world_size=_world(mesh)):
         want = _predicted(mcfg, cand, 8, stage, ep_rooms=rooms or None)
         assert traced - Counter() == want - Counter(), (stage, traced, want)
