@@ -106,12 +106,39 @@ def test_every_candidate_the_planner_enumerates_is_one_colofn_train_accepts(expe
     seen = {(c.size("pp") > 1, c.zero is not None, c.sp, c.size("ep") > 1) for c in cands}
     if experts:  # experts inside pipeline stages (with ep, and with ZeRO over dp), ZeRO over dp x ep
         assert {(True, False, "none", True), (True, True, "none", False), (False, True, "none", True)} <= seen
-    else:  # ZeRO inside pipeline stages, ZeRO over dp x sp
+    else:  # ZeRO inside pipeline stages, ZeRO over dp x sp, the tp grids
         assert {(True, True, "none", False), (True, True, "megatron", False), (False, True, "ulysses", False)} <= seen
+        assert {str(c) for c in cands if c.tp_mode != "1d"} == {"dp=2,tp=4 tp=2d", "tp=8 tp=2.5dx2", "tp=8 tp=3d"}
     assert not any(c.zero == 3 and c.size("pp") > 1 for c in cands)
     for c in cands:
         pp = c.size("pp") > 1
         validate(TrainConfig(preset="tiny", mesh=c.mesh, sp=c.sp, zero=c.zero, experts=experts, batch_size=16,
-                             schedule=c.schedule if pp else "1f1b", microbatches=c.microbatches if pp else None))
+                             schedule=c.schedule if pp else "1f1b", microbatches=c.microbatches if pp else None,
+                             tp_mode=c.tp_mode, tp_depth=c.tp_depth))
     ranked, refused = search(m, cluster("cpu-local", 8), devices=8, global_batch=16, recompute=("none",))
     assert len(ranked) + len(refused) == len(cands)
+
+
+@pytest.mark.parametrize(("mesh", "mode", "depth"), [("dp=2,tp=4", "2d", 1), ("tp=8", "2.5d", 2), ("tp=8", "3d", 1)])
+def test_tp_grids_bytes_and_model_states_equal_what_colofn_train_records(mesh, mode, depth, tmp_path):
+    cfg = TrainConfig(preset="tiny", mesh=_pairs(mesh), steps=1, warmup=1, tp_mode=mode, tp_depth=depth, batch_size=8,
+                      out=str(tmp_path))
+    record = colofn.launch(rank_program, cfg, world_size=cfg.world_size)[0]  # rank 0's comm_per_step
+    m, cand = from_gpt(cfg.model_config()), Candidate(cfg.mesh, tp_mode=mode, tp_depth=depth)
+    want: Counter = Counter()
+    for c in step_collectives(m, cand, global_batch=8, precision=FP32_ADAM):
+        want[f"{c.op} over {c.axis.replace('+', ',')}, {c.phase}"] += c.bytes_sent
+    assert {k: b for k, (_, b) in record["comm_per_step"].items() if b} == dict(want)
+    assert model_state_bytes(m, cand, FP32_ADAM) == max(record["bytes_per_rank"][-1])
+
+
+def test_a_plan_file_carries_the_tp_grid_to_colofn_train(tmp_path):
+    from colofn.plan import plan_json, plan_train, read_plan
+
+    c = Candidate((("tp", 8),), tp_mode="2.5d", tp_depth=2)
+    f = tmp_path / "plan.json"
+    f.write_text(plan_json(c, model="tiny"))
+    assert read_plan(f.read_text())[0] == c
+    cfg, why = plan_train(str(f), TrainConfig(preset="tiny", out=str(tmp_path)))
+    assert (cfg.tp_mode, cfg.tp_depth, cfg.mesh) == ("2.5d", 2, (("tp", 8),))
+    assert why.endswith("Running --mesh tp=8 --tp-mode 2.5d --tp-depth 2.")

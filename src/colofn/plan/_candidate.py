@@ -16,10 +16,11 @@ from colofn.errors import ConfigError, format_failures
 if TYPE_CHECKING:
     from colofn.plan._model import ModelShape
 
-__all__ = ["Candidate", "Recompute", "SP", "check"]
+__all__ = ["Candidate", "Recompute", "SP", "TPMode", "check", "grid_failures"]
 
 SP = Literal["none", "megatron", "ulysses"]
 Recompute = Literal["none", "selective", "full"]
+TPMode = Literal["1d", "2d", "2.5d", "3d"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,10 @@ class Candidate:
         schedule: pipeline schedule name (used when ``pp > 1``).
         microbatches: microbatches per step (pipeline).
         recompute: activation recomputation: none, selective (attention core) or full.
+        tp_mode: ``"1d"`` (Megatron), or the ``tp`` axis as a grid (``colofn train --tp-mode``):
+            ``"2d"`` (SUMMA, ``tp = q^2``), ``"2.5d"`` (Tesseract, ``tp = q^2 * tp_depth``) or
+            ``"3d"`` (``tp = p^3``), with dp only.
+        tp_depth: the depth of a 2.5D grid.
     """
 
     mesh: tuple[tuple[str, int], ...]
@@ -45,6 +50,8 @@ class Candidate:
     schedule: str = "1f1b"
     microbatches: int = 1
     recompute: Recompute = "none"
+    tp_mode: TPMode = "1d"
+    tp_depth: int = 1
 
     def size(self, axis: str) -> int:
         return dict(self.mesh).get(axis, 1)
@@ -59,6 +66,8 @@ class Candidate:
 
     def __str__(self) -> str:
         parts = [",".join(f"{a}={n}" for a, n in self.mesh)]
+        if self.tp_mode != "1d":
+            parts.append(f"tp={self.tp_mode}" + (f"x{self.tp_depth}" if self.tp_mode == "2.5d" else ""))
         if self.sp != "none":
             parts.append(f"sp={self.sp}")
         if self.zero:
@@ -125,7 +134,7 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
                    "drop pp, or zero")
     if all(isinstance(n, int) and n >= 1 for _, n in c.mesh):
         mb = c.microbatches if c.size("pp") > 1 else 1
-        if m.n_heads % c.size("tp"):
+        if c.tp_mode == "1d" and m.n_heads % c.size("tp"):
             bad.append(f"tp={c.size('tp')} does not divide n_heads={m.n_heads}")
         if m.n_heads % c.size("sp") or m.seq_len % c.size("sp"):
             bad.append(f"sp={c.size('sp')} must divide n_heads={m.n_heads} and seq_len={m.seq_len} (Ulysses)")
@@ -134,7 +143,31 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         ep = f" x ep={c.size('ep')}" if c.size("ep") > 1 else ""
         if global_batch % (c.size("dp") * c.size("ep") * mb):
             bad.append(f"global batch {global_batch} does not split over dp={c.size('dp')}{ep} x {mb} microbatches")
+    if c.tp_mode != "1d":
+        bad += grid_failures(m, c)
     if bad:
         raise ConfigError(format_failures(f"Candidate {c} cannot run {m.name} (global batch {global_batch}):", bad,
                                           fix="pick sizes that divide the model and the batch "
                                           "(colofn.plan.candidates lists the legal ones)"))
+
+
+def grid_failures(m: ModelShape, c: Candidate) -> list[str]:
+    """Why the ``tp`` grid of ``c`` (2d, 2.5d, 3d) cannot run ``m``: ``colofn train``'s own refusals, and the model's."""
+    from colofn.train.config import TrainConfig
+    from colofn.train.grid import grid_failures as train_grid_failures
+    from colofn.train.tp3d import failures as cube_failures
+
+    if c.tp_mode not in get_args(TPMode):
+        return [f"tp_mode={c.tp_mode!r} is not one of {get_args(TPMode)}"]
+    cfg = TrainConfig(mesh=c.mesh, tp_mode=c.tp_mode, tp_depth=c.tp_depth, zero=c.zero, sp=c.sp,  # type: ignore[arg-type]
+                      experts=m.n_experts)
+    out = train_grid_failures(cfg) + cube_failures(cfg.mesh_shape, c.tp_mode, zero=c.zero, sp=c.sp,
+                                                   experts=m.n_experts)
+    if m.gated_mlp or m.kv_heads != m.n_heads:
+        out.append(f"tp_mode={c.tp_mode!r} is modelled for colofn's GPT (no gated MLP, no grouped KV heads), not {m.name}")
+    if not out and c.tp_mode != "3d":
+        from colofn.parallel.tp2d.checks import config_failures
+        from colofn.plan._model import gpt_config
+
+        out += config_failures(cfg.plan(), gpt_config(m), cfg.device_mesh_shape)
+    return out

@@ -79,10 +79,13 @@ class Collective:
     phase: Phase
     calls: int
     nbytes: int
+    sent: int | None = None  # bytes sent, when a strategy's own formula gives them (the tp grids)
 
     @property
     def bytes_sent(self) -> int:
         """Bytes one device sends for all the calls (the rule of :func:`colofn.tracing.volume`)."""
+        if self.sent is not None:
+            return self.sent
         if self.op == "send":
             return self.calls * self.nbytes
         return self.calls * volume(self.op, self.nbytes, self.n)[0]
@@ -237,6 +240,24 @@ def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
     return out
 
 
+def _grid(m: ModelShape, c: Candidate, pr: Precision, global_batch: int) -> list[Collective]:
+    """A tp grid's step (2d, 2.5d: :func:`colofn.parallel.tp2d.cost.step_bytes`; 3d:
+    :func:`colofn.parallel.tp3d.volume.step_ops`), the gradient sums over dp and the loss's included."""
+    import math
+
+    from colofn.parallel.tp2d.cost import step_bytes
+    from colofn.parallel.tp3d.volume import step_ops
+    from colofn.plan._model import gpt_config
+    from colofn.train.config import TrainConfig
+
+    cfg = TrainConfig(mesh=c.mesh, tp_mode=c.tp_mode, tp_depth=c.tp_depth)
+    plan, shape, config = cfg.plan(), cfg.device_mesh_shape, gpt_config(m, pr.activation)
+    formula = step_ops if c.tp_mode == "3d" else step_bytes
+    return [Collective(f"{c.tp_mode} grid", op, "+".join(axes), math.prod(shape[a] for a in axes), phase,  # type: ignore[arg-type]
+                       1, nbytes, sent=nbytes)
+            for (op, axes, phase), nbytes in formula(config, plan, shape, global_batch, m.seq_len).items()]
+
+
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
     """Rows of one microbatch on one dp (and ep) rank."""
     mb = c.microbatches if c.size("pp") > 1 else 1
@@ -254,6 +275,8 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     them to the most any rank sends any other in the step, which depends on the
     routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
     """
+    if c.tp_mode != "1d":
+        return _grid(m, c, precision, global_batch)
     b = microbatch_rows(c, global_batch)
     out = []
     axis, n = tokens_axis(c)

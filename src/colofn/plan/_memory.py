@@ -105,9 +105,27 @@ def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
     The first stage holds the embeddings, the last the final norm and the head
     (the tied embedding again), each with ``n_layers / pp`` blocks.
     """
+    if c.tp_mode != "1d":
+        return grid_params(m, c)
     if stage is None:
         return max(device_params(m, c, s) for s in range(c.size("pp")))
     return sum(sum(units) for _, _, units in zero_groups(m, c, stage))
+
+
+def grid_params(m: ModelShape, c: Candidate) -> int:
+    """Parameters a device holds on a tp grid: ``tp2d.cost.weight_elements`` (2d, 2.5d), ``tp3d.volume.memory`` (3d)."""
+    from colofn.plan._model import gpt_config
+    from colofn.train.config import TrainConfig
+
+    cfg = TrainConfig(mesh=c.mesh, tp_mode=c.tp_mode, tp_depth=c.tp_depth)
+    config, shape = gpt_config(m), cfg.device_mesh_shape
+    if c.tp_mode == "3d":
+        from colofn.parallel.tp3d.volume import memory
+
+        return memory(config, cfg.plan(), shape, 1, m.seq_len)["weights"]
+    from colofn.parallel.tp2d.cost import weight_elements
+
+    return sum(weight_elements(config, shape["tp_row"]).values())
 
 
 def zero_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
