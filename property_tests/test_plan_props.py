@@ -20,7 +20,8 @@ from colofn.plan import (
 
 MESHES = [((("dp", 2),), "none"), ((("tp", 2),), "none"), ((("tp", 2),), "megatron"),
           ((("dp", 2), ("tp", 2)), "none"), ((("dp", 2), ("tp", 2)), "megatron"), ((("dp", 4),), "none"),
-          ((("sp", 2),), "ulysses"), ((("dp", 2), ("sp", 2)), "ulysses")]
+          ((("sp", 2),), "ulysses"), ((("dp", 2), ("sp", 2)), "ulysses"),
+          ((("sp", 2),), "ring"), ((("dp", 2), ("sp", 2)), "ring")]
 
 
 @st.composite
@@ -75,7 +76,7 @@ def test_predicted_moe_bytes_per_collective_equal_comm_trace_given_the_routing(c
 
 COMPOSITIONS = [  # (mesh, sp, zero, experts?, pipeline?)
     ((("pp", 2), ("dp", 2)), "none", 1, False), ((("pp", 2), ("dp", 2)), "none", 2, False),  # ZeRO inside stages
-    ((("dp", 2), ("sp", 2)), "ulysses", 1, False), ((("dp", 2), ("sp", 2)), "ulysses", 3, False),  # over dp x sp
+    ((("dp", 2), ("sp", 2)), "ulysses", 1, False), ((("dp", 2), ("sp", 2)), "ring", 3, False),  # over dp x sp
     ((("dp", 2), ("ep", 2)), "none", 2, True), ((("dp", 2), ("ep", 2)), "none", 3, True),  # dp x ep, experts over dp
     ((("pp", 2), ("ep", 2)), "none", None, True), ((("pp", 2), ("dp", 2)), "none", 1, True),  # experts in stages
 ]

@@ -175,7 +175,7 @@ def test_search_ranks_what_fits_and_refuses_the_rest_with_the_reason():
         c = p.candidate
         assert c.devices == 16 and c.size("tp") <= 8 and 32 % c.size("tp") == 0 and 32 % c.size("pp") == 0
         assert not (c.zero == 3 and c.size("pp") > 1)
-        assert {"none": True, "megatron": c.size("tp") > 1, "ulysses": c.size("sp") > 1}[c.sp]
+        assert {"none": True, "megatron": c.size("tp") > 1, "ulysses": c.size("sp") > 1, "ring": c.size("sp") > 1}[c.sp]
 
 
 def test_pipeline_idle_and_in_flight_come_from_simulate():

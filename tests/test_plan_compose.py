@@ -63,7 +63,7 @@ def test_zero_inside_pipeline_stages_model_state_bytes_equal_what_colofn_train_r
 
 
 @pytest.mark.parametrize(("mesh", "sp", "zero", "experts"), [
-    ("dp=2,sp=2", "ulysses", 3, 0),  # one group: dp x sp
+    ("dp=2,sp=2", "ulysses", 3, 0), ("dp=2,sp=2", "ring", 1, 0),  # one group: dp x sp
     ("dp=2,ep=2", "none", 3, 4),  # two: dense over dp x ep, experts over dp
     ("dp=2", "none", 1, 4),  # experts over dp alone: one bucket per block
 ])
@@ -107,7 +107,8 @@ def test_every_candidate_the_planner_enumerates_is_one_colofn_train_accepts(expe
     if experts:  # experts inside pipeline stages (with ep, and with ZeRO over dp), ZeRO over dp x ep
         assert {(True, False, "none", True), (True, True, "none", False), (False, True, "none", True)} <= seen
     else:  # ZeRO inside pipeline stages, ZeRO over dp x sp, the tp grids
-        assert {(True, True, "none", False), (True, True, "megatron", False), (False, True, "ulysses", False)} <= seen
+        assert {(True, True, "none", False), (True, True, "megatron", False), (False, True, "ulysses", False),
+                (False, True, "ring", False)} <= seen
         assert {str(c) for c in cands if c.tp_mode != "1d"} == {"dp=2,tp=4 tp=2d", "tp=8 tp=2.5dx2", "tp=8 tp=3d"}
     assert not any(c.zero == 3 and c.size("pp") > 1 for c in cands)
     for c in cands:

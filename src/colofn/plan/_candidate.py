@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Candidate", "Recompute", "SP", "TPMode", "check", "grid_failures"]
 
-SP = Literal["none", "megatron", "ulysses"]
+SP = Literal["none", "megatron", "ulysses", "ring"]
 Recompute = Literal["none", "selective", "full"]
 TPMode = Literal["1d", "2d", "2.5d", "3d"]
 
@@ -108,12 +108,12 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         bad.append(f"sp={c.sp!r} is not one of {get_args(SP)}")
     elif c.sp == "megatron" and c.size("tp") == 1:
         bad.append("sp='megatron' splits the sequence over tp: add a tp axis")
-    elif c.sp == "ulysses" and "sp" not in names:
-        bad.append("sp='ulysses' splits the sequence over an sp axis: add one")
-    elif c.sp == "ulysses" and (c.size("tp") > 1 or c.size("pp") > 1):
-        bad.append("sp='ulysses' is modelled with dp (and ZeRO over dp x sp) only, not tp or pp, in this release")
-    if "sp" in names and c.sp != "ulysses":
-        bad.append(f"an sp axis needs sp='ulysses' (sp={c.sp!r}; ring attention is not modelled yet)")
+    elif c.sp in ("ulysses", "ring") and "sp" not in names:
+        bad.append(f"sp={c.sp!r} splits the sequence over an sp axis: add one")
+    elif c.sp in ("ulysses", "ring") and (c.size("tp") > 1 or c.size("pp") > 1):
+        bad.append(f"sp={c.sp!r} is modelled with dp (and ZeRO over dp x sp) only, not tp or pp, in this release")
+    if "sp" in names and c.sp not in ("ulysses", "ring"):
+        bad.append(f"an sp axis needs sp='ulysses' or sp='ring' (sp={c.sp!r})")
     if c.recompute not in get_args(Recompute):
         bad.append(f"recompute={c.recompute!r} is not one of {get_args(Recompute)}")
     if c.zero not in (None, 0, 1, 2, 3):
@@ -136,7 +136,9 @@ def check(m: ModelShape, c: Candidate, global_batch: int) -> None:
         mb = c.microbatches if c.size("pp") > 1 else 1
         if c.tp_mode == "1d" and m.n_heads % c.size("tp"):
             bad.append(f"tp={c.size('tp')} does not divide n_heads={m.n_heads}")
-        if m.n_heads % c.size("sp") or m.seq_len % c.size("sp"):
+        if c.sp == "ring" and m.seq_len % (2 * c.size("sp")):
+            bad.append(f"sp={c.size('sp')}: ring attention's zig-zag cuts seq_len={m.seq_len} into 2 x sp chunks")
+        elif c.sp != "ring" and (m.n_heads % c.size("sp") or m.seq_len % c.size("sp")):
             bad.append(f"sp={c.size('sp')} must divide n_heads={m.n_heads} and seq_len={m.seq_len} (Ulysses)")
         if m.n_layers % c.size("pp"):
             bad.append(f"pp={c.size('pp')} does not divide n_layers={m.n_layers}")

@@ -31,6 +31,10 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   stacked queries, keys and values (``3 b s h / sp``) and one of the attention
   output (``b s h / sp``), and their transposes in the backward; the loss and
   the gradients are all-reduced over dp and sp at once (``"dp+sp"``).
+* sp with ring attention (Liu et al. 2023, zig-zag): per layer ``sp - 1``
+  sends of the stacked keys and values (``2 b s h / sp``) and as many of
+  their gradients in the backward; the token ids and targets are gathered
+  over sp once; the loss and the gradients as under Ulysses.
 * ep (GShard, Lepikhin et al. 2020): per MoE layer, the router's statistics
   all-reduced over the tokens' axes, an all-gather of per-expert counts over
   ep, and two all-to-alls (dispatch, combine) of ``ep x room x h`` each way;
@@ -216,6 +220,18 @@ def _ulysses(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collect
             for phase in ("forward", "backward") for what, k in (("q,k,v", 3), ("attention out", 1))]
 
 
+def _ring(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    """Ring attention (zig-zag): per layer ``sp - 1`` hops of the stacked keys and values, and of their
+    gradients back; the token ids and targets gathered over sp once (int64) to cut them zig-zag."""
+    n = c.size("sp")
+    if n == 1:
+        return []
+    kv = 2 * b * (m.seq_len // n) * m.d_model * pr.activation
+    return [Collective("k,v", "send", "sp", n, "forward", m.n_layers * (n - 1), kv),
+            Collective("k,v grads", "send", "sp", n, "backward", m.n_layers * (n - 1), kv),
+            Collective("token ids, targets", "all_gather", "sp", n, "forward", 2, b * (m.seq_len // n) * 8)]
+
+
 def balanced_room(m: ModelShape, c: Candidate, global_batch: int) -> int:
     """Rows per destination of an ep all-to-all when the router spreads tokens evenly: ``b s k / ep``."""
     return -(-microbatch_rows(c, global_batch) * m.seq_len * m.top_k // c.size("ep"))
@@ -289,5 +305,6 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
         else:  # the (sum, count) psum of the whole step's (or microbatch's) tokens
             out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 8))
     moe = _moe(m, c, precision, global_batch, ep_rooms, stage) if m.n_experts else []
-    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + moe
+    seq = _ring(m, c, precision, b) if c.sp == "ring" else _ulysses(m, c, precision, b)
+    return (out + _tp(m, c, precision, b, stage) + seq + moe
             + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))

@@ -119,7 +119,7 @@ def trainer_step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], bat
         trainer.step({"tokens": t[:, :-1], "targets": t[:, 1:]})
     out: Counter[tuple[str, str, str]] = Counter()
     for r in records:
-        if r.op not in ("send", "recv") or len(r.shape) in (0, 3):
+        if r.op not in ("send", "recv") or r.axes != ("pp",) or len(r.shape) in (0, 3):
             out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
     rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
     return out, mesh.axis_index("pp") if "pp" in shape else 0, rooms[::2]

@@ -113,6 +113,8 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
                                                   element=pr.activation)
         if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
             layer += pr.activation * s * b * h
+        elif c.sp == "ring":  # every visited key/value block (not measured: an approximation)
+            layer += pr.activation * 2 * s * b * h * (c.size("sp") - 1)
         # The last stage: the final norm's input, statistics and (whole) output; the fp32
         # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
         split = t if sp else 1

@@ -86,14 +86,16 @@ def candidates(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int,
                     grid = Candidate(mesh, tp_mode=mode, tp_depth=depth)
                     if not grid_failures(m, grid):
                         yield from (dataclasses.replace(grid, recompute=rc) for rc in recompute)
-    # Ulysses over an sp axis (innermost), with dp and ZeRO over dp x sp.
+    # Ulysses and ring attention over an sp axis (innermost), with dp and ZeRO over dp x sp.
     for u in _divisors(devices)[1:]:
         dp = devices // u
-        if m.n_heads % u or m.seq_len % u or u > cl.devices_per_node or global_batch % dp:
+        if u > cl.devices_per_node or global_batch % dp:
             continue
         mesh = (("dp", dp), ("sp", u)) if dp > 1 else (("sp", u),)
-        for zero, rc in itertools.product((None, 1, 2, 3) if dp > 1 else (None,), recompute):
-            yield Candidate(mesh, sp="ulysses", zero=zero, recompute=rc)
+        kinds = (["ulysses"] if m.n_heads % u == 0 and m.seq_len % u == 0 else []) + (
+            ["ring"] if m.seq_len % (2 * u) == 0 else [])
+        for sp, zero, rc in itertools.product(kinds, (None, 1, 2, 3) if dp > 1 else (None,), recompute):
+            yield Candidate(mesh, sp=sp, zero=zero, recompute=rc)  # type: ignore[arg-type]
 
 
 def search(m: ModelShape, cl: Cluster, *, devices: int, global_batch: int, efficiency: float = 0.5,
