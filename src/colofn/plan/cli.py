@@ -24,7 +24,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``plan`` command to ``subparsers``."""
     p = subparsers.add_parser(
         "plan", help="predict memory, communication and step time of every composition, and pick one",
-        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses, "
+        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses or ring, tp grids (2d, 2.5d, 3d), "
         "pp x dp x ep for experts, ZeRO over the data axes and inside pipeline stages, "
         "schedule, microbatches, recompute), predict each on the cluster and rank them. See docs/plan.md.")
     p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
