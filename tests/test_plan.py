@@ -174,8 +174,8 @@ def test_search_ranks_what_fits_and_refuses_the_rest_with_the_reason():
     for p in ranked + refused:
         c = p.candidate
         assert c.devices == 16 and c.size("tp") <= 8 and 32 % c.size("tp") == 0 and 32 % c.size("pp") == 0
-        assert not (c.zero and c.size("pp") > 1)
-        assert {"none": True, "megatron": c.size("tp") > 1, "ulysses": c.size("sp") > 1}[c.sp]
+        assert not (c.zero == 3 and c.size("pp") > 1)
+        assert {"none": True, "megatron": c.size("tp") > 1, "ulysses": c.size("sp") > 1, "ring": c.size("sp") > 1}[c.sp]
 
 
 def test_pipeline_idle_and_in_flight_come_from_simulate():
@@ -255,14 +255,15 @@ def test_predict_names_every_reason_a_candidate_cannot_run():
     from colofn.plan import cluster, model, predict
 
     with pytest.raises(ConfigError) as e:
-        predict(model("llama-7b"), Candidate((("pp", 3), ("cp", 2)), sp="megatron", zero=1, recompute="some"),
+        predict(model("llama-7b"), Candidate((("pp", 3), ("cp", 2)), sp="megatron", zero=3, recompute="some"),
                 cluster("a100-80g", 6), global_batch=8)
     msg = str(e.value)
-    assert msg.startswith("Candidate pp=3,cp=2 sp=megatron zero1 1f1b m=1 rc=some cannot run llama-7b (global batch 8):")
+    assert msg.startswith("Candidate pp=3,cp=2 sp=megatron zero3 1f1b m=1 rc=some cannot run llama-7b (global batch 8):")
     for reason in ("axis 'cp' is not modelled; the planner knows pp, dp, sp, tp, ep",
                    "sp='megatron' splits the sequence over tp: add a tp axis",
                    "recompute='some' is not one of ('none', 'selective', 'full')",
-                   "ZeRO with a pipeline is not something colofn runs",
+                   "zero=3 with pp: ZeRO-3 gathers a unit for each use",
+                   "zero=3 shards over the dp axis (and the other data axes with it): add dp",
                    "pp=3 does not divide n_layers=32"):
         assert f"  * {reason}" in msg
     assert "Fix: pick sizes" in msg

@@ -15,7 +15,7 @@ from colofn.plan._candidate import Candidate, check
 from colofn.plan._cluster import CLUSTERS, Cluster, cluster
 from colofn.plan._comm import Collective, step_collectives
 from colofn.plan._file import plan_json, plan_train, read_plan
-from colofn.plan._measure import saved_activation_bytes, step_bytes
+from colofn.plan._measure import saved_activation_bytes, step_bytes, trainer_step_bytes
 from colofn.plan._memory import (
     FP32_ADAM,
     MIXED_ADAM,
@@ -33,5 +33,5 @@ __all__ = [
     "CLUSTERS", "FP32_ADAM", "MIXED_ADAM", "MODELS", "Candidate", "Cluster", "Collective", "ModelShape",
     "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "colofn_activation_bytes_per_layer", "check", "cluster", "device_params",
     "from_gpt", "link", "model", "model_state_bytes", "pipeline_shape", "plan_json", "plan_train", "predict", "read_plan",
-    "saved_activation_bytes", "search", "step_bytes", "step_collectives",
+    "saved_activation_bytes", "search", "step_bytes", "step_collectives", "trainer_step_bytes",
 ]

@@ -31,12 +31,17 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   stacked queries, keys and values (``3 b s h / sp``) and one of the attention
   output (``b s h / sp``), and their transposes in the backward; the loss and
   the gradients are all-reduced over dp and sp at once (``"dp+sp"``).
+* sp with ring attention (Liu et al. 2023, zig-zag): per layer ``sp - 1``
+  sends of the stacked keys and values (``2 b s h / sp``) and as many of
+  their gradients in the backward; the token ids and targets are gathered
+  over sp once; the loss and the gradients as under Ulysses.
 * ep (GShard, Lepikhin et al. 2020): per MoE layer, the router's statistics
   all-reduced over the tokens' axes, an all-gather of per-expert counts over
   ep, and two all-to-alls (dispatch, combine) of ``ep x room x h`` each way;
   the experts' gradients are all-reduced over dp, the rest over dp and ep.
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
-  gradient to the previous one (``/t`` with Megatron-SP); the schedule's small
+  gradient to the previous one (``/t`` with Megatron-SP), with experts also the
+  running balancing loss (a 4-byte scalar each way); the schedule's small
   metadata messages are not counted. With pp, dp all-reduces the gradients
   of every microbatch (and the loss of each), and the tp collectives of the
   embedding (forward) and head (backward) run on the first and last stage.
@@ -57,8 +62,7 @@ from colofn.plan._memory import (
     Precision,
     device_params,
     expert_device_params,
-    zero_params,
-    zero_units,
+    zero_groups,
 )
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
@@ -79,10 +83,13 @@ class Collective:
     phase: Phase
     calls: int
     nbytes: int
+    sent: int | None = None  # bytes sent, when a strategy's own formula gives them (the tp grids)
 
     @property
     def bytes_sent(self) -> int:
         """Bytes one device sends for all the calls (the rule of :func:`colofn.tracing.volume`)."""
+        if self.sent is not None:
+            return self.sent
         if self.op == "send":
             return self.calls * self.nbytes
         return self.calls * volume(self.op, self.nbytes, self.n)[0]
@@ -109,8 +116,8 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
     if n == 1:
         return []
     p = device_params(m, c, stage)
-    grads, params = p * pr.comm_grad, p * pr.param
-    # With pp, colofn (StepSums) and Megatron-LM reduce once per step; False: once per microbatch.
+    grads = p * pr.comm_grad
+    # With pp, colofn (StepSums) and Megatron-LM reduce once per step (and ZeRO inside stages); False: once per microbatch.
     calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
@@ -119,8 +126,8 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         dp_grads = (p - norms) * pr.comm_grad
         return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
                 Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
-    if c.size("ep") > 1:  # the experts' gradients over dp, everything else over dp and ep
-        experts = expert_device_params(m, c)
+    if c.size("ep") > 1 and c.zero is None:  # the experts' gradients over dp, everything else over dp and ep
+        experts = expert_device_params(m, c, stage)
         out = [Collective("grads", "all_reduce", axis, n, "backward", calls, (p - experts) * pr.comm_grad)]
         if c.size("dp") > 1:
             out.append(Collective("expert grads", "all_reduce", "dp", c.size("dp"), "backward", calls,
@@ -128,21 +135,32 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: boo
         return out
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
         return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
-    if c.stage > 0:  # the flat buffers: each unit padded to a multiple of n
-        p = zero_params(m, c)
-        grads, params = p * pr.comm_grad, p * pr.param
-    shard = params // n
-    if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
-        return [Collective("grads", "all_reduce", "dp", n, "forward", 1, grads)]
-    if c.stage in (1, 2):
-        return [Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads),  # overlapped with the backward
-                Collective("params", "all_gather", "dp", n, "forward", 1, shard)]
-    # The backward does not read an untied embedding (its gradient is a scatter of
-    # the output gradient), so stage 3 does not gather it again.
-    first = 0 if m.tie_embeddings else -(-zero_units(m, c)[0] // n) * n
-    return [Collective("params", "all_gather", "dp", n, "forward", 1, shard),
-            Collective("params", "all_gather", "dp", n, "backward", 1, (p - first) * pr.param // n),
-            Collective("grads", "reduce_scatter", "dp", n, "backward", 1, grads)]
+    return _zero(m, c, pr, stage)
+
+
+def _zero(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
+    """ZeRO's collectives, group by group (:func:`~colofn.plan._memory.zero_groups`), on the padded buckets."""
+    # Overlapped with the backward; inside pipeline stages, once after the schedule's last action.
+    rs_phase: Phase = "forward" if c.size("pp") > 1 else "backward"
+    out = []
+    for i, (axis, n, units) in enumerate(zero_groups(m, c, stage)):
+        if n == 1:
+            continue
+        padded = sum(-(-u // n) * n for u in units)
+        grads, shard = padded * pr.comm_grad, padded * pr.param // n
+        if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
+            out.append(Collective("grads", "all_reduce", axis, n, "forward", 1, grads))
+        elif c.stage in (1, 2):
+            out += [Collective("grads", "reduce_scatter", axis, n, rs_phase, 1, grads),
+                    Collective("params", "all_gather", axis, n, "forward", 1, shard)]
+        else:
+            # The backward does not read an untied embedding (its gradient is a scatter of
+            # the output gradient), so stage 3 does not gather it again.
+            first = -(-units[0] // n) * n if i == 0 and not m.tie_embeddings else 0
+            out += [Collective("params", "all_gather", axis, n, "forward", 1, shard),
+                    Collective("params", "all_gather", axis, n, "backward", 1, (padded - first) * pr.param // n),
+                    Collective("grads", "reduce_scatter", axis, n, "backward", 1, grads)]
+    return out
 
 
 def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[Collective]:
@@ -156,10 +174,13 @@ def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
     # Two per block each way; the vocabulary-parallel embedding's in the forward
     # (first stage), the head's input in the backward (last stage).
     calls = {"forward": (2 * layers + first) * mb, "backward": (2 * layers + last) * mb}
+    # Megatron-SP: the embedding's output is reduce-scattered (its transpose all-gathers in the
+    # backward), the head's input all-gathered (reduce-scattered in the backward).
+    gathers = {"forward": (2 * layers + last) * mb, "backward": (2 * layers + first) * mb}
     out = []
     for phase in ("forward", "backward"):
         if c.sp == "megatron":
-            out += [Collective("activations", "all_gather", "tp", t, phase, calls[phase], act // t),  # type: ignore[arg-type]
+            out += [Collective("activations", "all_gather", "tp", t, phase, gathers[phase], act // t),  # type: ignore[arg-type]
                     Collective("activations", "reduce_scatter", "tp", t, phase, calls[phase], act)]  # type: ignore[arg-type]
         else:
             out.append(Collective("activations", "all_reduce", "tp", t, phase, calls[phase], act))  # type: ignore[arg-type]
@@ -170,6 +191,7 @@ def _tp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
         norms, pos = _replicated(m, c, stage)
         # Plain dp sums the norms' gradients over dp and tp at once (in _dp); ZeRO owns dp itself.
         replicated = pos if c.size("dp") > 1 and c.zero is None else norms + pos
+        # In a pipeline a stage's parameter sums wait for the step's end (StepSums): once per step.
         out.append(Collective("replicated grads", "all_reduce", "tp", t, "backward", 1, replicated * pr.comm_grad))
     return out
 
@@ -184,6 +206,9 @@ def _pp(m: ModelShape, c: Candidate, pr: Precision, b: int, stage: int) -> list[
         out.append(Collective("activations", "send", "pp", pp, "forward", c.microbatches, act))
     if stage > 0:
         out.append(Collective("activation grads", "send", "pp", pp, "backward", c.microbatches, act))
+    if m.n_experts:  # the running balancing loss travels with the activations (train/pipe_moe.py): fp32 scalars
+        out += [Collective("aux loss" + g, "send", "pp", pp, ph, c.microbatches, 4)  # type: ignore[arg-type]
+                for g, ph, on in (("", "forward", stage < pp - 1), (" grad", "backward", stage > 0)) if on]
     return out
 
 
@@ -196,14 +221,29 @@ def _ulysses(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collect
             for phase in ("forward", "backward") for what, k in (("q,k,v", 3), ("attention out", 1))]
 
 
+def _ring(m: ModelShape, c: Candidate, pr: Precision, b: int) -> list[Collective]:
+    """Ring attention (zig-zag): per layer ``sp - 1`` hops of the stacked keys and values, and of their
+    gradients back; the token ids and targets gathered over sp once (int64) to cut them zig-zag."""
+    n = c.size("sp")
+    if n == 1:
+        return []
+    kv = 2 * b * (m.seq_len // n) * m.d_model * pr.activation
+    return [Collective("k,v", "send", "sp", n, "forward", m.n_layers * (n - 1), kv),
+            Collective("k,v grads", "send", "sp", n, "backward", m.n_layers * (n - 1), kv),
+            Collective("token ids, targets", "all_gather", "sp", n, "forward", 2, b * (m.seq_len // n) * 8)]
+
+
 def balanced_room(m: ModelShape, c: Candidate, global_batch: int) -> int:
     """Rows per destination of an ep all-to-all when the router spreads tokens evenly: ``b s k / ep``."""
     return -(-microbatch_rows(c, global_batch) * m.seq_len * m.top_k // c.size("ep"))
 
 
 def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
-         rooms: tuple[int, ...] | None) -> list[Collective]:
+         rooms: tuple[int, ...] | None, stage: int) -> list[Collective]:
     axis, n = tokens_axis(c)
+    per = m.n_layers // c.size("pp")
+    mb = c.microbatches if c.size("pp") > 1 else 1
+    layers = sum(1 for i in range(stage * per, (stage + 1) * per) if (i + 1) % m.moe_every == 0) * mb
     out = []
     ep = c.size("ep")
     # With ep the per-expert counts ride in the statistics' all-reduce as a [ranks, experts]
@@ -213,15 +253,33 @@ def _moe(m: ModelShape, c: Candidate, pr: Precision, global_batch: int,
     counted = ep > 1 and routed <= 2**24
     if n > 1:  # the router's statistics: assignments and probabilities per expert, summed over the tokens' axes
         rows = 2 + (n if counted else 0)
-        out.append(Collective("router stats", "all_reduce", axis, n, "forward", m.moe_layers, rows * m.n_experts * 4))
+        out.append(Collective("router stats", "all_reduce", axis, n, "forward", layers, rows * m.n_experts * 4))
     if ep == 1:
         return out
     if not counted:
-        out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", m.moe_layers, m.n_experts * 8))
-    for room in rooms or (balanced_room(m, c, global_batch),) * m.moe_layers:
+        out.append(Collective("expert counts", "all_gather", "ep", ep, "forward", layers, m.n_experts * 8))
+    for room in rooms or (balanced_room(m, c, global_batch),) * layers:
         for phase in ("forward", "backward"):  # dispatch and combine, and their transposes
             out.append(Collective("tokens", "all_to_all", "ep", ep, phase, 2, ep * room * m.d_model * pr.activation))  # type: ignore[arg-type]
     return out
+
+
+def _grid(m: ModelShape, c: Candidate, pr: Precision, global_batch: int) -> list[Collective]:
+    """A tp grid's step (2d, 2.5d: :func:`colofn.parallel.tp2d.cost.step_bytes`; 3d:
+    :func:`colofn.parallel.tp3d.volume.step_ops`), the gradient sums over dp and the loss's included."""
+    import math
+
+    from colofn.parallel.tp2d.cost import step_bytes
+    from colofn.parallel.tp3d.volume import step_ops
+    from colofn.plan._model import gpt_config
+    from colofn.train.config import TrainConfig
+
+    cfg = TrainConfig(mesh=c.mesh, tp_mode=c.tp_mode, tp_depth=c.tp_depth)
+    plan, shape, config = cfg.plan(), cfg.device_mesh_shape, gpt_config(m, pr.activation)
+    formula = step_ops if c.tp_mode == "3d" else step_bytes
+    return [Collective(f"{c.tp_mode} grid", op, "+".join(axes), math.prod(shape[a] for a in axes), phase,  # type: ignore[arg-type]
+                       1, nbytes, sent=nbytes)
+            for (op, axes, phase), nbytes in formula(config, plan, shape, global_batch, m.seq_len).items()]
 
 
 def microbatch_rows(c: Candidate, global_batch: int) -> int:
@@ -238,17 +296,24 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     ``dp_per_step``: with a pipeline, the gradients are reduced over dp once per
     step (as colofn's pipeline trainer and Megatron-LM do); ``False`` models a
     reduction per microbatch.
-    ``ep_rooms``: rows per destination of each MoE layer's all-to-alls (colofn pads
+    ``ep_rooms``: rows per destination of each MoE layer's (and microbatch's) all-to-alls (colofn pads
     them to the most any rank sends any other in the step, which depends on the
     routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
     """
+    if c.tp_mode != "1d":
+        return _grid(m, c, precision, global_batch)
     b = microbatch_rows(c, global_batch)
     out = []
     axis, n = tokens_axis(c)
     if n > 1 and stage == c.size("pp") - 1:
-        scalars = 1 if c.zero is not None else 2
         calls = c.microbatches if c.size("pp") > 1 else 1
-        out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 4 * scalars))
-    moe = _moe(m, c, precision, global_batch, ep_rooms) if m.n_experts else []
-    return (out + _tp(m, c, precision, b, stage) + _ulysses(m, c, precision, b) + moe
+        if c.zero is not None and c.size("pp") == 1 and not m.n_experts:
+            # ZeRO averages each dp rank's own mean (one scalar); the loss psums its (sum, count) over sp itself.
+            out += [Collective("loss", "all_reduce", a, c.size(a), "forward", 1, k)
+                    for a, k in (("dp", 4), ("sp", 8)) if c.size(a) > 1]
+        else:  # the (sum, count) psum of the whole step's (or microbatch's) tokens
+            out.append(Collective("loss", "all_reduce", axis, n, "forward", calls, 8))
+    moe = _moe(m, c, precision, global_batch, ep_rooms, stage) if m.n_experts else []
+    seq = _ring(m, c, precision, b) if c.sp == "ring" else _ulysses(m, c, precision, b)
+    return (out + _tp(m, c, precision, b, stage) + seq + moe
             + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))

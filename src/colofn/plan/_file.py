@@ -1,7 +1,8 @@
 """A chosen composition as data (the ``colofn plan --out FILE`` format), and ``colofn train --plan``.
 
 A plan file is one JSON object: the composition (``mesh``, ``sp``, ``zero``,
-``schedule``, ``microbatches``, ``recompute``), what it was planned for
+``schedule``, ``microbatches``, ``recompute``; ``tp_mode`` and ``tp_depth`` for a
+tp grid), what it was planned for
 (``model``, ``devices``, ``global_batch``, ``cluster``) and, for the reader, what
 the planner predicted (``predicted``: ignored when read back).
 
@@ -31,7 +32,7 @@ import json
 from typing import TYPE_CHECKING, Any, get_args
 
 from colofn.errors import ConfigError, format_failures
-from colofn.plan._candidate import AXES, Candidate, Recompute
+from colofn.plan._candidate import AXES, Candidate, Recompute, TPMode
 from colofn.plan._cluster import cluster
 from colofn.plan._predict import Prediction
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["plan_json", "plan_train", "read_plan"]
 
-_COMPOSITION = ("mesh", "sp", "zero", "schedule", "microbatches", "recompute")
+_COMPOSITION = ("mesh", "sp", "zero", "schedule", "microbatches", "recompute", "tp_mode", "tp_depth")
 _CONTEXT = ("model", "devices", "global_batch", "cluster", "predicted")
 _RUNNABLE: tuple[Recompute, ...] = ("none",)  # colofn train does not recompute activations
 
@@ -52,6 +53,8 @@ def plan_json(c: Candidate, *, model: str | None = None, devices: int | None = N
     out = {k: v for k, v in out.items() if v is not None}
     out.update(mesh=dict(c.mesh), sp=c.sp, zero=c.zero, schedule=c.schedule, microbatches=c.microbatches,
                recompute=c.recompute)
+    if c.tp_mode != "1d":
+        out.update(tp_mode=c.tp_mode, tp_depth=c.tp_depth)
     if prediction is not None:
         p = prediction
         out["predicted"] = {"model_states_bytes": p.model_states, "activation_bytes": p.activations,
@@ -70,7 +73,7 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
     Traceback (most recent call last):
     ...
     colofn.errors.ConfigError: p.json is not a plan colofn can read:
-      * unknown fields ['colour']; the fields are mesh, sp, zero, schedule, microbatches, recompute, model, devices, global_batch, cluster, predicted
+      * unknown fields ['colour']; the fields are mesh, sp, zero, schedule, microbatches, recompute, tp_mode, tp_depth, model, devices, global_batch, cluster, predicted
       * mesh: axis 'xp' is not one of pp, dp, sp, tp, ep
       * mesh: axis 'xp' has size 0; sizes are ints >= 1
       * sp='rings' is not one of none, megatron, ulysses, ring
@@ -96,11 +99,12 @@ def read_plan(text: str, source: str = "plan") -> tuple[Candidate, dict[str, Any
             bad.append(f"mesh: axis {axis!r} is not one of {', '.join(AXES)}")
         if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
             bad.append(f"mesh: axis {axis!r} has size {n!r}; sizes are ints >= 1")
-    kinds = {"sp": str, "schedule": str, "microbatches": int, "recompute": str}
+    kinds = {"sp": str, "schedule": str, "microbatches": int, "recompute": str, "tp_mode": str, "tp_depth": int}
     for key, kind in kinds.items():
         if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
             bad.append(f"{key}={data[key]!r} is not a {kind.__name__}")
-    for key, options in (("sp", ("none", "megatron", "ulysses", "ring")), ("recompute", get_args(Recompute))):
+    for key, options in (("sp", ("none", "megatron", "ulysses", "ring")), ("recompute", get_args(Recompute)),
+                         ("tp_mode", get_args(TPMode))):
         if isinstance(data.get(key), str) and data[key] not in options:
             bad.append(f"{key}={data[key]!r} is not one of {', '.join(options)}")
     if "zero" in data and data["zero"] is not None and (not isinstance(data["zero"], int) or isinstance(data["zero"], bool)):
@@ -138,7 +142,7 @@ def plan_train(spec: str, cfg: TrainConfig) -> tuple[TrainConfig, str]:
 
     ``auto`` runs the planner for ``cfg.world_size`` devices of cluster
     ``cpu-local`` and the global batch ``cfg.batch_size``, over what
-    ``colofn train`` runs (no recompute; with ``--experts``, ``dp x ep``). The mesh, ``--sp``, ``--zero``,
+    ``colofn train`` runs (no recompute; with ``--experts``, ``pp x dp x ep``). The mesh, ``--sp``, ``--zero``,
     ``--schedule`` and ``--microbatches`` come from the plan; the result is
     validated as any flags are (:func:`colofn.train.config.validate`).
 
@@ -169,7 +173,7 @@ def plan_train(spec: str, cfg: TrainConfig) -> tuple[TrainConfig, str]:
         why = f"--plan {spec}: {c}"
     pp = c.size("pp") > 1
     new = dataclasses.replace(cfg, mesh=c.mesh, sp=c.sp, zero=c.zero, schedule=c.schedule if pp else "1f1b",
-                              microbatches=c.microbatches if pp else None)
+                              microbatches=c.microbatches if pp else None, tp_mode=c.tp_mode, tp_depth=c.tp_depth)
     return new, why + f"\nRunning --mesh {','.join(f'{a}={n}' for a, n in c.mesh)}" + _flags(c)
 
 
@@ -179,6 +183,8 @@ def _flags(c: Candidate) -> str:
         out += f" --sp {c.sp}"
     if c.zero is not None:
         out += f" --zero {c.zero}"
+    if c.tp_mode != "1d":
+        out += f" --tp-mode {c.tp_mode}" + (f" --tp-depth {c.tp_depth}" if c.tp_mode == "2.5d" else "")
     if c.size("pp") > 1:
         out += f" --schedule {c.schedule} --microbatches {c.microbatches}"
     return out + "."

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["saved_activation_bytes", "step_bytes"]
+__all__ = ["saved_activation_bytes", "step_bytes", "trainer_step_bytes"]
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage:
@@ -81,3 +81,45 @@ def step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], batch_size:
         out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
     rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
     return out, rooms[::2]  # dispatch and combine share a room
+
+
+def trainer_step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], batch_size: int, *, sp: str = "none",
+                       zero: int | None = None, microbatches: int = 1
+                       ) -> tuple[Counter[tuple[str, str, str]], int, tuple[int, ...]]:
+    """What one rank sends in a step of ``colofn train``'s trainer (ZeRO or pipeline), by (op, axes, phase).
+
+    Like :func:`step_bytes`, for the compositions ``make_value_and_grad`` does
+    not run: ZeRO over the data axes (``ZeroTrainer``) and pipelines, with ZeRO
+    inside the stages and experts (``PipelineTrainer``, 1F1B with
+    ``microbatches``). The pipeline's metadata messages (the schedule's small
+    integer tensors) are left out; the balancing loss a MoE stage sends (a
+    scalar) is kept. Returns ``(bytes, pipeline stage, MoE rooms)``, the rooms
+    in layer and microbatch order, for ``step_collectives(ep_rooms=...)``.
+    """
+    from colofn import comm_trace, random
+    from colofn.mesh import Mesh
+    from colofn.models import gpt
+    from colofn.train import TrainConfig
+    from colofn.train.loop import make_optimizer
+    from colofn.train.trainers import PipelineTrainer, ZeroTrainer
+
+    shape = dict(mesh_pairs)
+    mesh = Mesh(tuple(shape.values()), tuple(shape))
+    cfg = TrainConfig(mesh=mesh_pairs, zero=zero, sp=sp, experts=config.n_experts)  # type: ignore[arg-type]
+    opt = make_optimizer(cfg)
+    params = gpt.init(random.key(0), config)
+    trainer: Any
+    if "pp" in shape:
+        trainer = PipelineTrainer(config, cfg.plan(), mesh, opt, params, opt.init(params), "1f1b", microbatches,
+                                  zero_stage=zero)
+    else:
+        trainer = ZeroTrainer(config, cfg.plan(), mesh, opt, params, opt.init(params), zero or 0)
+    t = random.randint(random.key(1), (batch_size, config.seq_len + 1), 0, config.vocab_size)
+    with comm_trace() as records:
+        trainer.step({"tokens": t[:, :-1], "targets": t[:, 1:]})
+    out: Counter[tuple[str, str, str]] = Counter()
+    for r in records:
+        if r.op not in ("send", "recv") or r.axes != ("pp",) or len(r.shape) in (0, 3):
+            out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
+    rooms = tuple(r.shape[1] for r in records if r.op == "all_to_all" and r.phase == "forward" and "ep" in r.axes)
+    return out, mesh.axis_index("pp") if "pp" in shape else 0, rooms[::2]

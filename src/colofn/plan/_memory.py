@@ -29,7 +29,7 @@ from colofn.plan._model import ModelShape
 from colofn.zero.memory import formula_bytes
 
 __all__ = ["FP32_ADAM", "MIXED_ADAM", "Precision", "activation_bytes_per_layer", "colofn_activation_bytes_per_layer",
-           "device_params", "expert_device_params", "model_state_bytes", "zero_params", "zero_units"]
+           "device_params", "expert_device_params", "model_state_bytes", "zero_groups", "zero_params"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,58 +59,107 @@ MIXED_ADAM = Precision(param=2, grad=2, states=12, comm_grad=2)
 FP32_ADAM = Precision(param=4, grad=0, states=8, comm_grad=4, activation=4, fixed=4)
 
 
+def _layer_parts(m: ModelShape, c: Candidate, i: int) -> tuple[int, int]:
+    """``(dense, experts)``: parameters of block ``i`` a device holds (layer ``i`` is MoE when ``(i + 1) % moe_every == 0``)."""
+    t, norm = c.size("tp"), m._norm
+    if not m.n_experts or (i + 1) % m.moe_every:
+        return m.layer_tp_params // t + 2 * norm, 0
+    return m.attn_params // t + m.d_model * m.n_experts + 2 * norm, m.n_experts // c.size("ep") * m.expert_params // t
+
+
+def zero_groups(m: ModelShape, c: Candidate, stage: int = 0) -> list[tuple[str, int, list[int]]]:
+    """``[(axes, ranks, unit parameters)]``: the ZeRO groups of a device of pipeline stage ``stage`` and their units.
+
+    ZeRO shards over the data axes (:func:`colofn.parallel.zero_axes`): ``dp``,
+    the Ulysses ``sp`` axis, and ``ep`` for what ep replicates; expert weights
+    (split over ep) over ``dp`` alone. The units are
+    :func:`colofn.zero.flat.split_units`' (each top-level entry, each block):
+    the embeddings (first stage), the stage's blocks, the final norm and the head
+    (last stage; with a pipeline it holds the tied embedding again). A unit
+    with both kinds has a bucket in each group; :mod:`colofn.zero.flat` pads
+    each bucket to a multiple of its group's ranks.
+
+    >>> from colofn.plan import model
+    >>> [(a, n, len(u)) for a, n, u in zero_groups(model("tiny"), Candidate((("dp", 2), ("sp", 2)), sp="ulysses"))]
+    [('dp+sp', 4, 4)]
+    """
+    t, pp, ep = c.size("tp"), c.size("pp"), c.size("ep")
+    emb = m.vocab_size * m.d_model // t
+    per = m.n_layers // pp
+    parts = [_layer_parts(m, c, i) for i in range(stage * per, (stage + 1) * per)]
+    dense = [emb + m.pos_params] if stage == 0 else []
+    dense += [d + (0 if ep > 1 else e) for d, e in parts]
+    if stage == pp - 1:
+        dense += [m._norm] + ([] if m.tie_embeddings and pp == 1 else [emb])
+    axes = [a for a in ("dp", "sp", "ep") if c.size(a) > 1] or ["dp"]
+    groups = [("+".join(axes), c.size("dp") * c.size("sp") * ep, dense)]
+    experts = [e for _, e in parts if e]
+    if ep > 1 and experts:
+        groups.append(("dp", c.size("dp"), experts))
+    return groups
+
+
 def device_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
     """Parameters a device of pipeline stage ``stage`` holds after tensor parallelism (``None``: the largest stage).
 
     The first stage holds the embeddings, the last the final norm and the head
     (the tied embedding again), each with ``n_layers / pp`` blocks.
     """
-    t, pp = c.size("tp"), c.size("pp")
+    if c.tp_mode != "1d":
+        return grid_params(m, c)
     if stage is None:
-        return max(device_params(m, c, s) for s in {0, pp - 1})
-    h, norm = m.d_model, m._norm
-    block = m.layer_tp_params // t + 2 * norm
-    emb = m.vocab_size * h // t
-    total = m.n_layers // pp * block
-    if m.n_experts:  # no pipeline with experts: every block is here; ep splits the experts
-        moe = m.attn_params // t + m.n_experts // c.size("ep") * m.expert_params // t + h * m.n_experts + 2 * norm
-        total += m.moe_layers * (moe - block)
-    if stage == 0:
-        total += emb + m.pos_params
-    if stage == pp - 1:
-        total += norm + (emb if pp > 1 or not m.tie_embeddings else 0)
-    return total
+        return max(device_params(m, c, s) for s in range(c.size("pp")))
+    return sum(sum(units) for _, _, units in zero_groups(m, c, stage))
 
 
-def zero_units(m: ModelShape, c: Candidate) -> list[int]:
-    """Parameters of each ZeRO unit a device holds (no pipeline): the embeddings, each block, the final norm, the head.
+def grid_params(m: ModelShape, c: Candidate) -> int:
+    """Parameters a device holds on a tp grid: ``tp2d.cost.weight_elements`` (2d, 2.5d), ``tp3d.volume.memory`` (3d)."""
+    from colofn.plan._model import gpt_config
+    from colofn.train.config import TrainConfig
 
-    :mod:`colofn.zero.flat` pads each unit to a multiple of the dp size.
+    cfg = TrainConfig(mesh=c.mesh, tp_mode=c.tp_mode, tp_depth=c.tp_depth)
+    config, shape = gpt_config(m), cfg.device_mesh_shape
+    if c.tp_mode == "3d":
+        from colofn.parallel.tp3d.volume import memory
+
+        return memory(config, cfg.plan(), shape, 1, m.seq_len)["weights"]
+    from colofn.parallel.tp2d.cost import weight_elements
+
+    return sum(weight_elements(config, shape["tp_row"]).values())
+
+
+def zero_params(m: ModelShape, c: Candidate, stage: int | None = None) -> int:
+    """:func:`device_params` as ZeRO stages 1-3 hold them: each bucket padded to a multiple of its group's ranks.
+
+    ``stage``: the pipeline stage (``None``: the largest).
     """
-    t, norm = c.size("tp"), m._norm
-    emb = m.vocab_size * m.d_model // t
-    units = [emb + m.pos_params] + [m.layer_tp_params // t + 2 * norm] * m.n_layers + [norm]
-    return units + ([] if m.tie_embeddings else [emb])
-
-
-def zero_params(m: ModelShape, c: Candidate) -> int:
-    """:func:`device_params` as ZeRO stages 1-3 hold them: each unit padded to a multiple of dp."""
-    n = c.size("dp")
-    if c.stage == 0 or c.size("pp") > 1:
-        return device_params(m, c)
-    return sum(-(-u // n) * n for u in zero_units(m, c))
+    if c.stage == 0:
+        return device_params(m, c, stage)
+    if stage is None:
+        return max(zero_params(m, c, s) for s in range(c.size("pp")))
+    return sum(-(-u // n) * n for _, n, units in zero_groups(m, c, stage) for u in units)
 
 
 def model_state_bytes(m: ModelShape, c: Candidate, precision: Precision = MIXED_ADAM) -> float:
-    """Model-state bytes per device: :func:`device_params` under ZeRO stage ``c.zero`` over ``dp``.
+    """Model-state bytes per device: :func:`device_params` under ZeRO stage ``c.zero``, summed over its groups.
 
     >>> from colofn.plan import Candidate, model
     >>> model_state_bytes(model("gpt2-124m"), Candidate((("dp", 4),), zero=3)) == 16 * 124356864 / 4
     True
     """
-    p = zero_params(m, c)
-    return precision.fixed + formula_bytes(stage=c.stage, params=p * precision.param, grads=p * precision.grad,
-                                           states=p * precision.states, n=c.size("dp"))
+    # Inside pipeline stages ZeRO-2 accumulates full gradients over the microbatches, as ZeRO-1 does
+    # (docs/zero.md, "Inside pipeline stages"): it shards only the gradients of the update.
+    zstage = 1 if c.stage == 2 and c.size("pp") > 1 else c.stage
+
+    def stage_bytes(s: int) -> float:
+        if c.stage == 0:
+            groups = [(1, device_params(m, c, s))]
+        else:
+            groups = [(n, sum(-(-u // n) * n for u in units)) for _, n, units in zero_groups(m, c, s)]
+        return sum(formula_bytes(stage=zstage, params=p * precision.param, grads=p * precision.grad,
+                                 states=p * precision.states, n=n) for n, p in groups)
+
+    return precision.fixed + max(stage_bytes(s) for s in range(c.size("pp")))
 
 
 def activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, t: int = 1, sp: bool = False,
@@ -128,9 +177,10 @@ def activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, t: int = 1, 
     return scale * s * b * h * (10 + 24 / t + attn / t)
 
 
-def expert_device_params(m: ModelShape, c: Candidate) -> int:
-    """Expert parameters a device holds (its ``n_experts / ep`` experts of every MoE block)."""
-    return m.moe_layers * m.n_experts // c.size("ep") * m.expert_params // c.size("tp")
+def expert_device_params(m: ModelShape, c: Candidate, stage: int = 0) -> int:
+    """Expert parameters a device of pipeline stage ``stage`` holds (its ``n_experts / ep`` experts of each MoE block)."""
+    per = m.n_layers // c.size("pp")
+    return sum(_layer_parts(m, c, i)[1] for i in range(stage * per, (stage + 1) * per))
 
 
 def colofn_activation_bytes_per_layer(*, s: int, b: float, h: int, a: int, d_ff: int, t: int = 1, sp: bool = False,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Literal
+from typing import Any, Literal
 
 from colofn.errors import ConfigError
 
@@ -185,3 +185,19 @@ def model(name: str) -> ModelShape:
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; the planner knows {', '.join(MODELS)}")
     return MODELS[name]
+
+
+def gpt_config(m: ModelShape, element: int = 4) -> Any:
+    """A :class:`colofn.models.gpt.GPTConfig` of ``m``'s shape (for the volume formulas of the tp grids).
+
+    ``element``: bytes per parameter and activation element (4: fp32, 2: bf16).
+    """
+    import torch
+
+    from colofn.models import gpt
+
+    return gpt.config("tiny", n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, d_ff=m.d_ff,
+                      vocab_size=m.vocab_size, seq_len=m.seq_len, tie_embeddings=m.tie_embeddings,
+                      pos="learned" if m.learned_pos else "rotary",
+                      norm="layernorm" if m._norm == 2 * m.d_model else "rmsnorm",
+                      dtype=torch.float32 if element == 4 else torch.bfloat16)

@@ -95,7 +95,7 @@ def pipeline_shape(schedule: str, pp: int, microbatches: int) -> tuple[float, in
 def link(c: Candidate, axis: str, cl: Cluster) -> str:
     """``"intra"`` when the groups of ``axis`` (``"dp+tp"``: both) fit in one node, else ``"inter"``."""
     names = [a for a, _ in c.mesh]
-    axes = axis.split("+")
+    axes = [a if a in names else "tp" for a in axis.split("+")]  # a tp grid's axes lie inside tp
     first = min(names.index(a) for a in axes)
     span = math.prod(n for _, n in c.mesh[first:])
     return "intra" if span <= cl.devices_per_node else "inter"
@@ -105,13 +105,16 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
     # Ulysses: each rank keeps s/sp tokens, and whole sequences of a/sp heads inside attention,
     # which is the same bytes as s x b/sp.
     b, t, s, h = microbatch_rows(c, global_batch) / c.size("sp"), c.size("tp"), m.seq_len, m.d_model
-    sp = c.sp == "megatron"
+    # A tp grid splits every activation over its ranks, as Megatron-SP does (not measured: an approximation).
+    sp = c.sp == "megatron" or c.tp_mode != "1d"
     if m.activation_layout == "colofn" and c.recompute != "full":
         # Selective recompute saves nothing here: colofn's attention core keeps no s x s matrix.
         layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
                                                   element=pr.activation)
         if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
             layer += pr.activation * s * b * h
+        elif c.sp == "ring":  # every visited key/value block (not measured: an approximation)
+            layer += pr.activation * 2 * s * b * h * (c.size("sp") - 1)
         # The last stage: the final norm's input, statistics and (whole) output; the fp32
         # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
         split = t if sp else 1

@@ -24,8 +24,8 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``plan`` command to ``subparsers``."""
     p = subparsers.add_parser(
         "plan", help="predict memory, communication and step time of every composition, and pick one",
-        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses, "
-        "dp x ep for experts, ZeRO, "
+        description="Enumerate the compositions colofn can run (pp x dp x tp, --sp megatron, dp x sp Ulysses or ring, tp grids (2d, 2.5d, 3d), "
+        "pp x dp x ep for experts, ZeRO over the data axes and inside pipeline stages, "
         "schedule, microbatches, recompute), predict each on the cluster and rank them. See docs/plan.md.")
     p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--devices", type=int, required=True, help="devices in the job")
@@ -56,10 +56,10 @@ def _cluster(text: str, devices: int) -> Cluster:
 
 def table(preds: list[Prediction]) -> str:
     """One row per prediction: memory, bytes per link class, bubble, step time, MFU."""
-    head = f"{'#':>3}  {'composition':<52} {'mem GiB':>8} {'intra MB':>9} {'inter MB':>9} {'bubble':>7} {'step s':>9} {'MFU':>6}"
+    head = f"{'#':>3}  {'composition':<60} {'mem GiB':>8} {'intra MB':>9} {'inter MB':>9} {'bubble':>7} {'step s':>9} {'MFU':>6}"
     rows = [head]
     for i, p in enumerate(preds, 1):
-        rows.append(f"{i:>3}  {str(p.candidate):<52} {p.memory / GIB:>8.2f} {p.intra_bytes / 1e6:>9.1f} "
+        rows.append(f"{i:>3}  {str(p.candidate):<60} {p.memory / GIB:>8.2f} {p.intra_bytes / 1e6:>9.1f} "
                     f"{p.inter_bytes / 1e6:>9.1f} {p.bubble:>7.1%} {p.step_s:>9.4f} {p.mfu:>6.1%}")
     return "\n".join(rows)
 
