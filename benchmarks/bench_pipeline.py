@@ -328,11 +328,14 @@ def main() -> None:
                     help="also try torch's pipelining on the simulated world")
     ap.add_argument("--split-only", action="store_true",
                     help="only the in-process B versus I + W comparison (seconds)")
+    ap.add_argument("--width", type=int, default=None, help="the layers' width (default 512; --quick 64)")
     args = ap.parse_args()
     cfg = {"width": 512, "depth": 8, "microbatches": 8, "microbatch_size": 32, "warmup": 2,
            "steps": 8}
     if args.quick:
         cfg.update(width=64, microbatch_size=8, steps=3, warmup=1)
+    if args.width is not None:
+        cfg.update(width=args.width)
     print(f"# bench_pipeline: {cfg}, torch {torch.__version__}, 1 intra-op thread per rank, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     start = time.perf_counter()
