@@ -232,3 +232,13 @@ def test_convert_names_an_old_value_that_cannot_be_stored_as_data(tmp_path):
     with pytest.raises(CheckpointError, match=r"has values that cannot be stored as data:\n  \* \['s'\]: a set is not a plain value"):
         checkpoint.convert(tmp_path / "old", trust=True)
     assert _manifest_of(tmp_path / "old")["version"] == 1  # left as it was
+
+
+def test_convert_even_when_trusted_rebuilds_only_tree_nodes_and_plain_values(ck, flag):
+    _make_legacy(ck, _tree())
+    content = _manifest_of(ck)
+    content["treedef"] = base64.b64encode(pickle.dumps(Plant(flag))).decode()
+    (ck / checkpoint.MARKER).write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=r"its tree structure cannot be unpickled here \(UnpicklingError: it names "
+                       r".*, which is neither a tree node type nor a plain value\)"):
+        checkpoint.convert(ck, trust=True)

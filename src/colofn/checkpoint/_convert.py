@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import base64
+import builtins
+import collections
+import dataclasses
+import io
 import os
 import pickle
 from typing import Any
+
+import optree
+import torch
 
 from colofn import _treecodec as codec
 from colofn.checkpoint import _manifest
@@ -56,11 +63,44 @@ def convert(path: str | os.PathLike[str], *, trust: bool = False) -> str:
     return path
 
 
+_PLAIN = {"bool", "int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "set", "frozenset", "slice", "range"}
+_COLLECTIONS = {"OrderedDict", "defaultdict", "deque"}
+
+
+class _Legacy(pickle.Unpickler):
+    """Version 1's pickles rebuilt from what they may hold, and nothing else.
+
+    A tree structure (optree's ``PyTreeSpec`` and the node types the current
+    format also admits: NamedTuples and registered dataclasses of modules
+    already imported) and plain values (builtins' data types, ``collections``'
+    containers, torch dtypes, ``torch.Size``, ``torch.device``). Any other
+    global, a callable above all, is refused, so even a file the user trusts
+    cannot make ``convert`` run code it names.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in _PLAIN:
+            return getattr(builtins, name)
+        if module == "collections" and name in _COLLECTIONS:
+            return getattr(collections, name)
+        if (module, name) == ("optree", "PyTreeSpec"):
+            return optree.PyTreeSpec
+        if module == "torch" and (isinstance(vars(torch).get(name), torch.dtype) or name in ("Size", "device")):
+            return vars(torch)[name]
+        try:
+            cls = codec._find_class(f"{module}:{name}")
+        except (codec.Unavailable, ValueError):
+            cls = None
+        if cls is not None and (optree.is_namedtuple_class(cls) or (dataclasses.is_dataclass(cls) and codec._registered(cls))):
+            return cls
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is neither a tree node type nor a plain value")
+
+
 def _unpickle(text: Any, path: str, what: str) -> Any:
     if not text:
         return None
     try:
-        return pickle.loads(base64.b64decode(text))  # noqa: S301 - the user vouched for these files (trust=True)
+        return _Legacy(io.BytesIO(base64.b64decode(text))).load()
     except Exception as e:  # noqa: BLE001 - reported with the path
         raise CheckpointError(f"colofn.checkpoint.convert: {path}: {what} cannot be unpickled here ({type(e).__name__}: {e})") from None
 
