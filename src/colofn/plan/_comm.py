@@ -111,14 +111,13 @@ def tokens_axis(c: Candidate) -> tuple[str, int]:
     return "+".join(axes), c.size("dp") * c.size("sp") * c.size("ep")
 
 
-def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int, dp_per_step: bool = True) -> list[Collective]:
+def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collective]:
     axis, n = tokens_axis(c)
     if n == 1:
         return []
     p = device_params(m, c, stage)
     grads = p * pr.comm_grad
-    # With pp, colofn (StepSums) and Megatron-LM reduce once per step (and ZeRO inside stages); False: once per microbatch.
-    calls = c.microbatches if c.size("pp") > 1 and not dp_per_step else 1
+    calls = 1  # with pp too: a stage sums its microbatches' gradients locally first (StepSums), as Megatron-LM does
     if c.zero is None and c.sp == "megatron" and c.size("tp") > 1:
         # Norm gradients are summed over dp and tp at once; the position table is
         # summed whole over tp (in _tp) and whole over dp (varied before it is sliced).
@@ -289,13 +288,10 @@ def microbatch_rows(c: Candidate, global_batch: int) -> int:
 
 
 def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precision: Precision = MIXED_ADAM,
-                     stage: int = 0, dp_per_step: bool = True, ep_rooms: tuple[int, ...] | None = None
+                     stage: int = 0, ep_rooms: tuple[int, ...] | None = None
                      ) -> list[Collective]:
     """The collectives a device of pipeline stage ``stage`` runs in a step (pipeline metadata aside).
 
-    ``dp_per_step``: with a pipeline, the gradients are reduced over dp once per
-    step (as colofn's pipeline trainer and Megatron-LM do); ``False`` models a
-    reduction per microbatch.
     ``ep_rooms``: rows per destination of each MoE layer's (and microbatch's) all-to-alls (colofn pads
     them to the most any rank sends any other in the step, which depends on the
     routing); ``None``: :func:`balanced_room`, a router that spreads tokens evenly.
@@ -316,4 +312,4 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     moe = _moe(m, c, precision, global_batch, ep_rooms, stage) if m.n_experts else []
     seq = _ring(m, c, precision, b) if c.sp == "ring" else _ulysses(m, c, precision, b)
     return (out + _tp(m, c, precision, b, stage) + seq + moe
-            + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage, dp_per_step))
+            + _pp(m, c, precision, b, stage) + _dp(m, c, precision, stage))

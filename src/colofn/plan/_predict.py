@@ -128,10 +128,9 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
 
 
 def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, efficiency: float = 0.5,
-            precision: Precision = MIXED_ADAM, dp_per_step: bool = True) -> Prediction:
+            precision: Precision = MIXED_ADAM) -> Prediction:
     """Predict ``c`` for model ``m`` on cluster ``cl`` with ``global_batch`` sequences per step.
 
-    ``dp_per_step``: see :func:`~colofn.plan.step_collectives` (for comparisons with Megatron-LM).
 
     Raises:
         ConfigError: ``c`` cannot run ``m`` (every reason, see :func:`~colofn.plan.check`).
@@ -146,8 +145,7 @@ def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, effi
         flops += 4 * m.n_layers * m.seq_len * m.d_model * tokens / c.devices
     compute = flops / (cl.peak_flops * efficiency)
     # The stage that sends the most bytes sets the pace.
-    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s,
-                                        dp_per_step=dp_per_step)
+    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
                        for s in range(c.size("pp"))), key=lambda cs: sum(x.bytes_sent for x in cs)))
     by_link = {"intra": 0, "inter": 0}
     exposed = hidden = 0.0

@@ -210,7 +210,7 @@ def megatron_mfu(row: MegatronRow, efficiency: float = 0.5) -> tuple[ModelShape,
     mesh = tuple((a, n) for a, n in (("pp", row.pp), ("dp", dp), ("tp", row.tp)) if n > 1)
     c = Candidate(mesh, microbatches=row.batch // dp if row.pp > 1 else 1, recompute="full")
     cl = cluster("a100-80g", row.gpus)
-    p = predict(m, c, cl, global_batch=row.batch, efficiency=efficiency, dp_per_step=True)
+    p = predict(m, c, cl, global_batch=row.batch, efficiency=efficiency)
     s, h, layers, v = m.seq_len, m.d_model, m.n_layers, m.vocab_size
     flops = 96 * row.batch * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))  # their equation 3
     return m, c, 100 * flops / (p.step_s * row.gpus * cl.peak_flops)
