@@ -370,10 +370,7 @@ class GradBucket:
         """Wrap argument ``index``'s block so its backward adds the summed gradients."""
         if not local.requires_grad:
             return local
-        if self.step_sums is not None and (h := self.step_sums.handle(local)) is not None:
-            self.deferred[index] = h  # the step adds its sums: no backward node of its own to wait in
-            out = local.view_as(local)
-            self.owned[id(out)] = index
+        if (out := self._enter_deferred(index, local)) is not None:
             return out
         out = op(local, lambda t: t.view_as(t), lambda g: self._finish(index, g), lin=_same)
         self.owned[id(out)] = index
@@ -389,16 +386,24 @@ class GradBucket:
         if not idx or not _plain_autograd():
             return [self.enter(i, x) if isinstance(x, torch.Tensor) else x for i, x in enumerate(blocks)]
         out = list(blocks)
-        if self.step_sums is not None:  # a pipeline step's parameters: their sums are the step's (plain views)
-            deferred = {i for i in idx if self.step_sums.handle(blocks[i]) is not None}
-            for i in deferred:
-                out[i] = self.enter(i, blocks[i])
-            idx = [i for i in idx if i not in deferred]
-            if not idx:
-                return out
+        for i in list(idx):  # a pipeline step's parameters: plain views, their sums are the step's
+            if (y := self._enter_deferred(i, blocks[i])) is not None:
+                out[i] = y
+                idx.remove(i)
+        if not idx:
+            return out
         for i, y in zip(idx, _EnterAll.apply(self, tuple(idx), *(blocks[i] for i in idx)), strict=True):
             out[i] = y
             self.owned[id(y)] = i
+        return out
+
+    def _enter_deferred(self, index: int, local: torch.Tensor) -> torch.Tensor | None:
+        """A plain view of ``local`` if its sums belong to the running pipeline step (:class:`StepSums`), else None."""
+        if self.step_sums is None or (h := self.step_sums.handle(local)) is None:
+            return None
+        self.deferred[index] = h  # the step adds its sums: no backward node of its own to wait in
+        out = local.view_as(local)
+        self.owned[id(out)] = index
         return out
 
     def owns(self, t: torch.Tensor) -> bool:

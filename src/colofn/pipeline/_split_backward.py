@@ -60,11 +60,13 @@ class WeightWork:
     alive only the graph below the joins; the stage's outputs can be dropped.
     """
 
-    __slots__ = ("groups", "roots")
+    __slots__ = ("edges", "groups", "roots")
 
-    def __init__(self, groups: list[_Group], roots: list[tuple[GradientEdge, torch.Tensor]]) -> None:
+    def __init__(self, groups: list[_Group], roots: list[tuple[GradientEdge, torch.Tensor]],
+                 edges: list[GradientEdge | None]) -> None:
         self.groups = groups
         self.roots = roots
+        self.edges = edges  # each parameter's gradient edge (None: it does not require grad), found once in I
 
 
 def _node(t: torch.Tensor) -> Node:
@@ -130,16 +132,17 @@ def backward_input(
     far as the returned :class:`WeightWork` holds it: the joins and below.
     """
     if not outs:
-        return [torch.zeros_like(t) for t in ins], WeightWork([], [])
+        return [torch.zeros_like(t) for t in ins], WeightWork([], [], [])
     out_nodes = [_node(t) for t in outs]
     reverse = _consumers(out_nodes)
     path = _closure([_node(t) for t in ins], reverse) if ins else set()
     groups: list[_Group] = []
     owner: dict[Node, _Group] = {}
-    for index, p in enumerate(params):
-        if not p.requires_grad:
+    edges = [get_gradient_edge(p) if p.requires_grad else None for p in params]
+    for index, edge in enumerate(edges):
+        if edge is None:
             continue
-        joins = _joins(_node(p), path, reverse)
+        joins = _joins(edge.node, path, reverse)
         if not joins:
             continue
         merged = [owner[j] for j in joins if j in owner]
@@ -176,7 +179,7 @@ def backward_input(
     for group in groups:
         group.params.sort()
     groups.sort(key=lambda g: g.params[0])
-    return found, WeightWork(groups, roots)
+    return found, WeightWork(groups, roots, edges)
 
 
 def _recorder(group: _Group, join: Node) -> Any:
@@ -200,8 +203,8 @@ def backward_weight(work: WeightWork, params: Sequence[torch.Tensor]) -> list[to
                 total[i] = g if prev is None else prev + g
 
     if work.roots:
-        wanted = [i for i, p in enumerate(params) if p.requires_grad]
-        found = torch.autograd.grad([e for e, _ in work.roots], [get_gradient_edge(params[i]) for i in wanted],
+        wanted = [i for i, e in enumerate(work.edges) if e is not None]
+        found = torch.autograd.grad([e for e, _ in work.roots], [e for i in wanted if (e := work.edges[i]) is not None],
                                     [g for _, g in work.roots], retain_graph=True, allow_unused=True)
         add(wanted, found)
     for group in work.groups:
@@ -220,11 +223,11 @@ def backward_weight(work: WeightWork, params: Sequence[torch.Tensor]) -> list[to
         try:
             # Kept: another group's call may pass through this one's nodes (a tied parameter's
             # stretch of input path); the graph is freed when ``work`` is dropped, right after.
-            found = torch.autograd.grad(edges, [get_gradient_edge(params[i]) for i in group.params], cotangents,
+            found = torch.autograd.grad(edges, [e for i in group.params if (e := work.edges[i]) is not None], cotangents,
                                         retain_graph=True, allow_unused=True)
         finally:
             for h in clamps:
                 h.remove()
         add(group.params, found)
-    work.groups, work.roots = [], []
+    work.groups, work.roots, work.edges = [], [], []
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, total, strict=True)]
