@@ -373,3 +373,46 @@ def test_error_apply_updates_mismatch():
         ShapeError, match=r"\['a'\]\[1\]: updates has shape \(3,\), params has \(2,\)"
     ):
         optim.apply_updates(params, {"a": [torch.ones(1), torch.ones(3)]})
+
+
+# -- update_in_place ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("schedule", [False, True])
+def test_update_in_place_equals_update_then_apply_bit_for_bit(name, schedule):
+    if schedule and name.startswith("adam"):
+        opt = getattr(optim, name)(optim.linear_schedule(1e-2, 1e-3, 3), weight_decay=0.2)
+    else:
+        opt = ALL[name]()
+    torch.manual_seed(0)
+    params = _params()
+    ref_params, ref_state = ctree.map(torch.clone, params), opt.init(params)
+    state = opt.init(params)
+    for _ in range(3):
+        grads = ctree.map(torch.randn_like, params)
+        updates, ref_state = opt.update(grads, ref_state, ref_params)
+        ref_params = optim.apply_updates(ref_params, updates)
+        state = optim.update_in_place(opt, grads, state, params)
+    for a, b in zip(ctree.leaves((ref_params, ref_state)), ctree.leaves((params, state)), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_update_in_place_reuses_adam_buffers_and_writes_params():
+    opt = optim.adamw(1e-2)
+    params = _params()
+    state = opt.init(params)
+    ids = [id(t) for t in ctree.leaves((params, state.mu, state.nu))]
+    new = optim.update_in_place(opt, _like(params, 3.0), state, params)
+    assert [id(t) for t in ctree.leaves((params, new.mu, new.nu))] == ids  # torch.optim's footprint: no new buffers
+    assert int(new.count) == 1
+
+
+def test_update_in_place_with_tied_params_takes_the_functional_path():
+    opt = optim.adamw(1e-1, weight_decay=0.5)
+    w = torch.tensor([1.0, -2.0])
+    params = {"a": w, "b": w.view(2)}  # one storage, two leaves: an in-place twin would step it twice
+    ref, _ = opt.update(_like(params, 1.0), opt.init(params), params)
+    expected = optim.apply_updates(params, ref)["a"]
+    optim.update_in_place(opt, _like(params, 1.0), opt.init(params), params)
+    assert torch.equal(w, expected)

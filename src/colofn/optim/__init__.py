@@ -29,6 +29,8 @@ from colofn.optim.base import (
     TransformUpdateFn,
     Updates,
     apply_updates,
+    register_in_place,
+    update_in_place,
 )
 from colofn.optim.clipping import clip_by_global_norm, global_norm
 from colofn.optim.combine import chain
@@ -68,7 +70,9 @@ __all__ = [
     "linear_schedule",
     "linear_warmup",
     "piecewise_constant_schedule",
+    "register_in_place",
     "sgd",
+    "update_in_place",
     "warmup_cosine_decay_schedule",
     "warmup_linear_decay_schedule",
 ]

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from colofn import tree as ctree
 from colofn.optim import _checks
-from colofn.optim._foreach import Tensors, run_grouped
-from colofn.optim.base import GradientTransformation, OptState, Params, ScalarOrSchedule, Updates
+from colofn.optim._foreach import Tensors, groups, run_grouped
+from colofn.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    register_in_place,
+)
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -137,10 +144,7 @@ def _make(
             )
         return AdamState(count=torch.zeros((), dtype=torch.int32), mu=mu, nu=nu)
 
-    @torch.no_grad()
-    def update(
-        grads: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, AdamState]:
+    def prepare(grads: Updates, state: OptState, params: Params | None, inplace: bool) -> tuple[Any, Any, list[list[torch.Tensor]]]:
         _checks.check_state(where, state, AdamState)
         step = _checks.step_of(where, state.count)
         _checks.check_same_tree(where, state.nu, "state.nu", state.mu, "state.mu")
@@ -160,14 +164,33 @@ def _make(
             weight_decay=weight_decay,
             decoupled=decoupled,
             step=step + 1,
+            inplace=inplace,
         )
-        lists = [g, ctree.leaves(state.mu), ctree.leaves(state.nu), p if p is not None else g]
+        return treedef, math, [g, ctree.leaves(state.mu), ctree.leaves(state.nu), p if p is not None else g]
+
+    @torch.no_grad()
+    def update(
+        grads: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, AdamState]:
+        treedef, math, lists = prepare(grads, state, params, inplace=False)
         updates, mu, nu = run_grouped(math, lists, 3)
         new_state = AdamState(
             state.count + 1, ctree.unflatten(treedef, mu), ctree.unflatten(treedef, nu)
         )
         return ctree.unflatten(treedef, updates), new_state
 
+    @torch.no_grad()
+    def update_in_place(grads: Updates, state: OptState, params: Params) -> AdamState | None:
+        """``update`` + ``apply_updates`` writing into ``params`` and the moments; None where it cannot."""
+        if not _in_place_ok(params, state):
+            return None
+        _, math, lists = prepare(grads, state, params, inplace=True)
+        for idx, group in groups(lists):
+            updates, _, _ = math(*group)
+            torch._foreach_add_([lists[3][i] for i in idx], updates)  # apply_updates' foreach add, in place
+        return AdamState(state.count + 1, state.mu, state.nu)
+
+    register_in_place(update, update_in_place)
     return GradientTransformation(init, update)
 
 
@@ -184,16 +207,23 @@ def _adam_math(
     weight_decay: float,
     decoupled: bool,
     step: int,
+    inplace: bool = False,
 ) -> tuple[Tensors, Tensors, Tensors]:
     """``_multi_tensor_adam``'s formulas (capturable=False) for one device/dtype group.
 
     ``step`` counts this update (1 at the first). Returns ``(updates, mu, nu)``;
-    no input is modified. ``p`` is used only for the weight decay.
+    no input is modified, except with ``inplace``, where ``mu`` and ``nu`` are
+    updated in place (the same kernels with a trailing ``_``: the same numbers)
+    and returned. ``p`` is used only for the weight decay.
     """
     if weight_decay and not decoupled:
         g = torch._foreach_add(g, p, alpha=weight_decay)
-    mu = torch._foreach_lerp(mu, g, 1 - b1)
-    nu = torch._foreach_mul(nu, b2)
+    if inplace:
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+    else:
+        mu = torch._foreach_lerp(mu, g, 1 - b1)
+        nu = torch._foreach_mul(nu, b2)
     torch._foreach_addcmul_(nu, g, g, 1 - b2)
     bias_correction1 = 1 - b1**step
     bias_correction2 = 1 - b2**step
@@ -207,3 +237,19 @@ def _adam_math(
     if weight_decay and decoupled:
         torch._foreach_add_(updates, p, alpha=-lr * weight_decay)
     return updates, mu, nu
+
+
+def _in_place_ok(params: Params, state: Any) -> bool:
+    """Plain tensors (no DTensor, no subclass) whose moments share their dtype and device, none a view of another."""
+    if not isinstance(state, AdamState):
+        return False
+    ps, mus, nus = ctree.leaves(params), ctree.leaves(state.mu), ctree.leaves(state.nu)
+    if not (len(ps) == len(mus) == len(nus)):
+        return False
+    for p, m, n in zip(ps, mus, nus, strict=True):
+        if not (type(p) is type(m) is type(n) is torch.Tensor):
+            return False
+        if not (p.dtype == m.dtype == n.dtype and p.device == m.device == n.device) or (p.requires_grad and not p.is_leaf):
+            return False
+    ptrs = {t.untyped_storage().data_ptr() for t in (*ps, *mus, *nus)}
+    return len(ptrs) == 3 * len(ps)  # no tied or shared storage: each one written once

@@ -40,6 +40,8 @@ __all__ = [
     "TransformUpdateFn",
     "Updates",
     "apply_updates",
+    "register_in_place",
+    "update_in_place",
 ]
 
 Params = Any
@@ -135,3 +137,57 @@ def apply_updates(params: Params, updates: Updates) -> Params:
                 o.requires_grad_()
         return ctree.unflatten(treedef, out)
     return ctree.map(add, params, updates)
+
+
+_IN_PLACE: dict[Any, Callable[..., Any]] = {}  # an update function -> its in-place twin
+
+
+def register_in_place(update: TransformUpdateFn, in_place: Callable[[Updates, OptState, Params], OptState | None]) -> None:
+    """Declare ``in_place(grads, state, params) -> new_state | None`` the in-place twin of ``update``.
+
+    The twin must leave ``params`` equal to ``apply_updates(params, update(grads,
+    state, params)[0])`` bit for bit and return the state ``update`` would; it may
+    reuse the state's buffers. It returns None where it cannot run (for example on
+    DTensors), and :func:`update_in_place` then takes the functional path.
+    """
+    _IN_PLACE[update] = in_place
+
+
+def update_in_place(opt: GradientTransformation, grads: Updates, state: OptState, params: Params) -> OptState:
+    """One optimizer step written into ``params``: ``torch.optim``'s ``step()`` for a pure optimizer.
+
+    ``params`` end equal, bit for bit, to ``apply_updates(params, opt.update(grads,
+    state, params)[0])``, and the new state is returned. For a trainer that owns
+    its parameters and state between steps: where ``opt`` has an in-place twin
+    (:func:`~colofn.optim.adam` and :func:`~colofn.optim.adamw` on plain tensors)
+    the moments are updated in place too and no update tree is allocated, as
+    ``torch.optim.AdamW`` does; the ``state`` passed in is then consumed (its
+    buffers belong to the returned state). Other optimizers (a :func:`chain`,
+    DTensor params) take the functional path and copy the result into ``params``.
+
+    Args:
+        opt: the optimizer.
+        grads: the gradients, a pytree like ``params``.
+        state: ``opt``'s state for ``params``; do not use it after this call.
+        params: a pytree of tensors, written in place (under ``torch.no_grad``).
+
+    Returns:
+        The next optimizer state.
+
+    >>> import torch
+    >>> from colofn import optim
+    >>> opt = optim.adamw(0.1, weight_decay=0.5)
+    >>> params = {"w": torch.tensor([1.0, -2.0])}
+    >>> state = optim.update_in_place(opt, {"w": torch.tensor([3.0, -0.5])}, opt.init(params), params)
+    >>> params["w"], int(state.count)  # as update + apply_updates: -lr * sign(g) - lr * weight_decay * p
+    (tensor([ 0.8500, -1.8000]), 1)
+    """
+    twin = _IN_PLACE.get(opt.update)
+    if twin is not None and (new_state := twin(grads, state, params)) is not None:
+        return new_state
+    updates, new_state = opt.update(grads, state, params)
+    new = apply_updates(params, updates)
+    with torch.no_grad():
+        for p, n in zip(ctree.leaves(params), ctree.leaves(new), strict=True):
+            p.copy_(n)
+    return new_state
