@@ -318,10 +318,11 @@ def vary_over(t: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
     gradient sum goes to the gradient buckets. Call it on the argument before
     taking a view of it (a slice, a transpose) that meets varying data: the
     implicit pvary would otherwise be on the view, summed on its own, blocking.
-    Outside tracking, or where ``t`` varies over ``axes`` already, ``t`` itself.
+    Outside tracking (no body, or a ``check_vma=False`` one: no implicit pvary
+    to stand for), or where ``t`` varies over ``axes`` already, ``t`` itself.
     """
     ctx = current()
-    if ctx is None or not axes or set(axes) <= ctx.vma(t):
+    if ctx is None or not ctx.check_vma or not axes or set(axes) <= ctx.vma(t):
         return t
     with suspended():
         (out,), _ = _pvary_operands(ctx, frozenset(ctx.vma(t) | set(axes)), (t,), {})

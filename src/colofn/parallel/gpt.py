@@ -41,6 +41,7 @@ import torch
 
 from colofn import _comm
 from colofn import tree as jt
+from colofn._reducer import LeafSums
 from colofn._vma import vary_over
 from colofn.collectives import psum
 from colofn.errors import TreeError
@@ -50,7 +51,7 @@ from colofn.parallel import ep, sp, tp, tp2d, tp3d
 from colofn.parallel.plan import Plan, check_batch, check_plan
 from colofn.parallel.specs import batch_specs, param_specs
 from colofn.parallel.tp import vocab
-from colofn.partition_spec import P
+from colofn.partition_spec import P, PartitionSpec
 from colofn.shard_map import shard_map
 from colofn.sharding import device_put, from_local_block, local_block
 
@@ -346,6 +347,21 @@ def _parts(
     return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
 
 
+def _untracked_dp(config: gpt.GPTConfig, plan: Plan, pspecs: Params) -> bool:
+    """Whether the step is plain data parallelism that needs no varying/invariant tracking.
+
+    Every parameter replicated, the batch split over the data axes and nothing
+    else split (no tp, sp, ep, pp, experts or grid): the body then calls no
+    collective, every value in it varies along the data axes alike, and the only
+    sums are the parameters' gradients over those axes, which is what
+    ``check_vma=False`` does at the inputs (JAX's rule) and
+    :class:`~colofn._reducer.LeafSums` does in DDP's buckets.
+    """
+    plain = (plan.tp is None and plan.sp == "none" and plan.ep is None and plan.pp is None
+             and plan.tp_mode == "1d" and not plan.tp_grid and not config.n_experts)
+    return bool(plain and plan.token_axes and all(len(s.axes) == 0 for s in jt.leaves(pspecs, is_leaf=lambda x: isinstance(x, PartitionSpec))))
+
+
 def make_local_value_and_grad(
     config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
 ) -> Callable[[Params, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Params]]:
@@ -388,7 +404,10 @@ def make_local_value_and_grad(
     def parts(params: Params, batch: Mapping[str, torch.Tensor]) -> Any:
         return _parts(params, batch, config, plan) if axes else local_loss(params, batch, config, plan)
 
-    body = per_device(parts, mesh=m, in_specs=(param_specs(config, plan), dict(bspecs, count=P()) if axes else bspecs))
+    pspecs = param_specs(config, plan)
+    untracked = _untracked_dp(config, plan, pspecs)
+    body = per_device(parts, mesh=m, in_specs=(pspecs, dict(bspecs, count=P()) if axes else bspecs), check_vma=not untracked)
+    sums = LeafSums(_comm.axis_group(m, axes)) if untracked else None
 
     def value_and_grad(blocks: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Params]:
         _check_batch(batch, config, plan, m)
@@ -400,9 +419,12 @@ def make_local_value_and_grad(
             return loss.detach(), jt.unflatten(treedef, torch.autograd.grad(loss, leaves))
         mine["count"] = (batch["targets"] != vocab.IGNORE).sum()
         share, aux, stats = body(jt.unflatten(treedef, leaves), mine)
-        sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
-        grads = torch.autograd.grad(share.sum() + aux, leaves)
-        nll, total = sums.wait().unbind(0)
+        loss_sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
+        if sums is not None:  # replicated params, per-rank data, no collective: DDP's bucketed sums, no tracking
+            grads = sums.grad(share.sum() + aux, leaves)
+        else:
+            grads = torch.autograd.grad(share.sum() + aux, leaves)
+        nll, total = loss_sums.wait().unbind(0)
         return nll / total + aux.detach(), jt.unflatten(treedef, grads)
 
     return value_and_grad

@@ -80,8 +80,8 @@ class DenseTrainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         loss, grads = self.value_and_grad(self.params, batch)
-        updates, self.opt_state = self.opt.update(grads, self.opt_state, self.params)
-        self.params = jt.map(torch.Tensor.detach, optim.apply_updates(self.params, updates))
+        # the trainer owns its blocks and state: torch.optim's in-place step, the same numbers as update + apply
+        self.opt_state = optim.update_in_place(self.opt, grads, self.opt_state, self.params)
         return float(loss)
 
     def export(self) -> tuple[Tree, AdamState]:
