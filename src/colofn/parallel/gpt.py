@@ -420,10 +420,8 @@ def make_local_value_and_grad(
         mine["count"] = (batch["targets"] != vocab.IGNORE).sum()
         share, aux, stats = body(jt.unflatten(treedef, leaves), mine)
         loss_sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
-        if sums is not None:  # replicated params, per-rank data, no collective: DDP's bucketed sums, no tracking
-            grads = sums.grad(share.sum() + aux, leaves)
-        else:
-            grads = torch.autograd.grad(share.sum() + aux, leaves)
+        # replicated params, per-rank data, no collective: DDP's bucketed sums, no tracking
+        grads = sums.grad(share.sum() + aux, leaves) if sums is not None else list(torch.autograd.grad(share.sum() + aux, leaves))
         nll, total = loss_sums.wait().unbind(0)
         return nll / total + aux.detach(), jt.unflatten(treedef, grads)
 
