@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gloo
 TIMEOUT = 180  # seconds; 4 processes start slowly on a loaded 2-core machine (about 20 s when idle)
 
 
-@pytest.mark.parametrize("mesh,extra", [("dp=2,tp=2", {}), ("pp=2,dp=2", {"schedule": "1f1b"})])
+@pytest.mark.parametrize("mesh,extra", [("dp=2,tp=2", {}), ("pp=2,dp=2", {"schedule": "1f1b"}), ("dp=2", {})])  # dp alone: untracked
 def test_train_on_gloo_processes_equals_single_device(tmp_path, capsys, mesh, extra):
     cfg = TrainConfig(mesh=tuple(parse_mesh(mesh).items()), steps=3, warmup=1, check=True, backend="gloo",
                       out=str(tmp_path / "out"), **extra)
