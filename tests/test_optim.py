@@ -380,7 +380,9 @@ def test_error_apply_updates_mismatch():
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("schedule", [False, True])
-def test_update_in_place_equals_update_then_apply_bit_for_bit(name, schedule):
+def test_update_in_place_equals_update_then_apply(name, schedule):
+    """Bit for bit where the functional path is taken; Adam/AdamW's twin runs torch.optim's kernels, whose
+    params differ from update + apply_updates by float rounding only (the moments are the same bits)."""
     if schedule and name.startswith("adam"):
         opt = getattr(optim, name)(optim.linear_schedule(1e-2, 1e-3, 3), weight_decay=0.2)
     else:
@@ -394,8 +396,37 @@ def test_update_in_place_equals_update_then_apply_bit_for_bit(name, schedule):
         updates, ref_state = opt.update(grads, ref_state, ref_params)
         ref_params = optim.apply_updates(ref_params, updates)
         state = optim.update_in_place(opt, grads, state, params)
-    for a, b in zip(ctree.leaves((ref_params, ref_state)), ctree.leaves((params, state)), strict=True):
+    for a, b in zip(ctree.leaves(ref_state), ctree.leaves(state), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(ctree.leaves(ref_params), ctree.leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        if name.startswith("adam"):
+            torch.testing.assert_close(a, b, rtol=4 * torch.finfo(a.dtype).eps, atol=1e-12)
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_update_in_place_is_torch_optim_adam_bit_for_bit(decoupled, weight_decay):
+    """Five steps of Adam/AdamW in place against torch.optim's foreach implementation on the same
+    tensors (fp32 and fp64 groups): params and moments are the same bits."""
+    torch.manual_seed(1)
+    params = _params()
+    twins = [torch.nn.Parameter(p.clone()) for p in ctree.leaves(params)]
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+    torch_opt = kind(twins, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, foreach=True)
+    opt = (optim.adamw if decoupled else optim.adam)(3e-2, b1=0.8, b2=0.95, eps=1e-6, weight_decay=weight_decay)
+    state = opt.init(params)
+    for _ in range(5):
+        grads = ctree.map(torch.randn_like, params)
+        state = optim.update_in_place(opt, grads, state, params)
+        for t, g in zip(twins, ctree.leaves(grads), strict=True):
+            t.grad = g.clone()
+        torch_opt.step()
+    for p, t, mu, nu in zip(ctree.leaves(params), twins, ctree.leaves(state.mu), ctree.leaves(state.nu), strict=True):
+        assert torch.equal(p, t.detach())
+        assert torch.equal(mu, torch_opt.state[t]["exp_avg"]) and torch.equal(nu, torch_opt.state[t]["exp_avg_sq"])
 
 
 def test_update_in_place_reuses_adam_buffers_and_writes_params():

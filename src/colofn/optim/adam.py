@@ -144,7 +144,7 @@ def _make(
             )
         return AdamState(count=torch.zeros((), dtype=torch.int32), mu=mu, nu=nu)
 
-    def prepare(grads: Updates, state: OptState, params: Params | None, inplace: bool) -> tuple[Any, Any, list[list[torch.Tensor]]]:
+    def prepare(grads: Updates, state: OptState, params: Params | None, kernel: Any, in_place: bool = False) -> tuple[Any, Any, list[list[torch.Tensor]]]:
         _checks.check_state(where, state, AdamState)
         step = _checks.step_of(where, state.count)
         _checks.check_same_tree(where, state.nu, "state.nu", state.mu, "state.mu")
@@ -153,10 +153,10 @@ def _make(
             grads,
             params,
             state.mu,
-            f"weight_decay={weight_decay!r}" if weight_decay else None,
+            "update_in_place" if in_place else f"weight_decay={weight_decay!r}" if weight_decay else None,
         )
         math = functools.partial(
-            _adam_math,
+            kernel,
             lr=_checks.lr_at(where, lr, step),
             b1=b1,
             b2=b2,
@@ -164,7 +164,6 @@ def _make(
             weight_decay=weight_decay,
             decoupled=decoupled,
             step=step + 1,
-            inplace=inplace,
         )
         return treedef, math, [g, ctree.leaves(state.mu), ctree.leaves(state.nu), p if p is not None else g]
 
@@ -172,7 +171,7 @@ def _make(
     def update(
         grads: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, AdamState]:
-        treedef, math, lists = prepare(grads, state, params, inplace=False)
+        treedef, math, lists = prepare(grads, state, params, _adam_math)
         updates, mu, nu = run_grouped(math, lists, 3)
         new_state = AdamState(
             state.count + 1, ctree.unflatten(treedef, mu), ctree.unflatten(treedef, nu)
@@ -181,13 +180,14 @@ def _make(
 
     @torch.no_grad()
     def update_in_place(grads: Updates, state: OptState, params: Params) -> AdamState | None:
-        """``update`` + ``apply_updates`` writing into ``params`` and the moments; None where it cannot."""
+        """``torch.optim``'s step on ``params`` and the moments, its kernels in its order; None where it cannot run."""
         if not _in_place_ok(params, state):
             return None
-        _, math, lists = prepare(grads, state, params, inplace=True)
-        for idx, group in groups(lists):
-            updates, _, _ = math(*group)
-            torch._foreach_add_([lists[3][i] for i in idx], updates)  # apply_updates' foreach add, in place
+        _, math, lists = prepare(grads, state, params, _adam_step_in_place, in_place=True)
+        if any(a is not b for a, b in zip(lists[3], ctree.leaves(params), strict=True)):
+            return None  # a param was cast to the state's dtype or device: a copy, not the param
+        for _, group in groups(lists):
+            math(*group)
         return AdamState(state.count + 1, state.mu, state.nu)
 
     register_in_place(update, update_in_place)
@@ -207,23 +207,16 @@ def _adam_math(
     weight_decay: float,
     decoupled: bool,
     step: int,
-    inplace: bool = False,
 ) -> tuple[Tensors, Tensors, Tensors]:
     """``_multi_tensor_adam``'s formulas (capturable=False) for one device/dtype group.
 
     ``step`` counts this update (1 at the first). Returns ``(updates, mu, nu)``;
-    no input is modified, except with ``inplace``, where ``mu`` and ``nu`` are
-    updated in place (the same kernels with a trailing ``_``: the same numbers)
-    and returned. ``p`` is used only for the weight decay.
+    no input is modified. ``p`` is used only for the weight decay.
     """
     if weight_decay and not decoupled:
         g = torch._foreach_add(g, p, alpha=weight_decay)
-    if inplace:
-        torch._foreach_lerp_(mu, g, 1 - b1)
-        torch._foreach_mul_(nu, b2)
-    else:
-        mu = torch._foreach_lerp(mu, g, 1 - b1)
-        nu = torch._foreach_mul(nu, b2)
+    mu = torch._foreach_lerp(mu, g, 1 - b1)
+    nu = torch._foreach_mul(nu, b2)
     torch._foreach_addcmul_(nu, g, g, 1 - b2)
     bias_correction1 = 1 - b1**step
     bias_correction2 = 1 - b2**step
@@ -237,6 +230,41 @@ def _adam_math(
     if weight_decay and decoupled:
         torch._foreach_add_(updates, p, alpha=-lr * weight_decay)
     return updates, mu, nu
+
+
+def _adam_step_in_place(
+    g: Tensors,
+    mu: Tensors,
+    nu: Tensors,
+    p: Tensors,
+    *,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: int,
+) -> None:
+    """``_multi_tensor_adam`` (capturable=False) for one group, in place: ``torch.optim``'s kernels in its order.
+
+    So ``p``, ``mu`` and ``nu`` end bit-equal to ``torch.optim.Adam``/``AdamW``'s
+    ``step()``; :func:`_adam_math` + ``apply_updates`` (which must return an
+    update tree) agree with it to float rounding.
+    """
+    if weight_decay and decoupled:
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+    elif weight_decay:
+        g = torch._foreach_add(g, p, alpha=weight_decay)
+    torch._foreach_lerp_(mu, g, 1 - b1)
+    torch._foreach_mul_(nu, b2)
+    torch._foreach_addcmul_(nu, g, g, 1 - b2)
+    bias_correction1 = 1 - b1**step
+    bias_correction2 = 1 - b2**step
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, bias_correction2**0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, mu, denom, (lr / bias_correction1) * -1)
 
 
 def _in_place_ok(params: Params, state: Any) -> bool:

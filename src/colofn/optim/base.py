@@ -145,10 +145,13 @@ _IN_PLACE: dict[Any, Callable[..., Any]] = {}  # an update function -> its in-pl
 def register_in_place(update: TransformUpdateFn, in_place: Callable[[Updates, OptState, Params], OptState | None]) -> None:
     """Declare ``in_place(grads, state, params) -> new_state | None`` the in-place twin of ``update``.
 
-    The twin must leave ``params`` equal to ``apply_updates(params, update(grads,
-    state, params)[0])`` bit for bit and return the state ``update`` would; it may
-    reuse the state's buffers. It returns None where it cannot run (for example on
-    DTensors), and :func:`update_in_place` then takes the functional path.
+    The twin writes the step into ``params`` (and may reuse the state's buffers)
+    and returns the state ``update`` would; its params may differ from
+    ``apply_updates(params, update(...)[0])`` by float rounding only (the twin
+    of :func:`~colofn.optim.adamw` runs ``torch.optim.AdamW``'s in-place kernels,
+    which an update tree cannot reproduce bit for bit). It returns None where it
+    cannot run (for example on DTensors), and :func:`update_in_place` then takes
+    the functional path.
     """
     _IN_PLACE[update] = in_place
 
@@ -156,14 +159,16 @@ def register_in_place(update: TransformUpdateFn, in_place: Callable[[Updates, Op
 def update_in_place(opt: GradientTransformation, grads: Updates, state: OptState, params: Params) -> OptState:
     """One optimizer step written into ``params``: ``torch.optim``'s ``step()`` for a pure optimizer.
 
-    ``params`` end equal, bit for bit, to ``apply_updates(params, opt.update(grads,
-    state, params)[0])``, and the new state is returned. For a trainer that owns
-    its parameters and state between steps: where ``opt`` has an in-place twin
-    (:func:`~colofn.optim.adam` and :func:`~colofn.optim.adamw` on plain tensors)
-    the moments are updated in place too and no update tree is allocated, as
-    ``torch.optim.AdamW`` does; the ``state`` passed in is then consumed (its
-    buffers belong to the returned state). Other optimizers (a :func:`chain`,
-    DTensor params) take the functional path and copy the result into ``params``.
+    For a trainer that owns its parameters and state between steps. For
+    :func:`~colofn.optim.adam` and :func:`~colofn.optim.adamw` on plain tensors
+    (no DTensor, no two leaves sharing storage) it runs ``torch.optim``'s own
+    in-place kernels in their order: params and moments end bit-equal to
+    ``torch.optim.Adam``/``AdamW.step()``, no update tree is allocated, and the
+    ``state`` passed in is consumed (its buffers belong to the returned state).
+    ``opt.update`` + :func:`apply_updates` agree with it to float rounding (a
+    returned update has to be rounded once more before it is added). Other
+    optimizers (a :func:`chain`, DTensor params) take that functional path and
+    copy the result into ``params``.
 
     Args:
         opt: the optimizer.
@@ -176,11 +181,14 @@ def update_in_place(opt: GradientTransformation, grads: Updates, state: OptState
 
     >>> import torch
     >>> from colofn import optim
+    >>> w = torch.tensor([1.0, -2.0])
+    >>> twin = torch.nn.Parameter(w.clone())
+    >>> torch_opt = torch.optim.AdamW([twin], lr=0.1, weight_decay=0.5)
     >>> opt = optim.adamw(0.1, weight_decay=0.5)
-    >>> params = {"w": torch.tensor([1.0, -2.0])}
-    >>> state = optim.update_in_place(opt, {"w": torch.tensor([3.0, -0.5])}, opt.init(params), params)
-    >>> params["w"], int(state.count)  # as update + apply_updates: -lr * sign(g) - lr * weight_decay * p
-    (tensor([ 0.8500, -1.8000]), 1)
+    >>> state = optim.update_in_place(opt, [torch.tensor([3.0, -0.5])], opt.init([w]), [w])
+    >>> twin.grad = torch.tensor([3.0, -0.5]); torch_opt.step()
+    >>> w, torch.equal(w, twin.detach()), int(state.count)
+    (tensor([ 0.8500, -1.8000]), True, 1)
     """
     twin = _IN_PLACE.get(opt.update)
     if twin is not None and (new_state := twin(grads, state, params)) is not None:
