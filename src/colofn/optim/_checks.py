@@ -129,6 +129,25 @@ def check_state(fn: str, state: Any, cls: type) -> None:
     )
 
 
+def aligned_leaves(*trees: Any) -> tuple[Any, list[list[torch.Tensor]]] | None:
+    """One flatten per tree: ``(treedef, leaves of each)`` when every tree has one structure and every
+    position holds plain tensors of one shape, dtype and device; else None (the detailed checks then run
+    and name what differs). The common case of an update, checked without building a path."""
+    flat = [ctree.flatten(t) for t in trees]
+    treedef = flat[0][1]
+    if any(d != treedef for _, d in flat[1:]):
+        return None
+    lists = [leaves for leaves, _ in flat]
+    for xs in zip(*lists, strict=True):
+        first = xs[0]
+        if type(first) is not torch.Tensor:
+            return None
+        for x in xs[1:]:
+            if type(x) is not torch.Tensor or x.shape != first.shape or x.dtype != first.dtype or x.device != first.device:
+                return None
+    return treedef, lists
+
+
 def check_tensors(fn: str, tree: Any, name: str) -> None:
     ctree.all_leaves_are(tree, torch.Tensor, f"the {name} given to {fn}")
 

@@ -147,14 +147,15 @@ def _make(
     def prepare(grads: Updates, state: OptState, params: Params | None, kernel: Any, in_place: bool = False) -> tuple[Any, Any, list[list[torch.Tensor]]]:
         _checks.check_state(where, state, AdamState)
         step = _checks.step_of(where, state.count)
-        _checks.check_same_tree(where, state.nu, "state.nu", state.mu, "state.mu")
-        treedef, g, p = _checks.leaves_for_update(
-            where,
-            grads,
-            params,
-            state.mu,
-            "update_in_place" if in_place else f"weight_decay={weight_decay!r}" if weight_decay else None,
-        )
+        needs_params = "update_in_place" if in_place else f"weight_decay={weight_decay!r}" if weight_decay else None
+        fast = _checks.aligned_leaves(grads, state.mu, state.nu, *((params,) if params is not None else ()))
+        if fast is not None and (params is not None or needs_params is None):  # one flatten per tree
+            treedef, (g, mu, nu, *rest) = fast
+            p = rest[0] if rest and needs_params is not None else None
+        else:  # the detailed checks: they name the path, the shapes and the fix
+            _checks.check_same_tree(where, state.nu, "state.nu", state.mu, "state.mu")
+            treedef, g, p = _checks.leaves_for_update(where, grads, params, state.mu, needs_params)
+            mu, nu = ctree.leaves(state.mu), ctree.leaves(state.nu)
         math = functools.partial(
             kernel,
             lr=_checks.lr_at(where, lr, step),
@@ -165,7 +166,7 @@ def _make(
             decoupled=decoupled,
             step=step + 1,
         )
-        return treedef, math, [g, ctree.leaves(state.mu), ctree.leaves(state.nu), p if p is not None else g]
+        return treedef, math, [g, mu, nu, p if p is not None else g]
 
     @torch.no_grad()
     def update(
@@ -181,11 +182,11 @@ def _make(
     @torch.no_grad()
     def update_in_place(grads: Updates, state: OptState, params: Params) -> AdamState | None:
         """``torch.optim``'s step on ``params`` and the moments, its kernels in its order; None where it cannot run."""
-        if not _in_place_ok(params, state):
-            return None
+        if not isinstance(state, AdamState):
+            return None  # the functional path raises the detailed error
         _, math, lists = prepare(grads, state, params, _adam_step_in_place, in_place=True)
-        if any(a is not b for a, b in zip(lists[3], ctree.leaves(params), strict=True)):
-            return None  # a param was cast to the state's dtype or device: a copy, not the param
+        if not _in_place_ok(lists[3], lists[1], lists[2]) or any(a is not b for a, b in zip(lists[3], ctree.leaves(params), strict=True)):
+            return None  # not plain tensors alike, shared storage, or a param cast to the state's dtype (a copy)
         for _, group in groups(lists):
             math(*group)
         return AdamState(state.count + 1, state.mu, state.nu)
@@ -267,17 +268,12 @@ def _adam_step_in_place(
     torch._foreach_addcdiv_(p, mu, denom, (lr / bias_correction1) * -1)
 
 
-def _in_place_ok(params: Params, state: Any) -> bool:
-    """Plain tensors (no DTensor, no subclass) whose moments share their dtype and device, none a view of another."""
-    if not isinstance(state, AdamState):
-        return False
-    ps, mus, nus = ctree.leaves(params), ctree.leaves(state.mu), ctree.leaves(state.nu)
-    if not (len(ps) == len(mus) == len(nus)):
-        return False
+def _in_place_ok(ps: list[torch.Tensor], mus: list[torch.Tensor], nus: list[torch.Tensor]) -> bool:
+    """Plain tensors whose moments share their dtype and device, no two sharing storage (each written once)."""
     for p, m, n in zip(ps, mus, nus, strict=True):
         if not (type(p) is type(m) is type(n) is torch.Tensor):
             return False
         if not (p.dtype == m.dtype == n.dtype and p.device == m.device == n.device) or (p.requires_grad and not p.is_leaf):
             return False
     ptrs = {t.untyped_storage().data_ptr() for t in (*ps, *mus, *nus)}
-    return len(ptrs) == 3 * len(ps)  # no tied or shared storage: each one written once
+    return len(ptrs) == 3 * len(ps)
