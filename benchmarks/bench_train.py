@@ -388,7 +388,8 @@ class Colofn:
 
             def counted_pipe(*a: Any) -> Any:
                 result = pipe(*a)
-                self.grad_bytes = nbytes(result.grads)
+                if not self.grad_bytes:  # the same every step: counted once, not charged to each timed step
+                    self.grad_bytes = nbytes(result.grads)
                 return result
 
             t.pipe = counted_pipe
@@ -409,7 +410,8 @@ class Colofn:
 
             def counted_vg(*a: Any) -> Any:
                 loss, grads = vg(*a)
-                self.grad_bytes = nbytes(grads)
+                if not self.grad_bytes:  # the same every step: counted once, not charged to each timed step
+                    self.grad_bytes = nbytes(grads)
                 return loss, grads
 
             t.value_and_grad = counted_vg

@@ -19,7 +19,9 @@ summed over ``group``:
   from the first iteration's order, which takes a broadcast to agree on; this
   layout is a function of the leaves alone, so every rank computes it);
 * the flat buffers are fresh each call, so the returned gradients belong to the
-  caller (no view is overwritten by the next step).
+  caller (no view is overwritten by the next step); or, with ``reuse=True``,
+  made once with the hooks, DDP's ``gradient_as_bucket_view``, for a trainer
+  that consumes each step's gradients before the next.
 
 The numbers are those of the tracked path (:class:`colofn._dist_comm.GradBucket`
 sums the same per-leaf gradients with the same all-reduce); a leaf the output
@@ -29,6 +31,8 @@ does not depend on gets a zero gradient, summed like the others.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -38,10 +42,21 @@ from colofn import _comm, _dist_comm
 
 
 class LeafSums:
-    """``grad(output, leaves)`` with the leaves' gradients summed over ``group`` (an :class:`~colofn._comm.AxisGroup`)."""
+    """``grad(output, leaves)`` with the leaves' gradients summed over ``group`` (an :class:`~colofn._comm.AxisGroup`).
 
-    def __init__(self, group: _comm.AxisGroup) -> None:
+    With ``reuse=True`` (DDP's ``gradient_as_bucket_view``), for a caller that
+    passes the same leaf tensors every call and is done with a call's gradients
+    before the next: the bucket layout, the flat buffers and the gradient hooks
+    are made once, and each call's gradients are views of the same buffers (the
+    next call overwrites them). Otherwise every call gets fresh buffers and its
+    hooks are removed when it returns.
+    """
+
+    def __init__(self, group: _comm.AxisGroup, reuse: bool = False) -> None:
         self.group = group
+        self.reuse = reuse
+        self._layout: _Layout | None = None  # reuse: the layout of the leaves last seen, hooks attached
+        self._local = threading.local()  # reuse: this thread's call in progress (simulated ranks are threads)
 
     @staticmethod
     def buckets(leaves: list[torch.Tensor]) -> list[list[int]]:
@@ -60,49 +75,87 @@ class LeafSums:
             size += t.numel() * t.element_size()
         return buckets
 
+    def _hook(self, call: _Call | None, i: int, g: torch.Tensor) -> torch.Tensor:
+        if call is None:  # a persistent hook: the call in progress on this thread, if any
+            call = getattr(self._local, "call", None)
+            if call is None:  # somebody else differentiates through this leaf
+                return g
+        b, slot = call.layout.where[i]
+        slot.copy_(g)
+        call.pending[b] -= 1
+        if call.pending[b] == 0:
+            self._launch_ready(call)
+        return slot
+
+    def _launch_ready(self, call: _Call) -> None:
+        while len(call.works) < len(call.pending) and call.pending[len(call.works)] == 0:
+            flat = call.layout.flats[len(call.works)]
+            if self.group.size > 1:
+                _comm._rec("all_reduce", self.group, flat, "backward")
+                call.works.append(dist.all_reduce(flat, group=self.group.group, async_op=True))
+            else:
+                call.works.append(None)
+
+    def _layout_for(self, leaves: list[torch.Tensor]) -> _Layout:
+        old = self._layout
+        if old is not None and len(old.leaves) == len(leaves) and all(r() is t for r, t in zip(old.leaves, leaves, strict=True)):
+            return old
+        if old is not None:
+            for h in old.handles:
+                h.remove()
+        layout = _Layout(self.buckets(leaves), leaves)
+        if self.reuse:
+            layout.handles = [t.register_hook(functools.partial(self._hook, None, i)) for i, t in enumerate(leaves)]
+            self._layout = layout
+        return layout
+
     def grad(self, output: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         """``torch.autograd.grad(output, leaves)``, each gradient summed over the group (started during the backward)."""
-        buckets = self.buckets(leaves)
-        where: dict[int, tuple[int, torch.Tensor]] = {}  # leaf -> (bucket, its slot)
-        flats: list[torch.Tensor] = []
-        for b, idx in enumerate(buckets):
-            flat = torch.empty(sum(leaves[i].numel() for i in idx), dtype=leaves[idx[0]].dtype, device=leaves[idx[0]].device)
-            flats.append(flat)
-            for i, piece in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
-                where[i] = (b, piece.view(leaves[i].shape))
-        pending = [len(idx) for idx in buckets]
-        works: list[Any] = []  # bucket b's all-reduce is works[b]: launched in bucket order
-
-        def launch_ready() -> None:
-            while len(works) < len(buckets) and pending[len(works)] == 0:
-                flat = flats[len(works)]
-                if self.group.size > 1:
-                    _comm._rec("all_reduce", self.group, flat, "backward")
-                    works.append(dist.all_reduce(flat, group=self.group.group, async_op=True))
-                else:
-                    works.append(None)
-
-        def hook(i: int, g: torch.Tensor) -> torch.Tensor:
-            b, slot = where[i]
-            slot.copy_(g)
-            pending[b] -= 1
-            if pending[b] == 0:
-                launch_ready()
-            return slot
-
-        handles = [t.register_hook(functools.partial(hook, i)) for i, t in enumerate(leaves)]
+        layout = self._layout_for(leaves)
+        call = _Call(layout)
+        if self.reuse:
+            self._local.call, handles = call, []
+        else:
+            handles = [t.register_hook(functools.partial(self._hook, call, i)) for i, t in enumerate(leaves)]
         try:
             grads = torch.autograd.grad(output, leaves, allow_unused=True)
         finally:
+            self._local.call = None
             for h in handles:
                 h.remove()
         for i, g in enumerate(grads):
             if g is None:  # the output does not depend on this leaf: a zero gradient, summed as the others
-                b, slot = where[i]
+                b, slot = layout.where[i]
                 slot.zero_()
-                pending[b] -= 1
-        launch_ready()  # what the backward left open
-        for work in works:
+                call.pending[b] -= 1
+        self._launch_ready(call)  # what the backward left open
+        for work in call.works:
             if work is not None:
                 work.wait()
-        return [where[i][1] for i in range(len(leaves))]
+        return layout.grads
+
+
+class _Layout:
+    """Buckets of a list of leaves: each bucket's flat buffer and each leaf's slot (a view of it)."""
+
+    def __init__(self, buckets: list[list[int]], leaves: list[torch.Tensor]) -> None:
+        self.buckets = buckets
+        self.leaves = [weakref.ref(t) for t in leaves]
+        self.handles: list[Any] = []
+        self.flats: list[torch.Tensor] = []
+        self.where: dict[int, tuple[int, torch.Tensor]] = {}  # leaf -> (bucket, its slot)
+        for b, idx in enumerate(buckets):
+            flat = torch.empty(sum(leaves[i].numel() for i in idx), dtype=leaves[idx[0]].dtype, device=leaves[idx[0]].device)
+            self.flats.append(flat)
+            for i, piece in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
+                self.where[i] = (b, piece.view(leaves[i].shape))
+        self.grads = [self.where[i][1] for i in range(len(leaves))]
+
+
+class _Call:
+    """One ``grad`` call: how many gradients each bucket still waits for, and the all-reduces launched."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.pending = [len(idx) for idx in layout.buckets]
+        self.works: list[Any] = []  # bucket b's all-reduce is works[b]: launched in bucket order

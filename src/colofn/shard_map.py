@@ -302,7 +302,8 @@ def per_device(f: Callable[..., Any], /, *, mesh: Mesh | None = None, in_specs: 
                 return x
             return ctx.set_vma(e if e is not x else x.view_as(x), s.axes)  # never tag the caller's tensor
 
-        tagged = [tag(x, e, s) for x, e, s in zip(leaves, entered, specs, strict=True)]
+        # untracked (check_vma=False): nothing reads a tag to decide anything, so none is made
+        tagged = [tag(x, e, s) for x, e, s in zip(leaves, entered, specs, strict=True)] if check_vma else entered
         with _vma.active(ctx):
             return f(*jt.unflatten(treedef, tagged))
 

@@ -363,7 +363,7 @@ def _untracked_dp(config: gpt.GPTConfig, plan: Plan, pspecs: Params) -> bool:
 
 
 def make_local_value_and_grad(
-    config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None
+    config: gpt.GPTConfig, plan: Plan, mesh: Mesh | None = None, *, grads_as_bucket_views: bool = False
 ) -> Callable[[Params, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Params]]:
     """:func:`make_value_and_grad` on this rank's blocks: no DTensor in or out.
 
@@ -377,6 +377,15 @@ def make_local_value_and_grad(
     DTensors on every call. For a trainer that keeps its state as local blocks
     between steps (``colofn.train``'s dense trainer does); checkpoints and
     exports make DTensors of them with :func:`colofn.sharding.from_local_block`.
+
+    A plan that is plain data parallelism (every parameter replicated, only the
+    batch split) runs its body untracked (``check_vma=False``) and sums the
+    gradients over the data axes in DDP-style buckets launched from gradient
+    hooks during the backward. There, ``grads_as_bucket_views=True`` is DDP's
+    ``gradient_as_bucket_view``: when the same leaf tensors (blocks with
+    ``requires_grad``) come every call, the buckets and hooks are made once and
+    the returned gradients are views of the buckets, overwritten by the next
+    call; for a trainer that is done with them before its next step.
 
     >>> import colofn
     >>> from colofn import random
@@ -407,7 +416,7 @@ def make_local_value_and_grad(
     pspecs = param_specs(config, plan)
     untracked = _untracked_dp(config, plan, pspecs)
     body = per_device(parts, mesh=m, in_specs=(pspecs, dict(bspecs, count=P()) if axes else bspecs), check_vma=not untracked)
-    sums = LeafSums(_comm.axis_group(m, axes)) if untracked else None
+    sums = LeafSums(_comm.axis_group(m, axes), reuse=grads_as_bucket_views) if untracked else None
 
     def value_and_grad(blocks: Params, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Params]:
         _check_batch(batch, config, plan, m)

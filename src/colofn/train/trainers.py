@@ -74,18 +74,20 @@ class DenseTrainer:
         self.specs = param_specs(mcfg, plan)
         # placed (and checked) as DTensors once, then held as the blocks: no DTensor per leaf per step
         place = lambda t: jt.map(lambda d: d.to_local().clone(), shard_params(t, mcfg, plan, mesh))  # noqa: E731
-        self.params = place(params)
+        # the params are leaves (requires_grad) that live across steps, as an nn.Module's: the gradient buckets
+        # and hooks of plain dp are made once, and the gradients are views of them (DDP's gradient_as_bucket_view)
+        self.params = jt.map(torch.Tensor.requires_grad_, place(params))
         self.opt_state = _map_adam(opt_state, place)
-        self.value_and_grad = make_local_value_and_grad(mcfg, plan, mesh)
+        self.value_and_grad = make_local_value_and_grad(mcfg, plan, mesh, grads_as_bucket_views=True)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         loss, grads = self.value_and_grad(self.params, batch)
-        # the trainer owns its blocks and state: torch.optim's in-place step, the same numbers as update + apply
+        # the trainer owns its blocks and state: torch.optim's in-place step (its kernels, its numbers)
         self.opt_state = optim.update_in_place(self.opt, grads, self.opt_state, self.params)
         return float(loss)
 
     def export(self) -> tuple[Tree, AdamState]:
-        wrap = lambda t: jt.map(lambda x, spec: from_local_block(x, spec, self.mesh), t, self.specs)  # noqa: E731
+        wrap = lambda t: jt.map(lambda x, spec: from_local_block(x.detach(), spec, self.mesh), t, self.specs)  # noqa: E731
         return gather(wrap(self.params)), gather(_map_adam(self.opt_state, wrap))
 
     def local_bytes(self) -> int:
