@@ -9,10 +9,24 @@ Step time is ``compute / (1 - bubble) + exposed communication``:
 * bubble: the idle fraction :func:`colofn.pipeline.simulate` finds for the
   schedule with ``T_B = 2 T_F`` (``T_I = T_W = T_F`` for zero-bubble schedules);
 * communication: each collective's bytes over its link's bandwidth plus one
-  latency per call. An axis is intra-node when its group fits in a node
+  latency per call, plus the cluster's ``per_call_s`` per message (every
+  bucket, ZeRO unit, send and receive). An axis is intra-node when its group fits in a node
   (axes are row-major: the last axis is innermost). Gradient collectives in
   the backward overlap the backward's compute (two thirds of it); tensor
   parallel collectives sit on the critical path.
+
+Compute includes the cluster's ``per_op_s`` per torch operation the rank
+calls (:func:`colofn.plan.step_ops`). When a node has fewer ``cores`` than
+ranks, the step is also at least the node's busy time over its cores: a
+rank's busy time is its compute and its calls' ``per_call_s`` (a bubble, a
+latency, bytes on the wire are waits, which hand the core to another rank).
+Without a pipeline every rank runs the same program in step, so they wait
+at the same time, and those waits add to that bound::
+
+    step = max(compute / (1 - bubble) + comm,  busy x ranks / cores + (waits, without pp))
+
+With a core per rank (the default) the second term is never the larger and
+the step is the first, as before.
 
 >>> from colofn.plan import Candidate, cluster, model
 >>> p = predict(model("gpt2-124m"), Candidate((("dp", 8),)), cluster("cpu-local"), global_batch=8)
@@ -37,13 +51,21 @@ from colofn.plan._memory import (
     model_state_bytes,
 )
 from colofn.plan._model import ModelShape
+from colofn.plan._ops import step_ops
 
 __all__ = ["Prediction", "link", "pipeline_shape", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """What the planner predicts for one candidate (bytes, seconds; per device)."""
+    """What the planner predicts for one candidate (bytes, seconds; per device).
+
+    ``compute_s`` includes the operations' time (``ops`` torch calls of the busiest
+    stage at the cluster's ``per_op_s``); ``busy_s`` is a rank's processor time
+    (compute and collective calls, averaged over the stages); ``step_s`` is the
+    larger of the critical path and the node's busy time over its cores
+    (see the module docstring).
+    """
 
     candidate: Candidate
     model_states: float
@@ -57,6 +79,8 @@ class Prediction:
     step_s: float
     mfu: float
     memory_limit: float
+    ops: int = 0
+    busy_s: float = 0.0
 
     @property
     def memory(self) -> float:
@@ -143,23 +167,34 @@ def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, effi
         flops *= 4 / 3
     elif c.recompute == "selective":  # the attention core's forward again: 4 s h FLOPs per token and layer
         flops += 4 * m.n_layers * m.seq_len * m.d_model * tokens / c.devices
-    compute = flops / (cl.peak_flops * efficiency)
-    # The stage that sends the most bytes sets the pace.
-    colls = tuple(max((step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
-                       for s in range(c.size("pp"))), key=lambda cs: sum(x.bytes_sent for x in cs)))
+    flop_s = flops / (cl.peak_flops * efficiency)
+    stages = [step_collectives(m, c, global_batch=global_batch, precision=precision, stage=s)
+              for s in range(c.size("pp"))]
+    ops = [step_ops(m, c, s) if cl.per_op_s else 0 for s in range(c.size("pp"))]
+    calls_s = [sum(x.n_messages for x in cs) * cl.per_call_s for cs in stages]
+    compute = flop_s + max(ops) * cl.per_op_s  # the slowest stage sets the pace
+    # The stage that sends the most bytes sets the pace of communication.
+    pace = max(range(len(stages)), key=lambda s: sum(x.bytes_sent for x in stages[s]))
+    colls = tuple(stages[pace])
     by_link = {"intra": 0, "inter": 0}
     exposed = hidden = 0.0
     for col in colls:
         where = link(c, col.axis, cl)
         by_link[where] += col.bytes_sent
         bw, lat = (cl.intra_bw, cl.intra_latency) if where == "intra" else (cl.inter_bw, cl.inter_latency)
-        secs = col.bytes_sent / bw + col.calls * lat
+        secs = col.bytes_sent / bw + col.calls * lat + col.n_messages * cl.per_call_s
         if col.axis == "dp" and col.phase == "backward":
             hidden += secs
         else:
             exposed += secs
     comm = exposed + max(0.0, hidden - compute * 2 / 3)
     step = compute / (1 - bubble) + comm
+    # Ranks sharing cores: a rank's busy time is its compute and its calls; waits hand the core over.
+    busy = sum(flop_s + o * cl.per_op_s + k for o, k in zip(ops, calls_s, strict=True)) / len(stages)
+    if cl.ranks_per_core > 1:
+        waits = max(0.0, comm - calls_s[pace]) if c.size("pp") == 1 else 0.0  # SPMD ranks wait together
+        step = max(step, busy * cl.ranks_per_core + waits)
     mfu = m.flops_per_token() * tokens / (step * c.devices * cl.peak_flops)
     return Prediction(c, model_state_bytes(m, c, precision), _activations(m, c, global_batch, precision, in_flight),
-                      colls, by_link["intra"], by_link["inter"], bubble, compute, comm, step, mfu, cl.memory)
+                      colls, by_link["intra"], by_link["inter"], bubble, compute, comm, step, mfu, cl.memory,
+                      max(ops), busy)
