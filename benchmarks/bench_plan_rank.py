@@ -94,47 +94,73 @@ def _rank(jobs: list[tuple[int, TrainConfig]]) -> list[tuple[int, list[float]]]:
     return out
 
 
-def _collective_program(sizes: list[int], reps: int, rounds: int = 3) -> list[float]:
-    """Seconds per all-reduce of each size: the fastest of ``rounds`` interleaved rounds of ``reps`` calls."""
+def _collective_program(sizes: list[int], reps: int, rounds: int = 3) -> list[tuple[float, float]]:
+    """``(wall, processor)`` seconds per all-reduce of each size on this rank: the fastest of ``rounds`` rounds of ``reps`` calls.
+
+    Processor time is the process's (``time.process_time``: gloo's own threads included).
+    """
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    best = [float("inf")] * len(sizes)
-    xs = [torch.ones(n // 4) for n in sizes]
+    best = [(float("inf"), float("inf"))] * len(sizes)
+    xs = [torch.ones(max(1, n // 4)) for n in sizes]
     for x in xs:
         dist.all_reduce(x)
     for _ in range(rounds):
         for i, x in enumerate(xs):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(reps):
                 dist.all_reduce(x)
-            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+            wall, cpu = (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
+            best[i] = min(best[i], (wall, cpu))
     return best
+
+
+def _single_step_s(cfg: gpt.GPTConfig, rows: int, reps: int = 7) -> tuple[float, int]:
+    """``(processor seconds, torch calls)`` of one warm single-device step (forward, backward, AdamW) on ``rows`` sequences.
+
+    Processor time, not wall time: what the step costs its core, whatever else the host runs.
+    """
+    from colofn.train.loop import SingleDevice, make_optimizer
+
+    opt = make_optimizer(TrainConfig(preset="small"))
+    params = gpt.init(colofn.random.key(0), cfg)
+    single = SingleDevice(cfg, opt, params, opt.init(params))
+    t = colofn.random.randint(colofn.random.key(1), (rows, cfg.seq_len + 1), 0, cfg.vocab_size)
+    batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
+    single.step(batch)
+    ops = plan.count_ops(lambda: single.step(batch))[1]
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        single.step(batch)
+        times.append(time.process_time() - t0)
+    return statistics.median(times), ops
 
 
 def calibrate() -> plan.Cluster:
     """A :class:`colofn.plan.Cluster` of this host as 4 gloo ranks see it (see the module docstring)."""
     cfg = gpt.config("small", tie_embeddings=False)
     torch.set_num_threads(1)
-    params = gpt.init(colofn.random.key(0), cfg)
-    for p in colofn.tree.leaves(params):
-        p.requires_grad_(True)
-    rows = BATCH // 4
-    t = colofn.random.randint(colofn.random.key(1), (rows, cfg.seq_len + 1), 0, cfg.vocab_size)
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        gpt.loss(params, {"tokens": t[:, :-1], "targets": t[:, 1:]}, cfg).backward()
-        times.append(time.perf_counter() - t0)
-    flops = plan.from_gpt(cfg).flops_per_token() * rows * cfg.seq_len
-    rate = flops / statistics.median(times[2:]) * min(1.0, (os.cpu_count() or 1) / 4)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # A step is ops x per_op + FLOPs / rate: the same ops on 4 and 16 rows give both.
+    small_rows, large_rows = BATCH // 4, BATCH
+    (t_small, ops), (t_large, _) = (_single_step_s(cfg, r) for r in (small_rows, large_rows))
+    per_row = plan.from_gpt(cfg).flops_per_token() * cfg.seq_len
+    rate = per_row * (large_rows - small_rows) / (t_large - t_small) if t_large > t_small else per_row * large_rows / t_large
+    per_op = max(0.0, t_small - per_row * small_rows / rate) / ops
     small, large = 8, 4 << 20
-    lat, big = (max(r) for r in zip(*colofn.launch(_collective_program, [small, large], 10, world_size=4,
-                                                    backend="gloo"), strict=True))
+    (w_small, c_small), (w_large, _) = (max(r) for r in zip(*colofn.launch(_collective_program, [small, large], 20,
+                                                                          world_size=4, backend="gloo"), strict=True))
+    per_call = c_small
+    ranks_per_core = max(1.0, 4 / cores)
+    # The small call's wall time: every rank's processor time (shared) plus the wait.
+    lat = max(1e-6, w_small - per_call * ranks_per_core)
     # Under load the small call can take as long as the large one: then bandwidth alone explains the large.
-    bw = volume("all_reduce", large, 4)[0] / (big - lat if big > 1.5 * lat else big)
-    return plan.Cluster("this-host", 4, 4, 16e9, rate, bw, bw, lat, lat, source="bench_plan_rank.py calibration")
+    bw = volume("all_reduce", large, 4)[0] / (w_large - w_small if w_large > 1.5 * w_small else w_large)
+    return plan.Cluster("this-host", 4, 4, 16e9, rate, bw, bw, lat, lat, source="bench_plan_rank.py calibration",
+                        cores=cores, per_call_s=per_call, per_op_s=per_op)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -163,36 +189,69 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6, help="steps per run; the first two are not timed (>= 3)")
     ap.add_argument("--out", default="/tmp/colofn-bench-plan-rank")
+    ap.add_argument("--cluster", help="a cluster JSON file (as printed) instead of calibrating")
+    ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated cluster and the predictions, run nothing")
     args = ap.parse_args(argv)
+    if args.calibrate_only:
+        args.rounds = 0
     t_start = time.perf_counter()
     load = os.getloadavg()
-    cl = calibrate()
+    if args.cluster:
+        with open(args.cluster) as f:
+            cl = plan.Cluster.from_json(f.read())
+    else:
+        cl = calibrate()
     print(f"cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print("calibrated cluster:", json.dumps(dataclasses.asdict(cl)))
     m = plan.from_gpt(gpt.config("small", tie_embeddings=False), "small")
-    preds = {i: plan.predict(m, _candidate(mesh, extra), cl, global_batch=BATCH, efficiency=1.0)
-             for i, (mesh, extra) in enumerate(COMPOSITIONS)}
+    cands = [_candidate(mesh, extra) for mesh, extra in COMPOSITIONS]
+
+    def predict_all(c: plan.Cluster) -> list[plan.Prediction]:
+        return [plan.predict(m, x, c, global_batch=BATCH, efficiency=1.0, precision=plan.FP32_ADAM) for x in cands]
+
+    # The model, and the model less each term: which compositions each term moves.
+    variants = {
+        "all terms": cl,
+        "no per_op": dataclasses.replace(cl, per_op_s=0.0),
+        "no per_call": dataclasses.replace(cl, per_call_s=0.0),
+        "no cores": dataclasses.replace(cl, cores=None),
+        "none (before)": dataclasses.replace(cl, cores=None, per_call_s=0.0, per_op_s=0.0),
+    }
+    predicted = {name: predict_all(c) for name, c in variants.items()}
+    preds = dict(enumerate(predicted["all terms"]))
     jobs = []
     for r in range(args.rounds):
         order = list(range(len(COMPOSITIONS)))
         pyrandom.Random(r).shuffle(order)
         jobs += [(i, _train_cfg(*COMPOSITIONS[i], args.steps, args.out)) for i in order]
     # One world for every run: starting a gloo world costs more than a run.
-    per_rank = colofn.launch(_rank, jobs, world_size=4, backend="gloo")
+    per_rank = colofn.launch(_rank, jobs, world_size=4, backend="gloo") if jobs else []
     rounds: list[dict[int, float]] = [{} for _ in range(args.rounds)]
     for k, (i, _) in enumerate(jobs):
         steps = zip(*(r[k][1] for r in per_rank), strict=True)  # each step: every rank's time
         rounds[k // len(COMPOSITIONS)][i] = statistics.median(max(t) for t in list(steps)[2:])
     names = [str(preds[i].candidate) for i in range(len(COMPOSITIONS))]
     print()
-    print("| composition | predicted ms | " + " | ".join(f"measured ms (round {r + 1})" for r in range(len(rounds))) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in rounds) + " |")
+    print("| composition | ops | messages | busy ms | predicted ms | "
+          + " | ".join(f"measured ms (round {r + 1})" for r in range(len(rounds))) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in rounds) + " |")
     for i, name in enumerate(names):
-        print(f"| {name} | {preds[i].step_s * 1e3:.1f} | " + " | ".join(f"{m_[i] * 1e3:.1f}" for m_ in rounds) + " |")
-    pred = [preds[i].step_s for i in range(len(names))]
+        p = preds[i]
+        print(f"| {name} | {p.ops} | {sum(x.n_messages for x in p.collectives)} | {p.busy_s * 1e3:.1f} | "
+              f"{p.step_s * 1e3:.1f} | " + " | ".join(f"{m_[i] * 1e3:.1f}" for m_ in rounds) + " |")
+    print()
+    print("| model | " + " | ".join(names) + " | " + " | ".join(f"rho round {r + 1}" for r in range(len(rounds))) + " |")
+    print("| --- | " + " | ".join("---" for _ in names) + " | " + " | ".join("---" for _ in rounds) + " |")
+    for variant, ps in predicted.items():
+        pred = [x.step_s for x in ps]
+        order = sorted(range(len(pred)), key=lambda i: pred[i])
+        place = {i: k + 1 for k, i in enumerate(order)}
+        rhos = [spearman(pred, [m_[i] for i in range(len(names))]) for m_ in rounds]
+        print(f"| {variant} | " + " | ".join(f"{x.step_s * 1e3:.0f} ({place[i]})" for i, x in enumerate(ps))
+              + " | " + " | ".join(f"{r:.2f}" for r in rhos) + " |")
     for r, m_ in enumerate(rounds):
         print(f"round {r + 1}: Spearman rho (predicted vs measured step time, {len(names)} compositions) = "
-              f"{spearman(pred, [m_[i] for i in range(len(names))]):.2f}")
+              f"{spearman([preds[i].step_s for i in range(len(names))], [m_[i] for i in range(len(names))]):.2f}")
     if len(rounds) > 1:
         print(f"round 1 vs round 2 (measurement noise): rho = "
               f"{spearman([rounds[0][i] for i in range(len(names))], [rounds[1][i] for i in range(len(names))]):.2f}")

@@ -38,13 +38,14 @@ True
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from colofn.plan._candidate import Candidate
     from colofn.plan._model import ModelShape
 
-__all__ = ["OP_COUNTS", "count_step_ops", "recount", "step_ops"]
+__all__ = ["OP_COUNTS", "count_ops", "count_step_ops", "recount", "step_ops"]
 
 # python -m colofn.plan._ops (torch calls per rank per step; see the module docstring)
 OP_COUNTS: dict[str, tuple[int, ...]] = {
@@ -88,15 +89,14 @@ _PIPE: tuple[tuple[str, str, int | None], ...] = (
 )
 
 
-def _counting_program(mesh: tuple[tuple[str, int], ...], sp: str, zero: int | None, microbatches: int | None,
-                      n_layers: int) -> tuple[int, int]:
-    """On each rank: ``(pipeline stage, torch calls of the trainer's second step)``."""
-    from torch.overrides import TorchFunctionMode
+def count_ops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``(fn(), torch calls it made from Python on this thread)``, counted with a :class:`~torch.overrides.TorchFunctionMode`.
 
-    from colofn import data, random
-    from colofn.mesh import Mesh
-    from colofn.train import TrainConfig
-    from colofn.train.loop import _trainer, initial_state, make_optimizer
+    >>> import torch
+    >>> count_ops(lambda: (torch.ones(2) + 1).sum())[1]
+    3
+    """
+    from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
         n = 0
@@ -104,6 +104,19 @@ def _counting_program(mesh: tuple[tuple[str, int], ...], sp: str, zero: int | No
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             self.n += 1
             return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        out = fn()
+    return out, count.n
+
+
+def _counting_program(mesh: tuple[tuple[str, int], ...], sp: str, zero: int | None, microbatches: int | None,
+                      n_layers: int) -> tuple[int, int]:
+    """On each rank: ``(pipeline stage, torch calls of the trainer's second step)``."""
+    from colofn import data, random
+    from colofn.mesh import Mesh
+    from colofn.train import TrainConfig
+    from colofn.train.loop import _trainer, initial_state, make_optimizer
 
     cfg = TrainConfig(preset="tiny", mesh=mesh, batch_size=12, sp=sp, zero=zero,  # type: ignore[arg-type]
                       microbatches=microbatches)
@@ -115,9 +128,7 @@ def _counting_program(mesh: tuple[tuple[str, int], ...], sp: str, zero: int | No
     trainer = _trainer(cfg, mcfg, dmesh, opt, params, state)
     batch = data.sample_batch(random.key(1), data.encode(data.text()), cfg.batch_size, mcfg.seq_len)
     trainer.step(batch)  # the first step builds what later steps reuse: not counted
-    with Count() as count:
-        trainer.step(batch)
-    return (dmesh.axis_index("pp") if "pp" in shape else 0), count.n
+    return (dmesh.axis_index("pp") if "pp" in shape else 0), count_ops(lambda: trainer.step(batch))[1]
 
 
 def count_step_ops(mesh: str, *, sp: str = "none", zero: int | None = None, microbatches: int | None = None,

@@ -182,7 +182,8 @@ def predict(m: ModelShape, c: Candidate, cl: Cluster, *, global_batch: int, effi
         where = link(c, col.axis, cl)
         by_link[where] += col.bytes_sent
         bw, lat = (cl.intra_bw, cl.intra_latency) if where == "intra" else (cl.inter_bw, cl.inter_latency)
-        secs = col.bytes_sent / bw + col.calls * lat + col.n_messages * cl.per_call_s
+        # One latency per message on the wire (a bucket, a ZeRO unit; a send and its receive are one).
+        secs = col.bytes_sent / bw + (col.messages or col.calls) * lat + col.n_messages * cl.per_call_s
         if col.axis == "dp" and col.phase == "backward":
             hidden += secs
         else:
