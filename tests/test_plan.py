@@ -357,7 +357,8 @@ def _activation_program(preset, mesh_text, sp, b):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize(("mesh", "sp"), [("dp=2", "none"), ("tp=2", "none"), ("tp=2", "megatron"),
-                                          ("dp=2,tp=2", "megatron"), ("dp=2,sp=2", "ulysses")])
+                                          ("dp=2,tp=2", "megatron"), ("dp=2,sp=2", "ulysses"),
+                                          ("sp=2", "ring"), ("dp=2,sp=2", "ring"), ("sp=4", "ring")])
 def test_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, mesh, sp):
     from colofn.plan import cluster, predict
 
@@ -368,7 +369,8 @@ def test_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, 
     m = from_gpt(gpt.config(preset, tie_embeddings=False), preset)
     p = predict(m, Candidate(_mesh(mesh), sp=sp), cluster("cpu-local", n), global_batch=4, precision=FP32_ADAM)
     assert abs(p.activations / measured - 1) <= 0.10, (p.activations, measured)
-    assert abs(p.activations / measured - 1) <= 0.02  # what the formula reaches today; 10% is the promise
+    # what the formula reaches today (ring: the blockwise kernel's saved blocks, within 4%); 10% is the promise
+    assert abs(p.activations / measured - 1) <= (0.05 if sp == "ring" else 0.02)
 
 
 @pytest.mark.parametrize("mesh", ["sp=2", "dp=2,sp=2", "sp=4"])

@@ -53,7 +53,7 @@ from colofn.plan._memory import (
 from colofn.plan._model import ModelShape
 from colofn.plan._ops import step_ops
 
-__all__ = ["Prediction", "link", "pipeline_shape", "predict"]
+__all__ = ["Prediction", "link", "pipeline_shape", "predict", "ring_attention_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +125,29 @@ def link(c: Candidate, axis: str, cl: Cluster) -> str:
     return "intra" if span <= cl.devices_per_node else "inter"
 
 
+def ring_attention_bytes(*, s: int, rows: int, h: int, a: int, n: int, element: int = 4) -> float:
+    """What zig-zag ring attention keeps for the backward, per layer and rank, beyond SDPA's (bytes).
+
+    The blockwise kernel (:mod:`colofn.parallel.sp.blockwise`) is not fused: on
+    each of the ``2n + 1`` blocks a rank computes (chunks of ``c = s / 2n``
+    tokens, :func:`colofn.parallel.sp.ring.schedule`) autograd keeps the masked
+    ``c x c`` scores and their softmax, the boolean mask and the log-sum-exp;
+    each of the ``2n - 1`` merges keeps both partial outputs and two weights
+    (with the merged log-sum-exp); and the stacked keys and values of every
+    ring step (this rank's copy and the ``n - 1`` received) stay alive. Less
+    SDPA's log-sum-exp, which the base formula counts. Counted from the saved
+    tensors (``tests/test_plan.py`` checks the whole model within 10%), in elements:
+
+    ``2 rows s h + 2(2n+1) rows a c^2 + 2(2n-1) rows c h + (8n-5) rows a c``, plus ``(2n+1) c^2`` mask bytes.
+
+    >>> ring_attention_bytes(s=32, rows=4, h=32, a=4, n=2) + 2 * 4 * 4 * 8 * 4  # with SDPA's lse: what tiny's ring keeps
+    105280.0
+    """
+    c = s / (2 * n)
+    elements = 2 * rows * s * h + 2 * (2 * n + 1) * rows * a * c * c + 2 * (2 * n - 1) * rows * c * h + (8 * n - 5) * rows * a * c
+    return element * elements + (2 * n + 1) * c * c
+
+
 def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
     # Ulysses: each rank keeps s/sp tokens, and whole sequences of a/sp heads inside attention,
     # which is the same bytes as s x b/sp.
@@ -137,8 +160,9 @@ def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, 
                                                   element=pr.activation)
         if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
             layer += pr.activation * s * b * h
-        elif c.sp == "ring":  # every visited key/value block (not measured: an approximation)
-            layer += pr.activation * 2 * s * b * h * (c.size("sp") - 1)
+        elif c.sp == "ring":
+            layer += ring_attention_bytes(s=s, rows=microbatch_rows(c, global_batch), h=h, a=m.n_heads,
+                                          n=c.size("sp"), element=pr.activation)
         # The last stage: the final norm's input, statistics and (whole) output; the fp32
         # logits (vocabulary-parallel cross-entropy keeps two copies of its shard); the token ids.
         split = t if sp else 1
