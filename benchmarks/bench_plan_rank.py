@@ -5,25 +5,39 @@ seq 64, untied), global batch 16, AdamW in fp32, the shipped corpus. Each
 composition runs as ``colofn train`` runs it (``colofn.train.loop.rank_program``
 on a gloo world of 4 processes, one intra-op thread each; one world runs every
 composition in turn); its step time is the slowest rank's wall time of a step,
-the median over the steps after the first two (warm-up). Every round measures
-all compositions once, in a shuffled order.
+the fastest over the steps after the first two (warm-up; other processes on
+the host only ever add time). Every round measures all compositions once, in
+a shuffled order.
 
-The planner predicts the same compositions on a cluster calibrated on this
-machine first (the ``--cluster FILE`` fields, printed as JSON):
+The planner predicts the same compositions (fp32 Adam, efficiency 1) on a
+cluster calibrated on this machine first (the ``--cluster FILE`` fields,
+printed as JSON; ``--cluster FILE`` reuses one):
 
-* ``peak_flops``: one rank's share of the host, the model's FLOPs per step of
-  a single-process forward and backward of the per-rank batch, over its time,
-  times ``min(1, cores / 4)`` (four ranks share the cores); efficiency 1;
-* ``intra_bw`` and ``intra_latency``: a gloo all-reduce over the 4 ranks of 8
-  bytes (the latency) and of 4 MB (the bandwidth, by ``tracing.volume``'s bytes;
-  the large call's time less the small one's, or all of it when the two are
-  within 1.5x, as a loaded host makes them), the fastest of 3 rounds.
+* ``cores``: the processors this process may run on (``os.sched_getaffinity``);
+* ``peak_flops`` and ``per_op_s``: a single-process step (forward, backward,
+  AdamW: ``SingleDevice``, what ``--check`` runs) of 4 and of 16 sequences, in
+  processor time (``time.process_time``, so other processes' load does not
+  count); both run the same torch calls (counted by ``plan.count_ops``), so
+  the difference is FLOPs: its rate is ``peak_flops``, and what the FLOPs do
+  not explain of the small step, over its calls, is ``per_op_s``;
+* ``per_call_s``: the processor time of an 8-byte gloo all-reduce over the 4
+  ranks (the process's, gloo's threads included);
+* ``intra_latency``: that call's wall time less its processor time times the
+  ranks per core (the model's own formula for a step of one collective);
+  ``intra_bw``: a 4 MB all-reduce (by ``tracing.volume``'s bytes; its wall
+  time less the small one's, or all of it when the two are within 1.5x, as a
+  loaded host makes them); the fastest of 3 rounds.
 
-Then Spearman's rank correlation of predicted and measured step times, per
-round. Run with::
+It prints the calibrated cluster, each composition's predicted torch calls,
+messages, busy and step time next to the measured step times, Spearman's rank
+correlation per round, and the same predictions without each new term
+(``per_op_s``, ``per_call_s``, ``cores``; and without all three, the model
+before them), with each composition's place, to show what each term moves.
+Run with::
 
-    python benchmarks/bench_plan_rank.py               # 2 rounds, about 2-3 minutes
-    python benchmarks/bench_plan_rank.py --rounds 1 --steps 4
+    python benchmarks/bench_plan_rank.py               # 2 rounds, about 1-3 minutes
+    python benchmarks/bench_plan_rank.py --calibrate-only
+    python benchmarks/bench_plan_rank.py --cluster host.json --rounds 1 --steps 4
 """
 
 from __future__ import annotations
@@ -187,7 +201,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6, help="steps per run; the first two are not timed (>= 3)")
+    ap.add_argument("--steps", type=int, default=8, help="steps per run; the first two are not timed (>= 3)")
     ap.add_argument("--out", default="/tmp/colofn-bench-plan-rank")
     ap.add_argument("--cluster", help="a cluster JSON file (as printed) instead of calibrating")
     ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated cluster and the predictions, run nothing")
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[int, float]] = [{} for _ in range(args.rounds)]
     for k, (i, _) in enumerate(jobs):
         steps = zip(*(r[k][1] for r in per_rank), strict=True)  # each step: every rank's time
-        rounds[k // len(COMPOSITIONS)][i] = statistics.median(max(t) for t in list(steps)[2:])
+        rounds[k // len(COMPOSITIONS)][i] = min(max(t) for t in list(steps)[2:])
     names = [str(preds[i].candidate) for i in range(len(COMPOSITIONS))]
     print()
     print("| composition | ops | messages | busy ms | predicted ms | "
