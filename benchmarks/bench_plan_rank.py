@@ -204,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps per run; the first two are not timed (>= 3)")
     ap.add_argument("--out", default="/tmp/colofn-bench-plan-rank")
     ap.add_argument("--cluster", help="a cluster JSON file (as printed) instead of calibrating")
+    ap.add_argument("--measured", action="append", default=[], metavar="MS,MS,...",
+                    help="a round measured before (ms per composition, in COMPOSITIONS order) to compare with "
+                         "instead of running (repeatable)")
     ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated cluster and the predictions, run nothing")
     args = ap.parse_args(argv)
-    if args.calibrate_only:
+    if args.calibrate_only or args.measured:
         args.rounds = 0
     t_start = time.perf_counter()
     load = os.getloadavg()
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "no per_op": dataclasses.replace(cl, per_op_s=0.0),
         "no per_call": dataclasses.replace(cl, per_call_s=0.0),
         "no cores": dataclasses.replace(cl, cores=None),
-        "none (before)": dataclasses.replace(cl, cores=None, per_call_s=0.0, per_op_s=0.0),
+        "none of the three": dataclasses.replace(cl, cores=None, per_call_s=0.0, per_op_s=0.0),
     }
     predicted = {name: predict_all(c) for name, c in variants.items()}
     preds = dict(enumerate(predicted["all terms"]))
@@ -244,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, (i, _) in enumerate(jobs):
         steps = zip(*(r[k][1] for r in per_rank), strict=True)  # each step: every rank's time
         rounds[k // len(COMPOSITIONS)][i] = min(max(t) for t in list(steps)[2:])
+    for text in args.measured:
+        values = [float(x) / 1e3 for x in text.split(",")]
+        if len(values) != len(COMPOSITIONS):
+            ap.error(f"--measured needs {len(COMPOSITIONS)} values, got {len(values)}")
+        rounds.append(dict(enumerate(values)))
     names = [str(preds[i].candidate) for i in range(len(COMPOSITIONS))]
     print()
     print("| composition | ops | messages | busy ms | predicted ms | "
