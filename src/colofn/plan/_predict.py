@@ -53,7 +53,7 @@ from colofn.plan._memory import (
 from colofn.plan._model import ModelShape
 from colofn.plan._ops import step_ops
 
-__all__ = ["Prediction", "link", "pipeline_shape", "predict", "ring_attention_bytes"]
+__all__ = ["Prediction", "link", "pipeline_shape", "predict", "ring_attention_bytes", "summa_activation_bytes_per_layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,16 +148,43 @@ def ring_attention_bytes(*, s: int, rows: int, h: int, a: int, n: int, element: 
     return element * elements + (2 * n + 1) * c * c
 
 
+def summa_activation_bytes_per_layer(m: ModelShape, *, b: float, tp: int, depth: int = 1, element: int = 4) -> float:
+    """What one block keeps on a 2D (SUMMA) or 2.5D (Tesseract) grid of ``tp = q^2 depth`` ranks, in bytes.
+
+    Activations are split over the ``q x q`` grid (rows of the batch, columns of
+    the width) and the batch over the depth, except what SUMMA gathers: each
+    matmul keeps its input's row strip (the ``q`` blocks it received, ``1/q``
+    of the activation: the QKV, MLP-in, output and MLP-out inputs) and the
+    weight strips it received (``1/q`` of the block's matrices). In elements,
+    ``b`` rows per dp rank cut to ``b' = b / depth``:
+    ``(2sb'h + 4sb' + 2sb'h + 4sb'h + asb' + sb'd_ff) / q^2 + (3sb'h + sb'd_ff) / q + W / q``
+    with ``W`` the block's matrix parameters. Counted from the tensors autograd
+    saves (exact for tiny's blocks on ``tp=4``; ``tests/test_plan.py`` checks the whole model).
+
+    >>> from colofn.plan import model
+    >>> summa_activation_bytes_per_layer(model("tiny"), b=8, tp=4)  # tiny on a 2 x 2 grid, 8 rows
+    239616.0
+    """
+    q = round((tp // depth) ** 0.5)
+    s, h, b = m.seq_len, m.d_model, b / depth
+    grid = 2 * s * b * h + 4 * s * b + 2 * s * b * h + 4 * s * b * h + m.n_heads * s * b + s * b * m.d_ff
+    strips = 3 * s * b * h + s * b * m.d_ff + m.layer_tp_params
+    return element * (grid / q**2 + strips / q)
+
+
 def _activations(m: ModelShape, c: Candidate, global_batch: int, pr: Precision, in_flight: int) -> float:
     # Ulysses: each rank keeps s/sp tokens, and whole sequences of a/sp heads inside attention,
     # which is the same bytes as s x b/sp.
     b, t, s, h = microbatch_rows(c, global_batch) / c.size("sp"), c.size("tp"), m.seq_len, m.d_model
-    # A tp grid splits every activation over its ranks, as Megatron-SP does (not measured: an approximation).
+    # A tp grid splits the rest (the norms, the logits) over its ranks, as Megatron-SP does; 3D its blocks too.
     sp = c.sp == "megatron" or c.tp_mode != "1d"
     if m.activation_layout == "colofn" and c.recompute != "full":
         # Selective recompute saves nothing here: colofn's attention core keeps no s x s matrix.
-        layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
-                                                  element=pr.activation)
+        if c.tp_mode in ("2d", "2.5d"):
+            layer = summa_activation_bytes_per_layer(m, b=b, tp=t, depth=c.tp_depth, element=pr.activation)
+        else:
+            layer = colofn_activation_bytes_per_layer(s=s, b=b, h=h, a=m.n_heads, d_ff=m.d_ff, t=t, sp=sp,
+                                                      element=pr.activation)
         if c.sp == "ulysses":  # the attention output twice: in head shards (SDPA's) and back in sequence shards (wo's)
             layer += pr.activation * s * b * h
         elif c.sp == "ring":
