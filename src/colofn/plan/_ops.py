@@ -155,7 +155,7 @@ def count_step_ops(mesh: str, *, sp: str = "none", zero: int | None = None, micr
 
 
 def recount() -> dict[str, tuple[int, ...]]:
-    """:data:`OP_COUNTS` counted afresh (a few seconds on the simulated world)."""
+    """:data:`OP_COUNTS` counted afresh (about 20 s on the simulated world of a 2-core host)."""
     out: dict[str, tuple[int, ...]] = {}
     for key, mesh, sp, zero in _FLAT:
         one, two = (count_step_ops(mesh, sp=sp, zero=zero, n_layers=n)[0] for n in (1, 2))
