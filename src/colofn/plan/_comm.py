@@ -102,7 +102,8 @@ class Collective:
         A pipeline stage receives as many messages as it sends (activations from
         the previous stage for its gradients to it, gradients from the next for
         the activations it sent). This is what :attr:`Cluster.per_call_s
-        <colofn.plan.Cluster>` charges; the latency is charged per ``calls``.
+        <colofn.plan.Cluster>` charges; the latency is charged per message
+        (``messages``, else ``calls``: a send and its receive are one message).
         """
         if self.messages is not None:
             return self.messages

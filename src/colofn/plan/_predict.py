@@ -9,8 +9,9 @@ Step time is ``compute / (1 - bubble) + exposed communication``:
 * bubble: the idle fraction :func:`colofn.pipeline.simulate` finds for the
   schedule with ``T_B = 2 T_F`` (``T_I = T_W = T_F`` for zero-bubble schedules);
 * communication: each collective's bytes over its link's bandwidth plus one
-  latency per call, plus the cluster's ``per_call_s`` per message (every
-  bucket, ZeRO unit, send and receive). An axis is intra-node when its group fits in a node
+  latency per message (each gradient bucket and ZeRO unit is one; a send and
+  its receive are one), plus the cluster's ``per_call_s`` per call the rank
+  makes (every bucket, ZeRO unit, send and receive). An axis is intra-node when its group fits in a node
   (axes are row-major: the last axis is innermost). Gradient collectives in
   the backward overlap the backward's compute (two thirds of it); tensor
   parallel collectives sit on the critical path.
