@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import colofn
 from colofn import random, tree
@@ -444,3 +446,46 @@ def test_moe_model_state_bytes_equal_what_colofn_train_reports(tmp_path):
     shape = from_gpt(cfg.model_config())
     assert shape.params == gpt.count_params(cfg.model_config())
     assert model_state_bytes(shape, Candidate(cfg.mesh), FP32_ADAM) == max(record["bytes_per_rank"][-1])
+
+
+# --------------------------------------------------------------------- ring attention's saved blocks, exactly
+
+
+def _ring_saved_program(n, b, a, s, hd):
+    import torch
+
+    from colofn.parallel.sp import ring
+
+    q, k, v = (random.normal(random.key(i), (b, a, s, hd)).requires_grad_() for i in range(3))
+    out = {}
+
+    def body(q, k, v):
+        skip = {t.untyped_storage().data_ptr() for t in (q, k, v)}  # the layer's q, k, v: the base formula's
+        seen = {}
+
+        def pack(x):
+            st = x.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            y = ring.ring_attention(q, k, v, "sp")
+        out["bytes"] = sum(seen.values())
+        return y
+
+    colofn.shard_map(body, mesh=colofn.Mesh((n,), ("sp",)), in_specs=colofn.P(None, None, "sp"),
+                     out_specs=colofn.P(None, None, "sp"))(q, k, v)
+    return out["bytes"]
+
+
+@settings(max_examples=max(2, settings.default.max_examples // 2))  # 6 quick, 150 long
+@given(n=st.integers(2, 4), b=st.integers(1, 3), a=st.sampled_from([1, 2, 4]), hd=st.sampled_from([2, 4, 8]),
+       c=st.integers(1, 3))
+def test_ring_attention_keeps_exactly_the_blocks_the_planner_counts(n, b, a, hd, c):
+    """plan.ring_attention_bytes (plus SDPA's log-sum-exp, which it replaces) is what the largest rank saves."""
+    from colofn.plan._predict import ring_attention_bytes
+
+    s = 2 * n * c  # zig-zag: two chunks of c tokens per rank
+    saved = colofn.launch(_ring_saved_program, n, b, a, s, hd, world_size=n)
+    assert max(saved) == ring_attention_bytes(s=s, rows=b, h=a * hd, a=a, n=n) + 4 * a * b * (s // n)
