@@ -38,6 +38,7 @@ Run with::
     python benchmarks/bench_plan_rank.py               # 2 rounds, about 1-3 minutes
     python benchmarks/bench_plan_rank.py --calibrate-only
     python benchmarks/bench_plan_rank.py --cluster host.json --rounds 1 --steps 4
+    python benchmarks/bench_plan_rank.py --calls     # one gloo call's cost by op and size
 """
 
 from __future__ import annotations
@@ -131,6 +132,46 @@ def _collective_program(sizes: list[int], reps: int, rounds: int = 3) -> list[tu
     return best
 
 
+def _calls_program(sizes: list[int], reps: int) -> dict[str, list[tuple[float, float]]]:
+    """``{op: [(wall, processor) seconds per call, per size]}`` of gloo's all-reduce, all-gather and reduce-scatter."""
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13 renames the two *_tensor calls
+    torch.set_num_threads(1)
+    n = dist.get_world_size()
+    out: dict[str, list[tuple[float, float]]] = {}
+    for nbytes in sizes:
+        full = torch.ones(max(n, nbytes // 4 // n * n))
+        shard = torch.empty(full.numel() // n)
+        calls = {"all_reduce": (dist.all_reduce, (full,)),
+                 "all_gather": (dist.all_gather_into_tensor, (full, shard)),
+                 "reduce_scatter": (dist.reduce_scatter_tensor, (shard, full))}
+        for name, (call, args) in calls.items():
+            call(*args)
+            best = (float("inf"), float("inf"))
+            for _ in range(3):
+                dist.barrier()
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(reps):
+                    call(*args)
+                best = min(best, ((time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps))
+            out.setdefault(name, []).append(best)
+    return out
+
+
+def print_calls() -> None:
+    """What one gloo call costs over 4 ranks, by op and size: wall and processor ms (the slowest rank's)."""
+    sizes = [8, 128 << 10, 512 << 10]
+    per_rank = colofn.launch(_calls_program, sizes, 20, world_size=4, backend="gloo")
+    print("| op | " + " | ".join(f"{n:,} B: wall, processor ms" for n in sizes) + " |")
+    print("| --- | " + " | ".join("---" for _ in sizes) + " |")
+    for op in per_rank[0]:
+        cells = [(max(r[op][i][0] for r in per_rank), max(r[op][i][1] for r in per_rank)) for i in range(len(sizes))]
+        print(f"| {op} | " + " | ".join(f"{w * 1e3:.2f}, {c * 1e3:.2f}" for w, c in cells) + " |")
+
+
 def _single_step_s(cfg: gpt.GPTConfig, rows: int, reps: int = 7) -> tuple[float, int]:
     """``(processor seconds, torch calls)`` of one warm single-device step (forward, backward, AdamW) on ``rows`` sequences.
 
@@ -207,8 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measured", action="append", default=[], metavar="MS,MS,...",
                     help="a round measured before (ms per composition, in COMPOSITIONS order) to compare with "
                          "instead of running (repeatable)")
+    ap.add_argument("--calls", action="store_true",
+                    help="only print what one gloo call costs by op and size (wall and processor time)")
     ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated cluster and the predictions, run nothing")
     args = ap.parse_args(argv)
+    if args.calls:
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        print_calls()
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        return 0
     if args.calibrate_only or args.measured:
         args.rounds = 0
     t_start = time.perf_counter()
