@@ -179,3 +179,18 @@ def test_a_cluster_file_carries_the_host_terms_and_refuses_bad_ones():
         Cluster.from_json(text.replace('"cores": 2', '"cores": 0').replace("3e-4", "-1"))
     assert str(e.value) == ("cluster 'mine': cores=0 must be a positive int (or null: one per device); "
                             "per_call_s=-1 must be >= 0")
+
+
+def test_cli_plans_a_calibrated_host_and_says_its_cores_bound_the_step(tmp_path, capsys):
+    """The cluster of docs/plan.md's run A: on 2 cores, 4 ranks of small rank the pipelines first."""
+    from colofn.cli import main
+
+    f = tmp_path / "host.json"
+    f.write_text('{"name": "this-host", "devices": 4, "devices_per_node": 4, "memory": 16e9, "peak_flops": 5.57e10, '
+                 '"intra_bw": 5.53e8, "inter_bw": 5.53e8, "intra_latency": 8.88e-4, "inter_latency": 8.88e-4, '
+                 '"cores": 2, "per_call_s": 1.70e-4, "per_op_s": 6.2e-6}')
+    assert main(["plan", "--model", "small", "--devices", "4", "--cluster", str(f), "--batch", "16",
+                 "--recompute", "none", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Best: pp=4 1f1b m=4." in out
+    assert "Its 4 ranks share 2 cores, which bound the step: each rank is busy" in out
