@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import colofn
 from colofn import random, tree
@@ -357,7 +359,8 @@ def _activation_program(preset, mesh_text, sp, b):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize(("mesh", "sp"), [("dp=2", "none"), ("tp=2", "none"), ("tp=2", "megatron"),
-                                          ("dp=2,tp=2", "megatron"), ("dp=2,sp=2", "ulysses")])
+                                          ("dp=2,tp=2", "megatron"), ("dp=2,sp=2", "ulysses"),
+                                          ("sp=2", "ring"), ("dp=2,sp=2", "ring"), ("sp=4", "ring")])
 def test_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, mesh, sp):
     from colofn.plan import cluster, predict
 
@@ -368,7 +371,38 @@ def test_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, 
     m = from_gpt(gpt.config(preset, tie_embeddings=False), preset)
     p = predict(m, Candidate(_mesh(mesh), sp=sp), cluster("cpu-local", n), global_batch=4, precision=FP32_ADAM)
     assert abs(p.activations / measured - 1) <= 0.10, (p.activations, measured)
-    assert abs(p.activations / measured - 1) <= 0.02  # what the formula reaches today; 10% is the promise
+    # what the formula reaches today (ring: the blockwise kernel's saved blocks, within 4%); 10% is the promise
+    assert abs(p.activations / measured - 1) <= (0.05 if sp == "ring" else 0.02)
+
+
+def _grid_activation_program(preset, mesh_text, mode, depth, b):
+    from colofn.parallel import make_loss
+    from colofn.plan import saved_activation_bytes
+
+    cfg = TrainConfig(preset=preset, mesh=_mesh(mesh_text), tp_mode=mode, tp_depth=depth)
+    mcfg, shape, plan = cfg.model_config(), cfg.device_mesh_shape, cfg.plan()
+    mesh = colofn.Mesh(tuple(shape.values()), tuple(shape))
+    params = tree.map(lambda p: p.requires_grad_(), shard_params(gpt.init(random.key(0), mcfg), mcfg, plan, mesh))
+    t = random.randint(random.key(1), (b, mcfg.seq_len + 1), 0, mcfg.vocab_size)
+    batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
+    return saved_activation_bytes(lambda: make_loss(mcfg, plan, mesh)(params, batch), exclude=tree.leaves(params))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize(("mesh", "mode", "depth"), [("tp=4", "2d", 1), ("dp=2,tp=4", "2d", 1), ("tp=8", "2.5d", 2),
+                                                     ("tp=8", "3d", 1)])
+def test_tp_grid_activation_memory_is_within_ten_percent_of_what_autograd_saves(preset, mesh, mode, depth):
+    """SUMMA keeps each matmul's gathered row strip and weight strips (1/q, not 1/q^2): 19-35% low before."""
+    from colofn.plan import cluster, predict
+
+    n = 1
+    for v in parse_mesh(mesh).values():
+        n *= v
+    measured = max(colofn.launch(_grid_activation_program, preset, mesh, mode, depth, 8, world_size=n))
+    m = from_gpt(gpt.config(preset, tie_embeddings=False), preset)
+    p = predict(m, Candidate(_mesh(mesh), tp_mode=mode, tp_depth=depth), cluster("cpu-local", n), global_batch=8,
+                precision=FP32_ADAM)
+    assert abs(p.activations / measured - 1) <= 0.10, (p.activations, measured)
 
 
 @pytest.mark.parametrize("mesh", ["sp=2", "dp=2,sp=2", "sp=4"])
@@ -412,3 +446,46 @@ def test_moe_model_state_bytes_equal_what_colofn_train_reports(tmp_path):
     shape = from_gpt(cfg.model_config())
     assert shape.params == gpt.count_params(cfg.model_config())
     assert model_state_bytes(shape, Candidate(cfg.mesh), FP32_ADAM) == max(record["bytes_per_rank"][-1])
+
+
+# --------------------------------------------------------------------- ring attention's saved blocks, exactly
+
+
+def _ring_saved_program(n, b, a, s, hd):
+    import torch
+
+    from colofn.parallel.sp import ring
+
+    q, k, v = (random.normal(random.key(i), (b, a, s, hd)).requires_grad_() for i in range(3))
+    out = {}
+
+    def body(q, k, v):
+        skip = {t.untyped_storage().data_ptr() for t in (q, k, v)}  # the layer's q, k, v: the base formula's
+        seen = {}
+
+        def pack(x):
+            st = x.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            y = ring.ring_attention(q, k, v, "sp")
+        out["bytes"] = sum(seen.values())
+        return y
+
+    colofn.shard_map(body, mesh=colofn.Mesh((n,), ("sp",)), in_specs=colofn.P(None, None, "sp"),
+                     out_specs=colofn.P(None, None, "sp"))(q, k, v)
+    return out["bytes"]
+
+
+@settings(max_examples=max(2, settings.default.max_examples // 2))  # 6 quick, 150 long
+@given(n=st.integers(2, 4), b=st.integers(1, 3), a=st.sampled_from([1, 2, 4]), hd=st.sampled_from([2, 4, 8]),
+       c=st.integers(1, 3))
+def test_ring_attention_keeps_exactly_the_blocks_the_planner_counts(n, b, a, hd, c):
+    """plan.ring_attention_bytes (plus SDPA's log-sum-exp, which it replaces) is what the largest rank saves."""
+    from colofn.plan._predict import ring_attention_bytes
+
+    s = 2 * n * c  # zig-zag: two chunks of c tokens per rank
+    saved = colofn.launch(_ring_saved_program, n, b, a, s, hd, world_size=n)
+    assert max(saved) == ring_attention_bytes(s=s, rows=b, h=a * hd, a=a, n=n) + 4 * a * b * (s // n)

@@ -26,12 +26,13 @@ from colofn.plan._memory import (
     model_state_bytes,
 )
 from colofn.plan._model import MODELS, ModelShape, from_gpt, model
+from colofn.plan._ops import OP_COUNTS, count_ops, count_step_ops, step_ops
 from colofn.plan._predict import Prediction, link, pipeline_shape, predict
 from colofn.plan._search import candidates, search
 
 __all__ = [
-    "CLUSTERS", "FP32_ADAM", "MIXED_ADAM", "MODELS", "Candidate", "Cluster", "Collective", "ModelShape",
-    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "colofn_activation_bytes_per_layer", "check", "cluster", "device_params",
+    "CLUSTERS", "FP32_ADAM", "MIXED_ADAM", "MODELS", "OP_COUNTS", "Candidate", "Cluster", "Collective", "ModelShape",
+    "Precision", "Prediction", "activation_bytes_per_layer", "candidates", "colofn_activation_bytes_per_layer", "check", "cluster", "count_ops", "count_step_ops", "device_params",
     "from_gpt", "link", "model", "model_state_bytes", "pipeline_shape", "plan_json", "plan_train", "predict", "read_plan",
-    "saved_activation_bytes", "search", "step_bytes", "step_collectives", "trainer_step_bytes",
+    "saved_activation_bytes", "search", "step_bytes", "step_collectives", "step_ops", "trainer_step_bytes",
 ]

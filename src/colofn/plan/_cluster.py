@@ -5,6 +5,15 @@ send while it receives as much. Preset figures are the vendors' published peak
 numbers (dense bf16 FLOP/s, no sparsity); ``cpu-local`` is a nominal laptop,
 not a measurement.
 
+Three fields describe a host where ranks are processes sharing processors (a
+CPU host), each with a default that leaves the presets' predictions as they
+were: ``cores`` (processors that run ranks, per node; default one per device),
+``per_call_s`` (processor time one collective call costs its rank: the
+software around the message, not the wait) and ``per_op_s`` (processor time
+per torch operation the step calls from Python, which on a CPU host sets the
+time of a small model more than its FLOPs). ``benchmarks/bench_plan_rank.py``
+measures all three.
+
 >>> cluster("a100-80g", devices=512).nodes
 64
 >>> Cluster.from_json('{"name": "mine", "devices": 4, "devices_per_node": 4, "memory": 24e9, '
@@ -34,8 +43,15 @@ class Cluster:
         memory: bytes of memory per device.
         peak_flops: peak FLOP/s of one device at the training dtype.
         intra_bw, inter_bw: bytes/s per device and direction, inside a node and between nodes.
-        intra_latency, inter_latency: seconds per collective call (one message).
+        intra_latency, inter_latency: seconds per collective call (one message): a wait, not processor time.
         source: where the figures come from.
+        cores: processors that run ranks, per node (``None``: one per device). With fewer
+            cores than ranks, a rank that waits (a pipeline bubble, a peer) hands its core
+            to another, and the step takes at least the node's busy time over its cores.
+        per_call_s: processor time of one collective call on its rank (send, receive,
+            bucket or unit: every message), on top of the latency.
+        per_op_s: processor time per torch operation the step calls from Python
+            (:func:`colofn.plan.step_ops` counts them), on top of the FLOP time.
     """
 
     name: str
@@ -48,11 +64,18 @@ class Cluster:
     intra_latency: float = 5e-6
     inter_latency: float = 1e-5
     source: str = ""
+    cores: int | None = None
+    per_call_s: float = 0.0
+    per_op_s: float = 0.0
 
     def __post_init__(self) -> None:
         bad = [f"{f}={getattr(self, f)!r} must be > 0" for f in
                ("devices", "devices_per_node", "memory", "peak_flops", "intra_bw", "inter_bw")
                if not getattr(self, f) > 0]
+        if self.cores is not None and not (isinstance(self.cores, int) and self.cores > 0):
+            bad.append(f"cores={self.cores!r} must be a positive int (or null: one per device)")
+        bad += [f"{f}={getattr(self, f)!r} must be >= 0" for f in ("per_call_s", "per_op_s")
+                if not getattr(self, f) >= 0]
         if not bad and self.devices > self.devices_per_node and self.devices % self.devices_per_node:
             bad.append(f"devices={self.devices} is not a multiple of devices_per_node={self.devices_per_node}")
         if bad:
@@ -61,6 +84,12 @@ class Cluster:
     @property
     def nodes(self) -> int:
         return max(1, self.devices // self.devices_per_node)
+
+    @property
+    def ranks_per_core(self) -> float:
+        """Ranks of a node over the cores that run them (1 when every rank has a core of its own)."""
+        ranks = min(self.devices, self.devices_per_node)
+        return max(1.0, ranks / (self.cores or ranks))
 
     @classmethod
     def from_json(cls, text: str) -> Cluster:

@@ -67,7 +67,7 @@ from colofn.plan._memory import (
 from colofn.plan._model import ModelShape
 from colofn.tracing import volume
 
-__all__ = ["Collective", "step_collectives"]
+__all__ = ["Collective", "buckets", "step_collectives"]
 
 Phase = Literal["forward", "backward"]
 
@@ -84,6 +84,7 @@ class Collective:
     calls: int
     nbytes: int
     sent: int | None = None  # bytes sent, when a strategy's own formula gives them (the tp grids)
+    messages: int | None = None  # separate calls on the wire, when not ``calls`` (buckets, ZeRO units)
 
     @property
     def bytes_sent(self) -> int:
@@ -94,8 +95,37 @@ class Collective:
             return self.calls * self.nbytes
         return self.calls * volume(self.op, self.nbytes, self.n)[0]
 
+    @property
+    def n_messages(self) -> int:
+        """Collective calls this device makes for it: each bucket or ZeRO unit is one; a send is also a receive.
+
+        A pipeline stage receives as many messages as it sends (activations from
+        the previous stage for its gradients to it, gradients from the next for
+        the activations it sent). This is what :attr:`Cluster.per_call_s
+        <colofn.plan.Cluster>` charges; the latency is charged per message
+        (``messages``, else ``calls``: a send and its receive are one message).
+        """
+        if self.messages is not None:
+            return self.messages
+        return 2 * self.calls if self.op == "send" else self.calls
+
     def __str__(self) -> str:
         return f"{self.what} {self.op} {self.axis} {self.phase}: {self.calls} x {self.nbytes} B"
+
+
+def buckets(nbytes: int) -> int:
+    """All-reduces a gradient sum of ``nbytes`` is launched as: DDP's caps (:class:`colofn._dist_comm.GradBucket`).
+
+    The first bucket closes at :data:`~colofn._dist_comm.FIRST_BUCKET_BYTES`, the
+    others at :data:`~colofn._dist_comm.BUCKET_BYTES` (a bucket closes on the
+    parameter that reaches its cap, so this is exact up to where the last parameter falls).
+
+    >>> buckets(2_000_000), buckets(100 << 20)
+    (2, 5)
+    """
+    from colofn._dist_comm import BUCKET_BYTES, FIRST_BUCKET_BYTES
+
+    return 1 + max(0, -(-(nbytes - FIRST_BUCKET_BYTES) // BUCKET_BYTES))
 
 
 def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
@@ -123,17 +153,19 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
         # summed whole over tp (in _tp) and whole over dp (varied before it is sliced).
         t, (norms, _) = c.size("tp"), _replicated(m, c, stage)
         dp_grads = (p - norms) * pr.comm_grad
-        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads),
-                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad)]
+        return [Collective("grads", "all_reduce", "dp", n, "backward", calls, dp_grads, messages=buckets(dp_grads)),
+                Collective("norm grads", "all_reduce", "dp+tp", n * t, "backward", calls, norms * pr.comm_grad,
+                           messages=buckets(norms * pr.comm_grad))]
     if c.size("ep") > 1 and c.zero is None:  # the experts' gradients over dp, everything else over dp and ep
         experts = expert_device_params(m, c, stage)
-        out = [Collective("grads", "all_reduce", axis, n, "backward", calls, (p - experts) * pr.comm_grad)]
+        dense = (p - experts) * pr.comm_grad
+        out = [Collective("grads", "all_reduce", axis, n, "backward", calls, dense, messages=buckets(dense))]
         if c.size("dp") > 1:
             out.append(Collective("expert grads", "all_reduce", "dp", c.size("dp"), "backward", calls,
-                                  experts * pr.comm_grad))
+                                  experts * pr.comm_grad, messages=buckets(experts * pr.comm_grad)))
         return out
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
-        return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads)]
+        return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads, messages=buckets(grads))]
     return _zero(m, c, pr, stage)
 
 
@@ -146,19 +178,20 @@ def _zero(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collec
         if n == 1:
             continue
         padded = sum(-(-u // n) * n for u in units)
-        grads, shard = padded * pr.comm_grad, padded * pr.param // n
+        grads, shard, k = padded * pr.comm_grad, padded * pr.param // n, len(units)  # one message per unit
         if c.stage == 0:  # ZeRO's stage 0 reduces after the backward
-            out.append(Collective("grads", "all_reduce", axis, n, "forward", 1, grads))
+            out.append(Collective("grads", "all_reduce", axis, n, "forward", 1, grads, messages=k))
         elif c.stage in (1, 2):
-            out += [Collective("grads", "reduce_scatter", axis, n, rs_phase, 1, grads),
-                    Collective("params", "all_gather", axis, n, "forward", 1, shard)]
+            out += [Collective("grads", "reduce_scatter", axis, n, rs_phase, 1, grads, messages=k),
+                    Collective("params", "all_gather", axis, n, "forward", 1, shard, messages=k)]
         else:
             # The backward does not read an untied embedding (its gradient is a scatter of
             # the output gradient), so stage 3 does not gather it again.
             first = -(-units[0] // n) * n if i == 0 and not m.tie_embeddings else 0
-            out += [Collective("params", "all_gather", axis, n, "forward", 1, shard),
-                    Collective("params", "all_gather", axis, n, "backward", 1, (padded - first) * pr.param // n),
-                    Collective("grads", "reduce_scatter", axis, n, "backward", 1, grads)]
+            out += [Collective("params", "all_gather", axis, n, "forward", 1, shard, messages=k),
+                    Collective("params", "all_gather", axis, n, "backward", 1, (padded - first) * pr.param // n,
+                               messages=k - (first > 0)),
+                    Collective("grads", "reduce_scatter", axis, n, "backward", 1, grads, messages=k)]
     return out
 
 

@@ -74,6 +74,10 @@ def explain(best: Prediction, runner_up: Prediction | None, cl: Cluster) -> str:
         parts.append(f", the pipeline idles {best.bubble:.1%} of the time")
     parts.append(f", and {best.comm_s:.4g} s of communication is not hidden "
                  f"({best.intra_bytes / 1e6:.1f} MB inside nodes, {best.inter_bytes / 1e6:.1f} MB between them).")
+    if cl.ranks_per_core > 1 and best.step_s > best.compute_s / (1 - best.bubble) + best.comm_s * (1 + 1e-9):
+        ranks = min(cl.devices, cl.devices_per_node)
+        parts.append(f" Its {ranks} ranks share {cl.cores} cores, which bound the step: each rank is busy "
+                     f"{best.busy_s:.4g} s ({best.ops} torch calls), and a rank that waits hands its core to another.")
     if runner_up is not None:
         parts.append(f" The next, {runner_up.candidate}, is {runner_up.step_s / best.step_s - 1:.1%} slower.")
     parts.append(f" Predicted MFU {best.mfu:.1%} (model FLOPs over the step time at the cluster's peak).")
