@@ -138,3 +138,41 @@ def test_train_reports_one_dp_reduction_per_step_and_the_measured_bubble_next_to
     assert all(i >= 0 for i in idle["measured_idle_s"] + idle["simulated_idle_s"])
     assert 0 < idle["simulated_makespan_s"] and 0 < idle["measured_makespan_s"]
     assert "pipeline bubble of the last step" in (out / "report.md").read_text()
+
+
+
+def test_grad_sum_axes_sums_an_invariant_parameter_once_and_refuses_what_it_cannot_sum():
+    """``grad_sum_axes`` sums the stages' accumulated gradients once per step. A parameter left invariant
+    (tracking stashes its gradient per use) is summed once too, within the totals; one whose uses vary along
+    only some of the axes is refused with the fix, and so is an axis that is not a data axis of the mesh."""
+    import pytest
+
+    from colofn.errors import MeshError, ShardingError
+
+    w = [torch.eye(3, dtype=F64) + 0.1, 2 * torch.eye(3, dtype=F64)]
+    x = torch.linspace(-1, 1, 24, dtype=F64).view(8, 3)
+
+    def program(grad_sum_axes):
+        mesh = colofn.Mesh((2, 2), ("pp", "dp"))
+        stage = per_device(lambda p, h: torch.tanh(h @ p), mesh=mesh, in_specs=(P(), P("dp")))  # p invariant
+        last = per_device(lambda p, h, t: ((torch.tanh(h @ p) - t) ** 2).mean(), mesh=mesh, in_specs=(P(), P("dp"), P("dp")))
+        pipe = Pipeline([stage, last], make_schedule("1f1b", 2, 2), mesh=mesh, grad_sum_axes=grad_sum_axes)
+        d = mesh.axis_index("dp")
+        out = [pipe(w, x.view(2, 4, 3)[d], x.view(2, 4, 3)[d]) for _ in range(2)]
+        return gather_stages(out[-1].grads, mesh=mesh)
+
+    for got, want in zip(colofn.launch(program, "dp", world_size=4), colofn.launch(program, None, world_size=4), strict=True):
+        torch.testing.assert_close(got, want)
+
+    def refused():
+        mesh = colofn.Mesh((1, 2, 2), ("pp", "dp", "sp"))
+        with pytest.raises(MeshError, match=r"\['pp'\] must be axes of .* other than the pipeline axis 'pp'"):
+            Pipeline([lambda p, h, t: (h @ p - t).sum()], make_schedule("gpipe", 1, 2), mesh=mesh, grad_sum_axes=("pp",))
+        loss = per_device(lambda p, h, t: ((h @ p - t) ** 2).mean(), mesh=mesh, in_specs=(P(), P("dp"), P("dp")))
+        pipe = Pipeline([loss], make_schedule("gpipe", 1, 2), mesh=mesh, grad_sum_axes=("dp", "sp"))
+        with pytest.raises(ShardingError) as e:  # p meets data varying along dp only: its sum is over dp, not dp x sp
+            pipe([torch.eye(3, dtype=F64)], x[:4], x[:4])
+        assert "is used invariant along some of them and with data varying along ('dp',)" in str(e.value)
+        assert "Fix: mark the stage's parameters varying along the grad_sum_axes" in str(e.value)
+
+    colofn.launch(refused, world_size=4)

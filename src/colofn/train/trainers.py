@@ -47,7 +47,7 @@ from colofn.parallel import (
     stage_slice,
 )
 from colofn.parallel.gpt import local_loss, stage_forward
-from colofn.partition_spec import P, PartitionSpec
+from colofn.partition_spec import P, PartitionSpec, dim_axes
 from colofn.sharding import from_local_block, gather, local_block
 from colofn.train import pipe_loss
 
@@ -165,9 +165,16 @@ class PipelineTrainer:
         self.loss_group = pipe_loss.loss_group(mesh, plan.token_axes) if self.shares else None
         self.microbatches = sched.num_microbatches
         self.blocks = pipe_loss.data_blocks(bs["targets"], mesh)
+        # Without ZeRO, the stages' parameters vary along the token axes inside the stages too (no implicit
+        # pvary, hook and stash per parameter per microbatch); the runtime sums each stage's accumulated
+        # gradients over them once per step, right after its last backward. Where a parameter is split over
+        # a token axis (an expert weight over ep), tracking sums them as before.
+        split = {a for spec in jt.leaves(full_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+                 for e in spec for a in dim_axes(e)}
+        self._sum_axes = plan.token_axes if self.shares and zero_stage is None and not split & set(plan.token_axes) else ()
         act = P(plan.batch_axes or None, plan.seq_axis)
         stages = [self._stage_fn(s, act, bs["tokens"], last=s == n - 1) for s in range(n)]
-        self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp")
+        self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp", grad_sum_axes=self._sum_axes or None)
 
     def _local(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
@@ -200,12 +207,13 @@ class PipelineTrainer:
         return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
 
     def _vary(self, params: Tree) -> Tree:
-        """Inside a stage: with ZeRO, the params vary along the data axes (ZeRO sums their gradients once per step)."""
-        if self.zero_stage is None:
+        """Inside a stage: the params vary along the data axes, whose sum ZeRO (or the pipeline) does once per step."""
+        axes = self._zero_axes if self.zero_stage is not None else self._sum_axes
+        if not axes:
             return params
         from colofn.train.pipe_zero import varying
 
-        return varying(params, self._zero_axes)
+        return varying(params, axes)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)
