@@ -29,7 +29,14 @@ accumulates each rank's own gradients as for any stage, and
 :meth:`StepSums.launch_totals` hands those totals to the same flat buckets right
 after the stage's last parameter backward (:meth:`StepSums.sum_totals` says
 which stages). The same sums in the same order (each microbatch's part added
-locally, then one all-reduce), without a Python hook per parameter per microbatch.
+locally, then one all-reduce), without a Python hook per parameter per
+microbatch; but nothing goes on the wire *during* that last backward: the
+parameters enter a stage through one view each, made at the stage's entry, and
+autograd runs the oldest nodes last, so no total is complete before the pass
+ends. Tracked sums are complete at each parameter's last use, so their full
+buckets (1 MiB, then 25 MiB) start during the pass; for stages whose
+parameters fit in the first bucket both launch the same all-reduce at the same
+point, and the choice is only one of CPU cost.
 A parameter of such a stage left invariant along those axes still gets
 tracking's per-use stash; its gradient then stays in the totals (summed once,
 with them), so marking is a fast path, not a condition of correctness.

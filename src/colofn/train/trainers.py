@@ -165,19 +165,34 @@ class PipelineTrainer:
         self.loss_group = pipe_loss.loss_group(mesh, plan.token_axes) if self.shares else None
         self.microbatches = sched.num_microbatches
         self.blocks = pipe_loss.data_blocks(bs["targets"], mesh)
-        # Without ZeRO, the stages' parameters vary along the token axes inside the stages too (no implicit
-        # pvary, hook and stash per parameter per microbatch); the runtime sums each stage's accumulated
-        # gradients over them once per step, right after its last backward. Where a parameter is split over
-        # a token axis (an expert weight over ep), tracking sums them as before.
-        split = {a for spec in jt.leaves(full_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-                 for e in spec for a in dim_axes(e)}
-        self._sum_axes = plan.token_axes if self.shares and zero_stage is None and not split & set(plan.token_axes) else ()
+        self._sum_axes = self._grad_sum_axes(full_specs)
         act = P(plan.batch_axes or None, plan.seq_axis)
         stages = [self._stage_fn(s, act, bs["tokens"], last=s == n - 1) for s in range(n)]
         self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp", grad_sum_axes=self._sum_axes or None)
 
     def _local(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
+
+    def _grad_sum_axes(self, full_specs: Tree) -> tuple[str, ...]:
+        """The axes the pipeline sums this rank's stages' accumulated gradients over once per step, or ``()``.
+
+        Then the stages' parameters vary along the token axes inside the stages (no implicit pvary, gradient
+        hook and stash per parameter per microbatch: ``Pipeline(grad_sum_axes=...)``), where tracking would
+        sum them over the same axes once per step. Only where that changes no communication: without ZeRO
+        (which sums them itself), no parameter split over a token axis (an expert weight over ``ep``), and
+        each stage's parameters within the first gradient bucket (1 MiB), which tracking fills during the
+        last backward but launches only when it ends: larger stages keep tracking's buckets launched during
+        that backward (the totals are complete only after it).
+        """
+        from colofn import _dist_comm
+
+        if not self._loss_in_shares() or self.zero_stage is not None:
+            return ()
+        axes = self.plan.token_axes
+        split = {a for spec in jt.leaves(full_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+                 for e in spec for a in dim_axes(e)}
+        small = all(nbytes(self.params[s]) <= _dist_comm.FIRST_BUCKET_BYTES for s in self.mine)
+        return axes if small and not split & set(axes) else ()
 
     def _loss_in_shares(self) -> bool:
         """Whether the last stage returns this rank's share of the mean (tokens split, and no balancing loss added)."""
