@@ -1,15 +1,17 @@
 """The pp+dp row of ``bench_train.py``, colofn as it is and as it was, next to torch's, in the same processes.
 
-Builds the row's colofn trainer twice and torch's (Schedule1F1B + DDP) once,
+Builds the row's colofn trainer three times and torch's (Schedule1F1B + DDP) once,
 from the same parameters, on 4 gloo processes, and times them step by step in
 turn (each step from a barrier; the slowest rank's wall time; the median), so
-machine load hits all three alike:
+machine load hits all four alike:
 
 * "colofn": :class:`~colofn.train.trainers.PipelineTrainer` as it is: the last
   stage returns its rank's share of each microbatch's mean, summed once per
   step after the optimizer (:mod:`colofn.train.pipe_loss`), and the stages'
   parameters vary along ``dp``, their accumulated gradients summed once per
   step by the pipeline (``Pipeline(grad_sum_axes=...)``);
+* "loss shares, tracked sums": the loss as "colofn", the parameters' sums as
+  the next line (what the first change alone gives);
 * "psum'd loss, tracked sums": the same trainer with the last stage's
   ``psum``'d mean in each microbatch's forward, and the parameters' dp sums
   derived by tracking (an implicit ``pvary`` and a gradient hook per parameter
@@ -21,7 +23,7 @@ Also prints each side's CPU time per step (the process's, median) and, for a
 few more steps, the measured idle per pipeline rank next to ``simulate()``'s
 (:func:`colofn.pipeline.compare_to_simulation`)::
 
-    python benchmarks/bench_pipeline_dp.py              # 16 timed steps, about a minute on 2 busy cores
+    python benchmarks/bench_pipeline_dp.py              # 16 timed steps, about two minutes on 2 busy cores
     python benchmarks/bench_pipeline_dp.py --steps 32
 """
 
@@ -51,10 +53,12 @@ ROW = "pp+dp (1f1b)"
 
 def rank_program(steps: int, compare: int) -> dict[str, Any]:
     s, cfg, mcfg, mesh, params, batch = profile_train.row(ROW)
+    with mock.patch.object(PipelineTrainer, "_grad_sum_axes", lambda self, specs: ()):  # loss shares, tracked sums
+        tracked = bt.Colofn(cfg, mcfg, params, mesh)
     with mock.patch.object(PipelineTrainer, "_loss_in_shares", lambda self: False):  # the psum'd mean, tracked sums
         before = bt.Colofn(cfg, mcfg, params, mesh)
-    runs: dict[str, Any] = {"colofn": bt.Colofn(cfg, mcfg, params, mesh), "psum'd loss, tracked sums": before,
-                            "torch": bt.Native(s, cfg, mcfg, params, mesh, True)}
+    runs: dict[str, Any] = {"colofn": bt.Colofn(cfg, mcfg, params, mesh), "loss shares, tracked sums": tracked,
+                            "psum'd loss, tracked sums": before, "torch": bt.Native(s, cfg, mcfg, params, mesh, True)}
 
     def step(side: str) -> None:
         runs[side].step(batch)
