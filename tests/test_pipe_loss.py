@@ -41,9 +41,13 @@ def _step_program(batch):
     _events[torch.distributed.get_rank()] = log = []
     trainer.step(batch)
     del _events[torch.distributed.get_rank()]
-    with mock.patch.object(_dist_comm, "FIRST_BUCKET_BYTES", 1):  # stages larger than the first bucket
-        large = PipelineTrainer(MCFG, Plan(dp="dp", pp="pp"), mesh, opt, params, opt.init(params), "1f1b", M)
-    return log, loss, (trainer._sum_axes, large._sum_axes)
+    return log, loss, trainer._sum_axes
+
+
+def _sum_axes_program():
+    opt, params = optim.adamw(1e-2), gpt.init(colofn.random.key(0), MCFG)
+    return PipelineTrainer(MCFG, Plan(dp="dp", pp="pp"), Mesh((2, 2), ("pp", "dp")), opt, params, opt.init(params),
+                           "1f1b", M)._sum_axes
 
 
 def test_a_pp_dp_step_sums_the_loss_once_asynchronously_and_waits_after_the_update():
@@ -67,10 +71,12 @@ def test_a_pp_dp_step_sums_the_loss_once_asynchronously_and_waits_after_the_upda
           mock.patch.object(_comm.AsyncAllReduce, "wait", wait)):
         got = colofn.launch(_step_program, batch, world_size=4)
     want = float(gpt.loss(gpt.init(colofn.random.key(0), MCFG), batch, MCFG))  # the first step's (equal microbatch counts)
-    for log, loss, sum_axes in got:
-        # the pipeline sums the (varying) parameters' totals once per step where the stage fits the first
-        # bucket; a larger stage keeps tracking's buckets, launched during its last backward
-        assert sum_axes == (("dp",), ())
+    with mock.patch.object(_dist_comm, "FIRST_BUCKET_BYTES", 1):  # every stage larger than the first bucket
+        large = colofn.launch(_sum_axes_program, world_size=4)
+    # the pipeline sums the (varying) parameters' totals once per step where a stage fits the first bucket;
+    # a larger stage keeps tracking's buckets, launched during its last backward
+    assert [a for _, _, a in got] == [("dp",)] * 4 and large == [()] * 4
+    for log, loss, _ in got:
         reduces = [e for e in log if e[0] == "all_reduce"]
         assert reduces and all(asynchronous for _, asynchronous, _, _ in reduces), log  # nobody blocks on dp
         sums = [e for e in reduces if e[3] == (M,)]  # the loss's: once per step, one share per microbatch
