@@ -31,7 +31,8 @@ The stage-function contract
   The sums over other axes of the stage *parameters*' gradients that
   varying/invariant tracking derives (dp) are then done once per step, during
   the stage's last parameter backward (:mod:`colofn._step_sums`), not once per
-  microbatch.
+  microbatch; with ``grad_sum_axes`` (parameters marked varying along the data
+  axes inside the stages), from each stage's accumulated totals right after it.
 * Loss terms computed on earlier stages (say a mixture-of-experts balancing
   loss) travel as a leaf of the activations: stage ``s`` returns
   ``{"h": h, "aux": x["aux"] + aux_s}`` and the last stage adds ``x["aux"]``

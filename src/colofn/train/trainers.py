@@ -16,8 +16,12 @@ resumes on any other.
 * :class:`PipelineTrainer`: the layers cut into stages run by a
   :mod:`colofn.pipeline` schedule over ``pp``; each stage is
   :func:`colofn.parallel.stage_forward` under :func:`colofn.per_device`, so tp,
-  Megatron-SP and dp work inside stages and the dp gradient sum comes from
-  varying/invariant tracking. With ``zero`` (stages 0-2) each stage's
+  Megatron-SP and dp work inside stages. The last stage returns its rank's
+  share of each microbatch's mean (no ``psum`` in the forward), summed once per
+  step after the optimizer (:mod:`colofn.train.pipe_loss`); small dense stages'
+  parameters vary along the data axes and the pipeline sums their accumulated
+  gradients once per step (``Pipeline(grad_sum_axes=...)``), larger ones get
+  the dp sum from varying/invariant tracking. With ``zero`` (stages 0-2) each stage's
   parameters are a :mod:`colofn.zero` state over ``dp`` instead: they vary
   along ``dp`` inside the stage (no sum per microbatch), and
   :func:`colofn.zero.apply_gradients` reduces the gradients accumulated over
