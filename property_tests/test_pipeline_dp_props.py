@@ -21,6 +21,7 @@ from colofn import P
 from colofn.pipeline import SCHEDULES, Pipeline, gather_stages, make_schedule
 from colofn.shard_map import per_device
 from colofn.testing import assert_trees_close
+from colofn.train.pipe_zero import varying
 
 F64 = torch.float64
 CHUNKS = {"gpipe": (1, 2), "1f1b": (1,), "interleaved_1f1b": (1, 2), "zb_h1": (1,), "zb_h2": (1,),
@@ -42,14 +43,25 @@ def mlp(p, h):
     return torch.tanh(h @ p["w"] + p["b"])
 
 
-def stages(schedule, mesh):
-    mse = lambda p, h, t: colofn.pmean(((mlp(p, h) - t) ** 2).mean(), "dp")  # noqa: E731
-    body = [per_device(mlp, mesh=mesh, in_specs=(P(), P("dp"))) for _ in range(schedule.num_stages - 1)]
+def stages(schedule, mesh, vary=lambda p: p):
+    mse = lambda p, h, t: colofn.pmean(((mlp(vary(p), h) - t) ** 2).mean(), "dp")  # noqa: E731
+    body = [per_device(lambda p, h: mlp(vary(p), h), mesh=mesh, in_specs=(P(), P("dp")))
+            for _ in range(schedule.num_stages - 1)]
     return body + [per_device(mse, mesh=mesh, in_specs=(P(), P("dp"), P("dp")))]
 
 
 @given(configs())
 def test_pipeline_over_dp_equals_single_device(config):
+    _check(config, summed=False)
+
+
+@given(configs())
+def test_pipeline_with_varying_params_and_grad_sum_axes_equals_single_device(config):
+    """The stages mark their parameters varying along dp and ``grad_sum_axes="dp"`` sums their totals once."""
+    _check(config, summed=True)
+
+
+def _check(config, summed):
     schedule, widths, rows, seed = config
     g = torch.Generator().manual_seed(seed)
     params = [{"w": torch.randn(widths[s], widths[s + 1], generator=g, dtype=F64),
@@ -60,7 +72,10 @@ def test_pipeline_over_dp_equals_single_device(config):
 
     def program():
         mesh = colofn.Mesh((schedule.num_ranks, 2), ("pp", "dp"))
-        pipe = Pipeline(stages(schedule, mesh), schedule, mesh=mesh)
+        if summed:
+            pipe = Pipeline(stages(schedule, mesh, lambda p: varying(p, "dp")), schedule, mesh=mesh, grad_sum_axes="dp")
+        else:
+            pipe = Pipeline(stages(schedule, mesh), schedule, mesh=mesh)
         d = mesh.axis_index("dp")
         xs, ts = x.view(2, n // 2, -1)[d], t.view(2, n // 2, -1)[d]
         outs = []

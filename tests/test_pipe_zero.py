@@ -45,14 +45,15 @@ def test_comm_per_step_is_the_pipelines_plus_zeros_formula(stage):
     zero_runs = colofn.launch(_traced_step, stage, world_size=4)
     plain_runs = colofn.launch(_traced_step, None, world_size=4)
     n = 2
-    for (recs, psi, last), (plain, _, _) in zip(zero_runs, plain_runs, strict=True):
+    for (recs, psi, _), (plain, _, _) in zip(zero_runs, plain_runs, strict=True):
         p2p = [r for r in recs if r[0] in ("send", "recv")]
         assert p2p == [r for r in plain if r[0] in ("send", "recv")]  # the pipeline's own traffic, unchanged
         by_op = {op: sum(r[3] for r in recs if r[0] == op and r[1] == ("dp",)) for op in ("reduce_scatter", "all_gather")}
         assert by_op == {"reduce_scatter": psi * (n - 1) // n, "all_gather": psi * (n - 1) // n}  # 2Ψ(n-1)/n in all
-        # Over dp besides: only the microbatch loss's (sum, count) psum, on the last stage's ranks.
+        # Over dp besides: only the step's loss shares (one per microbatch), summed once on every rank
+        # after the pipeline (no psum in the last stage's forward; colofn.train.pipe_loss).
         sums = [r for r in recs if r[0] == "all_reduce"]
-        assert all(r[2] == (2,) for r in sums) and len(sums) == (M if last else 0), sums
+        assert sums == [("all_reduce", ("dp",), (M,), 2 * (4 * M) * (n - 1) // n)], sums  # float32, a ring
         assert {r[0] for r in recs} <= {"send", "recv", "reduce_scatter", "all_gather", "all_reduce"}
 
 

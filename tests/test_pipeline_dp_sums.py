@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 
 import colofn
@@ -19,6 +20,7 @@ from colofn.pipeline import Pipeline, gather_stages, make_schedule
 from colofn.pipeline._execute import Step
 from colofn.pipeline._p2p import Wire
 from colofn.shard_map import per_device
+from colofn.train.pipe_zero import varying
 
 F64 = torch.float64
 
@@ -28,6 +30,25 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
     parameter's total is a bucket of its own): each step, each rank's stage sends one all-reduce per
     parameter (not per microbatch), and the first is on the wire when the last microbatch's backward
     reaches the stage's first layer, not before that backward."""
+    for seen, reduces in _two_steps_of_two_layer_stages(summed=False):
+        # first cap 1 byte: the second layer's total launches at once, the first layer's when the pass ends
+        assert reduces == [(("dp",), (16,), "backward")] * 4
+        assert seen == [0, 0, 0, 1, 2, 2, 2, 3]  # (a running count) microbatches 0-2 add locally
+
+
+def test_with_grad_sum_axes_a_stages_dp_sums_are_one_all_reduce_per_step_launched_when_its_last_backward_ends():
+    """The same stages with their parameters varying along dp and ``grad_sum_axes="dp"``: the same
+    all-reduces, one per parameter per step, all launched right after the stage's last backward (the
+    parameters' entry views run last in autograd, so no total is complete before the pass ends)."""
+    for seen, reduces in _two_steps_of_two_layer_stages(summed=True):
+        assert reduces == [(("dp",), (16,), "backward")] * 4
+        assert seen == [0, 0, 0, 0, 2, 2, 2, 2]
+
+
+def _two_steps_of_two_layer_stages(summed):
+    """Per rank, over two steps: the backward all-reduces already recorded when each microbatch's backward
+    reaches the stage's first layer, and the all-reduces; the gradients are checked against one device."""
+    vary = (lambda p: varying(p, "dp")) if summed else (lambda p: p)
     g = torch.Generator().manual_seed(0)
     w = [[torch.randn(4, 4, generator=g, dtype=F64) for _ in range(2)] for _ in range(2)]
     x, t = torch.randn(16, 4, generator=g, dtype=F64), torch.randn(16, 4, generator=g, dtype=F64)
@@ -38,6 +59,7 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
         trace: list = []  # the open comm_trace's records
 
         def layers(p, h):
+            p = vary(p)
             h = torch.tanh(h @ p[0])
             if h.requires_grad:  # fires when dL/dh0 exists: after the second layer's parameter gradient
                 h.register_hook(lambda _: seen.append(sum(r.op == "all_reduce" and r.phase == "backward" for r in trace[0])))
@@ -46,7 +68,7 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
         mse = lambda p, h, t: ((layers(p, h) - t) ** 2).mean()  # noqa: E731  (this rank's part of the mean)
         stages = [per_device(layers, mesh=mesh, in_specs=(P(), P("dp"))),
                   per_device(mse, mesh=mesh, in_specs=(P(), P("dp"), P("dp")))]
-        pipe = Pipeline(stages, make_schedule("1f1b", 2, 4), mesh=mesh)
+        pipe = Pipeline(stages, make_schedule("1f1b", 2, 4), mesh=mesh, grad_sum_axes="dp" if summed else None)
         d = mesh.axis_index("dp")
         with colofn.comm_trace() as rec:
             trace.append(rec)
@@ -64,11 +86,9 @@ def test_a_stages_dp_sums_are_one_all_reduce_per_step_launched_before_the_last_b
             h = torch.tanh(torch.tanh(h @ st[0]) @ st[1])
         halves.append(((h - t.view(2, 8, 4)[d]) ** 2).mean())
     want = torch.autograd.grad(halves[0] + halves[1], [a for st in p for a in st])
-    for seen, reduces, _loss, grads in got:
-        # first cap 1 byte: the second layer's total launches at once, the first layer's when the pass ends
-        assert reduces == [(("dp",), (16,), "backward")] * 4
-        assert seen == [0, 0, 0, 1, 2, 2, 2, 3]  # (a running count) microbatches 0-2 add locally
+    for _seen, _reduces, _loss, grads in got:
         torch.testing.assert_close([a for st in grads for a in st], list(want))
+    return [(seen, reduces) for seen, reduces, _, _ in got]
 
 
 _orders: dict[int, list[tuple[str, int]]] = {}  # rank -> what its second step did, in order
@@ -138,3 +158,39 @@ def test_train_reports_one_dp_reduction_per_step_and_the_measured_bubble_next_to
     assert all(i >= 0 for i in idle["measured_idle_s"] + idle["simulated_idle_s"])
     assert 0 < idle["simulated_makespan_s"] and 0 < idle["measured_makespan_s"]
     assert "pipeline bubble of the last step" in (out / "report.md").read_text()
+
+
+
+def test_grad_sum_axes_sums_an_invariant_parameter_once_and_refuses_what_it_cannot_sum():
+    """``grad_sum_axes`` sums the stages' accumulated gradients once per step. A parameter left invariant
+    (tracking stashes its gradient per use) is summed once too, within the totals; one whose uses vary along
+    only some of the axes is refused with the fix, and so is an axis that is not a data axis of the mesh."""
+    from colofn.errors import MeshError, ShardingError
+
+    w = [torch.eye(3, dtype=F64) + 0.1, 2 * torch.eye(3, dtype=F64)]
+    x = torch.linspace(-1, 1, 24, dtype=F64).view(8, 3)
+
+    def program(grad_sum_axes):
+        mesh = colofn.Mesh((2, 2), ("pp", "dp"))
+        stage = per_device(lambda p, h: torch.tanh(h @ p), mesh=mesh, in_specs=(P(), P("dp")))  # p invariant
+        last = per_device(lambda p, h, t: ((torch.tanh(h @ p) - t) ** 2).mean(), mesh=mesh, in_specs=(P(), P("dp"), P("dp")))
+        pipe = Pipeline([stage, last], make_schedule("1f1b", 2, 2), mesh=mesh, grad_sum_axes=grad_sum_axes)
+        d = mesh.axis_index("dp")
+        out = [pipe(w, x.view(2, 4, 3)[d], x.view(2, 4, 3)[d]) for _ in range(2)]
+        return gather_stages(out[-1].grads, mesh=mesh)
+
+    for got, want in zip(colofn.launch(program, "dp", world_size=4), colofn.launch(program, None, world_size=4), strict=True):
+        torch.testing.assert_close(got, want)
+
+    def refused():
+        mesh = colofn.Mesh((1, 2, 2), ("pp", "dp", "sp"))
+        with pytest.raises(MeshError, match=r"\['pp'\] must be axes of .* other than the pipeline axis 'pp'"):
+            Pipeline([lambda p, h, t: (h @ p - t).sum()], make_schedule("gpipe", 1, 2), mesh=mesh, grad_sum_axes=("pp",))
+        loss = per_device(lambda p, h, t: ((h @ p - t) ** 2).mean(), mesh=mesh, in_specs=(P(), P("dp"), P("dp")))
+        pipe = Pipeline([loss], make_schedule("gpipe", 1, 2), mesh=mesh, grad_sum_axes=("dp", "sp"))
+        with pytest.raises(ShardingError) as e:  # p meets data varying along dp only: its sum is over dp, not dp x sp
+            pipe([torch.eye(3, dtype=F64)], x[:4], x[:4])
+        assert "is used invariant along some of them and with data varying along ('dp',)" in str(e.value)
+        assert "Fix: mark the stage's parameters varying along the grad_sum_axes" in str(e.value)
+
+    colofn.launch(refused, world_size=4)

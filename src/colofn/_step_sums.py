@@ -22,6 +22,25 @@ module does for :class:`~colofn.pipeline.Pipeline`:
 * :meth:`StepSums.finish` waits for every bucket (once, before the optimizer
   needs the gradients) and adds the sums to the step's gradients.
 
+A stage whose parameters are marked *varying* along the data axes inside it
+(``Pipeline(..., grad_sum_axes=...)``; ``colofn train``'s pipeline trainer)
+has no implicit ``pvary``, no hook and no stash per microbatch: the runtime
+accumulates each rank's own gradients as for any stage, and
+:meth:`StepSums.launch_totals` hands those totals to the same flat buckets right
+after the stage's last parameter backward (:meth:`StepSums.sum_totals` says
+which stages). The same sums in the same order (each microbatch's part added
+locally, then one all-reduce), without a Python hook per parameter per
+microbatch; but nothing goes on the wire *during* that last backward: the
+parameters enter a stage through one view each, made at the stage's entry, and
+autograd runs the oldest nodes last, so no total is complete before the pass
+ends. Tracked sums are complete at each parameter's last use, so their full
+buckets (1 MiB, then 25 MiB) start during the pass; for stages whose
+parameters fit in the first bucket both launch the same all-reduce at the same
+point, and the choice is only one of CPU cost.
+A parameter of such a stage left invariant along those axes still gets
+tracking's per-use stash; its gradient then stays in the totals (summed once,
+with them), so marking is a fast path, not a condition of correctness.
+
 Every dp replica of a stage runs the same program and graph, so every rank
 stashes, fills and launches in the same order.
 """
@@ -72,6 +91,8 @@ class StepSums:
         self.comm_of: dict[tuple[Any, ...], Any] = {}
         self.launched: list[tuple[Any, torch.Tensor, list[tuple[Handle, torch.Size]]]] = []
         self.cap: int | None = None  # the first bucket's cap until one is launched
+        self.totals: dict[int, tuple[tuple[str, ...], Any]] = {}  # stage -> (axes, group): sum its totals
+        self.summed_axes: dict[int, tuple[str, ...]] = {}  # stage -> the axes its totals are summed over
 
     def register(self, stage: int, leaves: Sequence[torch.Tensor]) -> None:
         for i, t in enumerate(leaves):
@@ -81,8 +102,35 @@ class StepSums:
     def handle(self, t: torch.Tensor) -> Handle | None:
         return self.handles.get(id(t))
 
+    def sum_totals(self, stage: int, axes: tuple[str, ...], group: Any) -> None:
+        """Stage ``stage``'s parameters vary along ``axes`` inside it: sum its accumulated gradients over ``group`` once."""
+        self.totals[stage] = (axes, group)
+        self.summed_axes[stage] = axes
+
+    def launch_totals(self, stage: int, acc: list[torch.Tensor]) -> None:
+        """After ``stage``'s last parameter backward: its totals ``acc`` join the buckets (launched now); ``acc`` restarts at zero."""
+        axes, group = self.totals.pop(stage)
+        comm = _Fixed(group)
+        for i, total in enumerate(acc):
+            acc[i] = torch.zeros_like(total)  # finish adds the sum back into it
+            self._add(comm, (stage, i), axes, total)
+        for key in [k for k in self.open if k[0] == axes]:
+            self._launch(key)
+
     def stash(self, comm: Any, h: Handle, axes: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
         """Take one use's gradient of parameter ``h`` to be summed over ``axes``; returns the zeros autograd adds."""
+        summed = self.summed_axes.get(h[0])
+        if summed is not None and set(axes) & set(summed):
+            if set(axes) == set(summed):  # the stage's totals are summed over these axes: leave g in them
+                return g
+            from colofn.errors import ShardingError
+
+            raise ShardingError(
+                f"Pipeline(grad_sum_axes={summed}) sums the gradients of stage {h[0]}'s parameters over those "
+                f"axes once per step, but its parameter leaf {h[1]} is used invariant along some of them and "
+                f"with data varying along {axes}, so its gradient must be summed over {axes} only. Fix: mark the "
+                "stage's parameters varying along the grad_sum_axes inside the stage "
+                "(colofn.train.pipe_zero.varying), or leave grad_sum_axes out and let tracking sum them.")
         key = (h, axes)
         g = g.detach()
         prev = self.partial.pop(key, None)
@@ -110,6 +158,8 @@ class StepSums:
         """Wait for every sum and add it to ``acc[stage][leaf]`` (the step's gradients)."""
         for stage in sorted({h[0] for h, _ in self.partial}):  # a stage never marked last: now
             self.end_last(stage)
+        for stage in sorted(self.totals):
+            self.launch_totals(stage, acc[stage])
         for work, flat, items in self.launched:
             if work is not None:
                 work.wait()
@@ -140,3 +190,13 @@ class StepSums:
             work = dist.all_reduce(flat, group=grp.group, async_op=True)
         self.launched.append((work, flat, [(h, t.shape) for h, t in items]))
         self.cap = _dist_comm.BUCKET_BYTES
+
+
+class _Fixed:
+    """A group for :meth:`StepSums._launch` where the runtime, not a ``GradBucket``'s comm, names it."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def group(self, axes: tuple[str, ...]) -> Any:
+        return self._group

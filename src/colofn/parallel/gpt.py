@@ -209,6 +209,7 @@ def stage_forward(
     *,
     layers: range,
     targets: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-device forward of a pipeline stage holding model layers ``layers`` (a contiguous ``range``).
 
@@ -225,6 +226,32 @@ def stage_forward(
         last stage the mean cross-entropy of the microbatch (needs ``targets``);
         ``aux`` is the stage's ``config.aux_loss_coef * load-balancing loss``.
         The microbatch's loss is the last stage's ``out`` plus every stage's ``aux``.
+      * ``count`` (last stage, optional): the microbatch's token count over
+        all of :attr:`Plan.token_axes` (a 0-d tensor, the same on every rank).
+        Given, the last stage returns this rank's *share* of the mean,
+        ``nll / count``, with no ``psum`` in the forward: the shares sum to
+        the mean over the token axes, and each has the gradient this rank's
+        part of the mean has (the same ``1 / count`` cotangent the psum's
+        transpose gives), so a caller that reports the loss sums the shares
+        itself, when it suits it (``colofn train``'s pipeline trainer: one
+        asynchronous all-reduce per step, after the optimizer).
+
+    >>> import colofn, torch
+    >>> from colofn import random
+    >>> from colofn.models import gpt
+    >>> from colofn import P
+    >>> from colofn.parallel import Plan, param_specs, stage_forward
+    >>> cfg, plan = gpt.config("tiny", n_layers=1), Plan(dp="dp")
+    >>> params, t = gpt.init(random.key(0), cfg), random.randint(random.key(1), (4, 17), 0, cfg.vocab_size)
+    >>> tokens, targets = t[:, :-1], t[:, 1:]
+    >>> def program():
+    ...     def shares(p, x, y, n):  # this rank's share of the mean: no communication in the forward
+    ...         return stage_forward(p, x, cfg, plan, layers=range(1), targets=y, count=n)[0].reshape(1)
+    ...     f = colofn.shard_map(shares, mesh=colofn.Mesh((2,), ("dp",)),
+    ...                          in_specs=(param_specs(cfg, plan), P("dp"), P("dp"), P()), out_specs=P("dp"))
+    ...     return float(f(params, tokens, targets, torch.tensor(targets.numel())).full_tensor().sum())
+    >>> abs(colofn.launch(program, world_size=2)[0] - float(gpt.loss(params, {"tokens": tokens, "targets": targets}, cfg))) < 1e-5
+    True
     """
     first, last = layers.start == 0, layers.stop == config.n_layers
     x = embed(params["embed"], relayout(inputs, plan), config, plan) if first else inputs
@@ -234,7 +261,10 @@ def stage_forward(
         return x, aux
     if targets is None:
         raise TypeError("stage_forward: the last stage needs targets=... to compute the loss")
-    return _mean(*head_sums(params, x, relayout(targets, plan), config, plan), plan), aux
+    nll, n = head_sums(params, x, relayout(targets, plan), config, plan)
+    if count is not None:
+        return nll / count.to(nll.dtype), aux
+    return _mean(nll, n, plan), aux
 
 
 def make_loss(

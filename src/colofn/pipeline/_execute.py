@@ -101,6 +101,8 @@ class Step:
         self.sums = _step_sums.StepSums()  # the stages' dp gradient sums, once per step
         for st in self.params:
             self.sums.register(st, self.param_leaves[st])
+            if pipe._grad_sum is not None:  # parameters varying along these axes: their totals summed once
+                self.sums.sum_totals(st, *pipe._grad_sum)
         self.wire = Wire(_comm.axis_group(pipe.mesh, (pipe.axis_name,)), pipe.axis_name,
                          pipe._tags, pipe.mesh.device)
 
@@ -175,6 +177,8 @@ class Step:
             events.append(Event(self.me, op.action, start - t0, end - t0))
             if sends:
                 self.wire.send(sends)
+            if stage is not None and stage in self.sums.totals:  # its sends are out: now its sum
+                self.sums.launch_totals(stage, self.acc[stage])
         losses = self._share_losses(loss)
         self.wire.wait_sends()
         self.sums.finish(self.acc)

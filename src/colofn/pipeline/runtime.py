@@ -31,7 +31,8 @@ The stage-function contract
   The sums over other axes of the stage *parameters*' gradients that
   varying/invariant tracking derives (dp) are then done once per step, during
   the stage's last parameter backward (:mod:`colofn._step_sums`), not once per
-  microbatch.
+  microbatch; with ``grad_sum_axes`` (parameters marked varying along the data
+  axes inside the stages), from each stage's accumulated totals right after it.
 * Loss terms computed on earlier stages (say a mixture-of-experts balancing
   loss) travel as a leaf of the activations: stage ``s`` returns
   ``{"h": h, "aux": x["aux"] + aux_s}`` and the last stage adds ``x["aux"]``
@@ -160,6 +161,21 @@ class Pipeline:
         mesh: the mesh (default: the ambient one); other axes than
             ``axis_name`` each run their own pipeline.
         axis_name: the pipeline axis.
+        grad_sum_axes: mesh axes (data axes: ``"dp"``, or several) along
+            which the stage functions mark their parameters *varying*
+            (:func:`colofn.train.pipe_zero.varying`, inside a
+            :func:`~colofn.shard_map.per_device` stage), so each rank
+            differentiates only its own tokens' part and tracking sums nothing
+            per microbatch. The runtime then sums each stage's accumulated
+            gradients over these axes once per step: flat buckets all-reduced
+            asynchronously right after the stage's last parameter backward,
+            waited for before the step returns. Without it (the default),
+            tracking sums invariant parameters' gradients through
+            :mod:`colofn._step_sums`'s per-use stashes. A parameter left
+            invariant along these axes is still summed once (its per-use
+            gradients stay in the totals); one whose uses vary along only
+            some of them raises :class:`~colofn.errors.ShardingError` in the
+            backward (mark it varying).
 
     Everything is checked here, before any communication: an invalid schedule
     raises :func:`~colofn.pipeline.validate`'s :class:`~colofn.errors.ScheduleError`.
@@ -175,6 +191,7 @@ class Pipeline:
         skips: Skips | None = None,
         mesh: Mesh | None = None,
         axis_name: str = "pp",
+        grad_sum_axes: str | Sequence[str] | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"Pipeline needs a colofn.pipeline.Schedule, got {type(schedule).__name__}.")
@@ -221,6 +238,15 @@ class Pipeline:
         self._send_of = {op.action: {msg.link: msg for msg in op.sends} for op in self._program}
         self._tags = num_tags(schedule.num_stages, len(self.links), schedule.num_microbatches)
         self._metas: dict[Any, dict[int, Meta]] = {}  # input signature -> link -> metadata
+        self._grad_sum: tuple[tuple[str, ...], _comm.AxisGroup] | None = None
+        if grad_sum_axes:
+            axes = (grad_sum_axes,) if isinstance(grad_sum_axes, str) else tuple(grad_sum_axes)
+            bad = [a for a in axes if a not in m.shape or a == axis_name]
+            if bad:
+                raise MeshError(f"Pipeline(grad_sum_axes={axes}): {bad} must be axes of {m} other than the "
+                                f"pipeline axis {axis_name!r}; name the data axes the stages' parameters vary along.")
+            axes = tuple(a for a in m.axis_names if a in axes)  # mesh order: the group's
+            self._grad_sum = (axes, _comm.axis_group(m, axes))  # built now, on every rank: creating it is collective
 
     def __repr__(self) -> str:
         s = self.schedule

@@ -28,6 +28,7 @@ from colofn.nn._plan import ModulePlan, Parallelized
 from colofn.optim.adam import AdamState
 from colofn.partition_spec import P
 from colofn.sharding import from_local_block, local_block
+from colofn.train import pipe_loss
 from colofn.train.trainers import nbytes
 
 HELD_OUT = 0.1
@@ -161,15 +162,26 @@ class Pipelined:
         else:
             self.params = {s: self._local(split(params)[s], s) for s in self.mine}
             self.opt_states = {s: AdamState(state.count, self._local(mu[s], s), self._local(nu[s], s)) for s in self.mine}
-        vary = (lambda p: pipe_zero.varying(p, "dp")) if zero_stage is not None else (lambda p: p)
         tok = P(plan.dp) if plan.dp else P()
         act = P(plan.dp, plan.tp if plan.sp else None) if plan.dp or plan.sp else P()
         dp = (plan.dp,) if isinstance(plan.dp, str) else tuple(plan.dp or ())
+        # As PipelineTrainer (colofn.train.pipe_loss): the last stage returns its rank's share of each
+        # microbatch's mean, summed once per step after the optimizer; small stages' parameters vary along dp
+        # and the pipeline sums their accumulated gradients once per step.
+        self.loss_group = pipe_loss.loss_group(mesh, dp)
+        self.blocks, self.microbatches = pipe_loss.data_blocks(tok, mesh), sched.num_microbatches
+        sum_axes = dp if zero_stage is None and self._small_and_replicated(dp) else ()
+        vary_axes = "dp" if zero_stage is not None else sum_axes
+        vary = (lambda p: pipe_zero.varying(p, vary_axes)) if vary_axes else (lambda p: p)
         self.tok = tok
         par, ranges = self.par, self.ranges
 
         def make(s: int) -> Any:
             first, last = s == 0, s == n - 1
+            if last and dp:
+                return per_device(
+                    lambda p, x, t: _share(par, _stages.stage_forward(par, vary(p), x, ranges[s], first=first, last=True), t),
+                    mesh=mesh, in_specs=(self.specs[s], tok if first else act, {"count": P(), "targets": tok}))
             if last:
                 return per_device(
                     lambda p, x, t: _stages.stage_loss(par, _stages.stage_forward(par, vary(p), x, ranges[s], first=first, last=True), t, dp),
@@ -177,7 +189,19 @@ class Pipelined:
             return per_device(lambda p, x: _stages.stage_forward(par, vary(p), x, ranges[s], first=first, last=False),
                               mesh=mesh, in_specs=(self.specs[s], tok if first else act))
 
-        self.pipe = Pipeline([make(s) for s in range(n)], sched, mesh=mesh, axis_name="pp")
+        self.pipe = Pipeline([make(s) for s in range(n)], sched, mesh=mesh, axis_name="pp", grad_sum_axes=sum_axes or None)
+
+    def _small_and_replicated(self, dp: tuple[str, ...]) -> bool:
+        """No parameter split over ``dp``, and each of this rank's stages within the first gradient bucket."""
+        from colofn import _dist_comm
+        from colofn.partition_spec import PartitionSpec, dim_axes
+
+        if not dp or self.zero_stage is not None:
+            return False
+        specs = jt.leaves(self.specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        if any(a in dp for spec in specs for e in spec for a in dim_axes(e)):
+            return False
+        return all(nbytes(self.params[s]) <= _dist_comm.FIRST_BUCKET_BYTES for s in self.mine)
 
     def _local(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
@@ -187,16 +211,20 @@ class Pipelined:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.tok, self.mesh)
-        targets = local_block(batch["targets"], self.tok, self.mesh)
+        targets: Any = local_block(batch["targets"], self.tok, self.mesh)
+        if self.loss_group is not None:
+            targets = {"count": pipe_loss.microbatch_counts(batch["targets"], self.blocks, self.microbatches),
+                       "targets": targets}
         if self.zero_stage is not None:
             from colofn.train.pipe_zero import zero_step
 
-            return zero_step(self.pipe, self.opt, self.states, tokens, targets)
+            return zero_step(self.pipe, self.opt, self.states, tokens, targets, loss_group=self.loss_group)
         result = self.pipe(self.params, tokens, targets)
+        loss = pipe_loss.LossSum(result.losses, self.loss_group)  # on the wire during the update
         for s in self.mine:
             updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
             self.params[s] = jt.map(torch.Tensor.detach, optim.apply_updates(self.params[s], updates))
-        return float(result.loss)
+        return loss.wait()
 
     def export(self) -> tuple[Tree, AdamState]:
         from colofn.pipeline import gather_stages
@@ -219,6 +247,12 @@ class Pipelined:
 
             return pipe_zero.local_bytes(self.states)
         return nbytes((self.params, self.opt_states))
+
+
+def _share(par: Parallelized, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``nn._stages.stage_loss`` without its ``psum`` over dp: this rank's share ``nll / count`` of the microbatch's mean."""
+    nll, _ = _stages.tp_regions.cross_entropy_sums(logits, t["targets"], par.plan.tp)
+    return nll / t["count"].reshape(()).to(nll.dtype)
 
 
 def trainer(cfg: Any, model: Any, mesh: Mesh, opt: optim.GradientTransformation, params: Tree, state: AdamState) -> Any:

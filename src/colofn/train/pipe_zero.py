@@ -7,7 +7,7 @@ parameters over ``dp`` (stages 0, 1, 2). A step:
    (:func:`colofn.zero.stage_params`), marked *varying* along ``dp`` inside
    the stage (:func:`varying`), so no backward sums their gradients over
    ``dp``: each rank accumulates the gradients of its own tokens' share of
-   the loss (the loss is the ``psum``'d mean over all of them);
+   the loss (its share of the mean over all of them, :mod:`colofn.train.pipe_loss`);
 2. :func:`colofn.zero.apply_gradients` sums the accumulated gradients over
    ``dp`` once (a reduce-scatter for stages 1-2, an all-reduce for 0),
    updates this rank's shard and all-gathers the parameters.
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colofn import _vma, zero
+from colofn import _comm, _vma, zero
 from colofn import tree as jt
 from colofn.optim.adam import AdamState
 from colofn.optim.base import GradientTransformation
@@ -72,17 +72,23 @@ def stage_states(opt: GradientTransformation, mesh: Mesh, stage: int, specs: Map
 
 
 def zero_step(pipe: Pipeline, opt: GradientTransformation, states: dict[int, zero.ZeroState], tokens: torch.Tensor,
-              targets: torch.Tensor) -> float:
+              targets: Any, loss_group: _comm.AxisGroup | None = None) -> float:
     """One step: the pipeline's accumulated gradients, then each stage's ZeRO update (in stage order on every rank).
 
-    Updates ``states`` in place; returns the step's loss.
+    Updates ``states`` in place; returns the step's loss. With ``loss_group``
+    the last stage's losses are this rank's shares of each microbatch's mean
+    (:mod:`colofn.train.pipe_loss`), summed over the group asynchronously
+    during the updates.
     """
+    from colofn.train.pipe_loss import LossSum
+
     params = {s: zero.stage_params(z) for s, z in states.items()}
     result = pipe(params, tokens, targets)
     del params
+    loss = LossSum(result.losses, loss_group)
     for s in sorted(states):
         states[s], _ = zero.apply_gradients(opt, states[s], result.grads[s])
-    return float(result.loss)
+    return loss.wait()
 
 
 def export_stages(states: dict[int, zero.ZeroState]) -> tuple[dict[int, tuple[Tree, Tree, Tree]], torch.Tensor]:

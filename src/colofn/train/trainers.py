@@ -16,8 +16,12 @@ resumes on any other.
 * :class:`PipelineTrainer`: the layers cut into stages run by a
   :mod:`colofn.pipeline` schedule over ``pp``; each stage is
   :func:`colofn.parallel.stage_forward` under :func:`colofn.per_device`, so tp,
-  Megatron-SP and dp work inside stages and the dp gradient sum comes from
-  varying/invariant tracking. With ``zero`` (stages 0-2) each stage's
+  Megatron-SP and dp work inside stages. The last stage returns its rank's
+  share of each microbatch's mean (no ``psum`` in the forward), summed once per
+  step after the optimizer (:mod:`colofn.train.pipe_loss`); small dense stages'
+  parameters vary along the data axes and the pipeline sums their accumulated
+  gradients once per step (``Pipeline(grad_sum_axes=...)``), larger ones get
+  the dp sum from varying/invariant tracking. With ``zero`` (stages 0-2) each stage's
   parameters are a :mod:`colofn.zero` state over ``dp`` instead: they vary
   along ``dp`` inside the stage (no sum per microbatch), and
   :func:`colofn.zero.apply_gradients` reduces the gradients accumulated over
@@ -47,8 +51,9 @@ from colofn.parallel import (
     stage_slice,
 )
 from colofn.parallel.gpt import local_loss, stage_forward
-from colofn.partition_spec import P, PartitionSpec
+from colofn.partition_spec import P, PartitionSpec, dim_axes
 from colofn.sharding import from_local_block, gather, local_block
+from colofn.train import pipe_loss
 
 Tree = Any
 
@@ -159,12 +164,45 @@ class PipelineTrainer:
             }
         bs = batch_specs(plan)
         self.batch_specs = bs
+        # The last stage returns this rank's share of each microbatch's mean (no psum in the forward); the
+        # step's shares are summed in one asynchronous all-reduce after the optimizer (train/pipe_loss.py).
+        # A MoE model's last stage adds the (invariant) balancing loss to it, so it keeps the psum'd mean.
+        self.shares = self._loss_in_shares()
+        self.loss_group = pipe_loss.loss_group(mesh, plan.token_axes) if self.shares else None
+        self.microbatches = sched.num_microbatches
+        self.blocks = pipe_loss.data_blocks(bs["targets"], mesh)
+        self._sum_axes = self._grad_sum_axes(full_specs)
         act = P(plan.batch_axes or None, plan.seq_axis)
         stages = [self._stage_fn(s, act, bs["tokens"], last=s == n - 1) for s in range(n)]
-        self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp")
+        self.pipe = Pipeline(stages, sched, mesh=mesh, axis_name="pp", grad_sum_axes=self._sum_axes or None)
 
     def _local(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: local_block(x, spec, self.mesh).clone(), tree, self.specs[s])
+
+    def _grad_sum_axes(self, full_specs: Tree) -> tuple[str, ...]:
+        """The axes the pipeline sums this rank's stages' accumulated gradients over once per step, or ``()``.
+
+        Then the stages' parameters vary along the token axes inside the stages (no implicit pvary, gradient
+        hook and stash per parameter per microbatch: ``Pipeline(grad_sum_axes=...)``), where tracking would
+        sum them over the same axes once per step. Only where that changes no communication: without ZeRO
+        (which sums them itself), no parameter split over a token axis (an expert weight over ``ep``), and
+        each stage's parameters within the first gradient bucket (1 MiB), which tracking fills during the
+        last backward but launches only when it ends: larger stages keep tracking's buckets launched during
+        that backward (the totals are complete only after it).
+        """
+        from colofn import _dist_comm
+
+        if not self._loss_in_shares() or self.zero_stage is not None:
+            return ()
+        axes = self.plan.token_axes
+        split = {a for spec in jt.leaves(full_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+                 for e in spec for a in dim_axes(e)}
+        small = all(nbytes(self.params[s]) <= _dist_comm.FIRST_BUCKET_BYTES for s in self.mine)
+        return axes if small and not split & set(axes) else ()
+
+    def _loss_in_shares(self) -> bool:
+        """Whether the last stage returns this rank's share of the mean (tokens split, and no balancing loss added)."""
+        return bool(self.plan.token_axes) and not self.moe
 
     def _stage_fn(self, s: int, act: PartitionSpec, tok: PartitionSpec, last: bool) -> Any:
         from colofn.shard_map import per_device
@@ -176,35 +214,44 @@ class PipelineTrainer:
             return moe_stage(self, s, act, tok, last)
         x_spec = tok if s == 0 else act
         vary = self._vary
+        if last and self.shares:  # t: {"count": [1], the microbatch's token count over the token axes, "targets"}
+            return per_device(
+                lambda p, x, t: stage_forward(vary(p), x, mcfg, plan, layers=layers, targets=t["targets"],
+                                              count=t["count"].reshape(()))[0],
+                mesh=self.mesh, in_specs=(self.specs[s], x_spec, {"count": P(), "targets": tok}),
+            )
         if last:
-            body = per_device(
+            return per_device(
                 lambda p, x, t: stage_forward(vary(p), x, mcfg, plan, layers=layers, targets=t)[0],
                 mesh=self.mesh, in_specs=(self.specs[s], x_spec, tok),
             )
-            return body
         return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
 
     def _vary(self, params: Tree) -> Tree:
-        """Inside a stage: with ZeRO, the params vary along the data axes (ZeRO sums their gradients once per step)."""
-        if self.zero_stage is None:
+        """Inside a stage: the params vary along the data axes, whose sum ZeRO (or the pipeline) does once per step."""
+        axes = self._zero_axes if self.zero_stage is not None else self._sum_axes
+        if not axes:
             return params
         from colofn.train.pipe_zero import varying
 
-        return varying(params, self._zero_axes)
+        return varying(params, axes)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         tokens = local_block(batch["tokens"], self.batch_specs["tokens"], self.mesh)
-        targets = local_block(batch["targets"], self.batch_specs["targets"], self.mesh)
+        targets: Any = local_block(batch["targets"], self.batch_specs["targets"], self.mesh)
+        if self.shares:
+            targets = {"count": pipe_loss.microbatch_counts(batch["targets"], self.blocks, self.microbatches),
+                       "targets": targets}
         if self.zero_stage is not None:
             from colofn.train.pipe_zero import zero_step
 
-            return zero_step(self.pipe, self.opt, self.states, tokens, targets)
+            return zero_step(self.pipe, self.opt, self.states, tokens, targets, loss_group=self.loss_group)
         result = self.pipe(self.params, tokens, targets)
         self.events = result.events  # the step's compute per action, for the report's measured bubble
-        for s in self.mine:
-            updates, self.opt_states[s] = self.opt.update(result.grads[s], self.opt_states[s], self.params[s])
-            self.params[s] = jt.map(torch.Tensor.detach, optim.apply_updates(self.params[s], updates))
-        return float(result.loss)
+        loss = pipe_loss.LossSum(result.losses, self.loss_group)  # on the wire during the update
+        for s in self.mine:  # the trainer owns its stages' params and state: updated in place, the same bits
+            self.opt_states[s] = optim.update_in_place(self.opt, result.grads[s], self.opt_states[s], self.params[s])
+        return loss.wait()
 
     def _global(self, tree: Tree, s: int) -> Tree:
         return jt.map(lambda x, spec: from_local_block(x, spec, self.mesh).full_tensor(), tree, self.specs[s])
