@@ -69,8 +69,8 @@ def rank_program(steps: int, native: bool) -> tuple[dict[str, float], dict[str, 
         layer.expert_parallel = _timer(acc, "experts", layer.expert_parallel)
         if hasattr(ex, "_through_experts"):
             ex._through_experts = _timer(acc, "  expert math", ex._through_experts)
-        asy.AllToAll.__init__ = _timer(acc, "  all-to-all launch", asy.AllToAll.__init__)
-        asy.AllToAll.wait = _timer(acc, "  all-to-all wait", asy.AllToAll.wait)
+        asy.AllToAll.__init__ = _timer(acc, "  all-to-all launch", asy.AllToAll.__init__)  # type: ignore[method-assign]
+        asy.AllToAll.wait = _timer(acc, "  all-to-all wait", asy.AllToAll.wait)  # type: ignore[method-assign]
         torch.autograd.grad = _timer(acc, "backward", torch.autograd.grad)
         run = bt.Colofn(cfg, mcfg, params, mesh)
     for _ in range(3):
@@ -85,7 +85,7 @@ def rank_program(steps: int, native: bool) -> tuple[dict[str, float], dict[str, 
     real = _vma._VmaMode.__torch_function__
 
     def counting(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        f = sys._getframe(1)
+        f: Any = sys._getframe(1)
         while f is not None and any(p in f.f_code.co_filename for p in ("_vma.py", "/torch/", "/einops/")):
             f = f.f_back
         ops[os.path.relpath(f.f_code.co_filename, os.path.dirname(colofn.__file__)) if f else "?"] += 1
