@@ -61,9 +61,15 @@ def vary_alike(
 
 
 @contextlib.contextmanager
-def untracked() -> Iterator[None]:
-    """Torch ops here skip the tracking mode (only inside a tracked ``shard_map`` body; else nothing changes)."""
-    if _tracked() is None:
+def untracked(*tensors: torch.Tensor) -> Iterator[None]:
+    """Torch ops here skip the tracking mode, inside a tracked ``shard_map`` body, when ``tensors`` are plain.
+
+    A tensor subclass (whose ``__torch_function__`` must run) keeps every op
+    tracked; so does code outside a tracked body (nothing changes there).
+    Tracked or not, the results are the same: the inputs already vary along
+    the union (:func:`vary_alike`), so the mode inserts no ``pvary`` of its own.
+    """
+    if _tracked() is None or any(type(t) is not torch.Tensor for t in tensors):
         yield
         return
     with torch._C.DisableTorchFunction():

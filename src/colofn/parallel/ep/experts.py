@@ -69,7 +69,7 @@ def local_experts(
     With ``w1``/``w2`` split over ``tp`` along ``d_ff``, ``y`` is a partial sum.
     """
     union, (tokens, gates, w1, w2) = vary_alike((tokens, r.gates, params["w1"], params["w2"]))
-    with untracked():
+    with untracked(tokens):
         tok, slot = torch.nonzero(r.keep, as_tuple=True)
         h = grouped_mlp({"w1": w1, "w2": w2}, tokens[tok], r.expert_index[tok, slot], config)
         y = torch.zeros_like(tokens).index_add(0, tok, h * gates[tok, slot, None])
@@ -99,7 +99,7 @@ def expert_parallel(
         table = all_gather(counts, axis, axis_dim=0, to="invariant")  # [source, expert]
     union, (tokens, gates, w1, w2) = vary_alike((tokens, r.gates, params["w1"], params["w2"]), (axis,))
     experts = {"w1": w1, "w2": w2}
-    with untracked():
+    with untracked(tokens):
         plan = _Plan(table, n, n_local, me)
         d, k, device = tokens.shape[-1], r.expert_index.shape[-1], tokens.device
         # this rank's kept assignments (token-major, slot-minor) sorted by expert, so by destination rank

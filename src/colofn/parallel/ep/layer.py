@@ -34,7 +34,7 @@ def moe(
         params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis,
         seq_layout=plan.seq_layout, count_axis=plan.ep,
     )  # fmt: skip
-    with untracked():
+    with untracked(x):
         tokens = rearrange(x, "b s d -> (b s) d")
     tag(vma_of(x), tokens)
     if plan.ep is None:
@@ -42,7 +42,7 @@ def moe(
     else:
         y = expert_parallel(params, tokens, r, config, plan.ep, table)
     aux = r.aux_loss if plan.tp is None else pmean(r.aux_loss, plan.tp)
-    with untracked():
+    with untracked(y):
         out = rearrange(y, "(b s) d -> b s d", b=x.shape[0])
     tag(vma_of(y), out)
     return out, aux

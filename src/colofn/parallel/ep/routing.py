@@ -81,14 +81,14 @@ def route_and_count(
     gathers the counts itself.
     """
     axes = batch_axes + ((seq_axis,) if seq_axis else ())
-    with untracked():
+    with untracked(x):
         b, s, d = x.shape
         n_experts, k = router.shape[1], config.top_k
         wide_x, wide_router = _wide(x.reshape(b * s, d)), _wide(router)
     tag(vma_of(x), wide_x)
     tag(vma_of(router), wide_router)
     union, (wide_x, wide_router) = vary_alike((wide_x, wide_router))  # the pvary the mode would put on their matmul
-    with untracked():  # the local math in one go, tagged below
+    with untracked(wide_x):  # the local math in one go, tagged below
         probs = torch.softmax(wide_x @ wide_router, dim=-1)
         gates, expert_index = probs.topk(k, dim=-1)
         chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
@@ -97,7 +97,7 @@ def route_and_count(
     tag(union, expert_index, gates, chosen, stats)
     n_tokens = b * s * (axis_size(axes) if axes else 1)
     if config.capacity_factor is None:
-        with untracked():
+        with untracked(expert_index):
             keep = torch.ones_like(expert_index, dtype=torch.bool)
         tag(union, keep)
     else:
@@ -108,14 +108,14 @@ def route_and_count(
     counted = count_axis is not None and count_axis in axes and exact
     if counted:  # this rank's row of the [ranks, experts] table; the psum fills the others
         mine, ranks = int(axis_index(axes)), axis_size(axes)
-        with untracked():
+        with untracked(stats):
             counts = torch.bincount(expert_index[keep], minlength=n_experts).to(stats.dtype)
             stats = torch.cat([stats, F.pad(counts[None], (0, 0, mine, ranks - mine - 1))])
         tag(union, stats)
     if axes:
         stats = psum(stats, axes)
     summed = vma_of(stats)
-    with untracked():
+    with untracked(stats):
         aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
     tag(summed, aux_loss)
     routing = gpt.Routing(expert_index, gates, keep, aux_loss)
@@ -124,7 +124,7 @@ def route_and_count(
     sizes = [axis_size(a) for a in axes]
     # the rows of this rank's count_axis group: indexed by this rank's other coordinates, so it varies along them
     at = tuple(slice(None) if a == count_axis else int(axis_index(a)) for a in axes)
-    with untracked():
+    with untracked(stats):
         table = stats[2:].detach().reshape(*sizes, n_experts)[at].to(torch.int64)  # [axis_size(count_axis), n_experts]
     tag(None if summed is None else summed | {a for a in axes if a != count_axis}, table)
     return routing, table
