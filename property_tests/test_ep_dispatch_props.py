@@ -8,8 +8,7 @@ experts get nothing), and whether the counts come with the routing
 statistics or are all-gathered. ``route_and_count`` + ``expert_parallel``
 inside ``shard_map`` must give ``gpt.moe``'s output, load-balancing loss and
 gradients (router, expert weights, tokens), and tag the output varying along
-the token axes, in float64 (the padded batched matmul) and float32 (on CPU,
-the experts on exactly their rows with ``F.grouped_mm``). Every index of the dispatch is built from the count table
+the token axes, in float64 and float32. Every index of the dispatch is built from the count table
 (:class:`colofn.parallel.ep.experts._Plan`), so these are the cases where an
 off-by-one would show.
 """
@@ -38,7 +37,7 @@ def cases(draw):
     seq = draw(st.integers(1, 3))
     skew = draw(st.sampled_from([0.0, 2.0, 50.0]))  # 50: every token's first choice is one expert
     gathered = draw(st.booleans())
-    dtype = draw(st.sampled_from([torch.float64, torch.float32]))  # float32: the experts on exact rows (grouped_mm)
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     return n, dp, n_local, top_k, capacity, rows, seq, skew, gathered, dtype
 
 
@@ -67,34 +66,3 @@ def test_expert_parallel_equals_single_device_moe(case):
 
     assert_equivalent(parallel, lambda p, x: gpt.moe(p, x, cfg), params, x, world_size=dp * n)
 
-
-def test_float32_experts_run_on_exact_rows_with_grouped_mm():
-    from unittest import mock
-
-    import torch.nn.functional as F
-
-    cfg = gpt.config("tiny", d_model=8, n_heads=2, d_ff=12, n_experts=4, top_k=2)
-    params = gpt.init(random.key(0), cfg)["layers"][0]["moe"]
-    x = random.normal(random.key(1), (4, 3, cfg.d_model))
-    calls = []
-    real = F.grouped_mm
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return real(*args, **kwargs)
-
-    def body(params, x):
-        r, table = ep.route_and_count(params["router"], x, cfg, batch_axes=("ep",), count_axis="ep")
-        return ep.expert_parallel(params, x.flatten(0, 1), r, cfg, "ep", table).reshape(x.shape)
-
-    def program():
-        specs = {"router": P(), "w1": P("ep"), "w2": P("ep")}
-        return colofn.shard_map(body, mesh=colofn.Mesh((2,), ("ep",)), in_specs=(specs, P("ep")), out_specs=P("ep"))(
-            params, x
-        ).full_tensor()
-
-    with mock.patch.object(F, "grouped_mm", counted):
-        (y, _) = colofn.launch(program, world_size=2)
-    assert len(calls) == 8  # 2 ranks x (own block, the other's) x (w1, w2); the rows are exact: 24 assignments
-    assert sum(calls) == 2 * 24
-    torch.testing.assert_close(y, gpt.moe(params, x, cfg)[0])

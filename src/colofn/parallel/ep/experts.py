@@ -29,8 +29,6 @@ mode (:mod:`~colofn.parallel.ep._untracked`), tagged once at its edges.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 
 from colofn.collectives import all_gather, axis_index, axis_size
 from colofn.models import gpt
@@ -50,42 +48,14 @@ def grouped_mlp(
     order = torch.argsort(expert, stable=True)
     rank = torch.empty_like(order).scatter(0, order, torch.arange(len(expert), device=x.device))  # place in sorted order
     at = expert * room + rank - (counts.cumsum(0) - counts)[expert]  # expert e's rows: e * room + 0, 1, ...
-    return _through_experts(params, x, at, [room] * n, config, exact=False)
-
-
-def _exact_rows(params: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` can run the experts on exactly their rows (no padding): on CPU, float32.
-
-    torch 2.13's CPU kernel takes float32, bfloat16 and float16 (not float64)
-    and refuses strides that are not multiples of 16 bytes; bfloat16/float16
-    and ``torch.func`` transforms keep the padded ``bmm``.
-    """
-    w1, w2 = params["w1"], params["w2"]
-    return (
-        x.device.type == "cpu" and x.dtype == w1.dtype == w2.dtype == torch.float32
-        and all(s % 4 == 0 for s in (*w1.shape[1:], *w2.shape[1:])) and w1.is_contiguous() and w2.is_contiguous()
-        and not torch._C._are_functorch_transforms_active() and fwAD._current_level < 0
-    )  # fmt: skip
+    return _through_experts(params, x, at, n, room, config)
 
 
 def _through_experts(
-    params: dict[str, torch.Tensor], x: torch.Tensor, at: torch.Tensor, rows: list[int], config: gpt.GPTConfig,
-    exact: bool,
-) -> torch.Tensor:  # fmt: skip
-    """Row ``i`` of ``x`` through the experts, at row ``at[i]`` of an expert-major buffer where expert ``e`` has ``rows[e]``.
-
-    ``exact``: the buffer holds exactly the rows (``rows[e]`` of expert ``e``'s)
-    and ``F.grouped_mm`` runs each expert on its own (:func:`_exact_rows`);
-    else every expert has ``rows[0]`` rows, zero-padded, through one batched
-    ``gpt.mlp``. The same math (``gelu(x @ w1) @ w2``) either way.
-    """
-    d, n = x.shape[-1], len(rows)
-    if exact:
-        buffer = x.new_zeros(sum(rows), d).index_copy(0, at, x)
-        ends = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
-        h = F.gelu(F.grouped_mm(buffer, params["w1"], offs=ends), approximate="tanh")
-        return F.grouped_mm(h, params["w2"], offs=ends).index_select(0, at)
-    room = rows[0]
+    params: dict[str, torch.Tensor], x: torch.Tensor, at: torch.Tensor, n: int, room: int, config: gpt.GPTConfig
+) -> torch.Tensor:
+    """Row ``i`` of ``x`` through the experts at row ``at[i]`` of a zero-padded ``[n * room, d]`` buffer (expert-major)."""
+    d = x.shape[-1]
     buffer = x.new_zeros(n * room, d).index_copy(0, at, x).view(n, room, d)
     y = gpt.mlp(params, buffer, config)  # [n, room, d]; empty (but still in the graph) when room is 0
     return y.reshape(n * room, d).index_select(0, at)
@@ -146,13 +116,12 @@ def expert_parallel(
         tag(union, blocks)
         dispatch = AllToAll(blocks, axis)  # block p goes to rank p
         # while it travels, this rank's own block (already here) goes through its experts
-        exact = _exact_rows(experts, tokens)
-        own_at, own_rows = plan.own_grouping(device, exact)
+        own_at, own_room = plan.own_grouping(device)
         own_block = buffer[me * plan.room : me * plan.room + plan.sent[me]]
-        own = _through_experts(experts, own_block, own_at, own_rows, config, exact)
+        own = _through_experts(experts, own_block, own_at, n_local, own_room, config)
         received = dispatch.wait().reshape(n * plan.room, d)
-        rows, other_at, other_rows = plan.other_grouping(device, exact)
-        done = _through_experts(experts, received.index_select(0, rows), other_at, other_rows, config, exact)
+        rows, other_at, other_room = plan.other_grouping(device)
+        done = _through_experts(experts, received.index_select(0, rows), other_at, n_local, other_room, config)
         out = torch.zeros_like(received).index_copy(0, rows, done).view(n, plan.room, d)
         tag(union, out)
         # block p goes back to rank p (this rank's own block is zeros: its results are `own`);
@@ -187,44 +156,37 @@ class _Plan:
         lo = sum(self.sent[:me])
         self.own_assignments = lo, lo + self.sent[me]
         to_me = [row[me * n_local : (me + 1) * n_local] for row in counts]  # self.mine, on the host
-        self.own_rows = to_me[me]  # per local expert
-        self.other_rows = [sum(to_me[s][e] for s in range(n) if s != me) for e in range(n_local)]
+        self.own_room = max(to_me[me])
+        others = [sum(to_me[s][e] for s in range(n) if s != me) for e in range(n_local)]
+        self.other_room, self.other_total = max(others), sum(others)
 
     def send_rows(self, device: torch.device) -> torch.Tensor:
         """The send buffer's row of each sorted assignment: rank ``p``'s block starts at ``p * room``."""
         starts = torch.arange(self.n, device=device) * self.room
         return _runs(starts, torch.tensor(self.sent, device=device), self.kept)
 
-    def own_grouping(self, device: torch.device, exact: bool) -> tuple[torch.Tensor, list[int]]:
-        """``(at, rows)``: each row of this rank's own block (its assignments to its own experts, sorted by
-        expert) placed in the expert-major buffer of :func:`_through_experts`, and its rows per expert."""
-        rows = self._buffer_rows(self.own_rows, exact)
-        return _runs(self._expert_starts(rows, device), self.mine[self.me], self.sent[self.me]), rows
+    def own_grouping(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """``(at, room)``: each row of this rank's own block (its assignments to its own experts, sorted by
+        expert) placed in the expert-major ``[n_local * room, d]`` buffer of :func:`_through_experts`."""
+        counts = self.mine[self.me]
+        starts = torch.arange(self.n_local, device=device) * self.own_room
+        return _runs(starts, counts, self.sent[self.me]), self.own_room
 
-    def other_grouping(self, device: torch.device, exact: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """``(rows, at, expert_rows)``: the received rows from every other rank, in row order, each one's row
-        in the expert-major buffer of :func:`_through_experts`, and that buffer's rows per expert.
+    def other_grouping(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(rows, at, room)``: the received rows from every other rank, in row order, and each one's row
+        in the expert-major buffer of :func:`_through_experts`.
 
         Source ``s``'s block starts at row ``s * room`` and holds its assignments
         to local expert 0, then 1, ...; in the grouped buffer, expert ``e``'s
-        rows start after those of the experts before it and take the sources in rank order.
+        rows start at ``e * room`` and take the sources in rank order.
         """
-        expert_rows = self._buffer_rows(self.other_rows, exact)
-        who = torch.arange(self.n, device=device)[:, None]
+        n, n_local, room = self.n, self.n_local, self.other_room
+        who = torch.arange(n, device=device)[:, None]
         counts = self.mine * (who != self.me)  # [source, local expert], this rank's own row zeroed
         row_starts = who * self.room + _exclusive_cumsum(self.mine, 1)
-        slot_starts = self._expert_starts(expert_rows, device) + _exclusive_cumsum(counts, 0)
-        flat, total = counts.reshape(-1), sum(self.other_rows)
-        return _runs(row_starts.reshape(-1), flat, total), _runs(slot_starts.reshape(-1), flat, total), expert_rows
-
-    @staticmethod
-    def _buffer_rows(rows: list[int], exact: bool) -> list[int]:
-        """The buffer's rows per expert: exactly ``rows``, or all padded to the largest."""
-        return list(rows) if exact else [max(rows)] * len(rows)
-
-    @staticmethod
-    def _expert_starts(rows: list[int], device: torch.device) -> torch.Tensor:
-        return _exclusive_cumsum(torch.tensor(rows, device=device))
+        slot_starts = torch.arange(n_local, device=device) * room + _exclusive_cumsum(counts, 0)
+        flat, total = counts.reshape(-1), self.other_total
+        return _runs(row_starts.reshape(-1), flat, total), _runs(slot_starts.reshape(-1), flat, total), room
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
