@@ -7,6 +7,7 @@ from einops import rearrange
 
 from colofn.collectives import pmean
 from colofn.models import gpt
+from colofn.parallel.ep._untracked import tag, untracked, vma_of
 from colofn.parallel.ep.experts import expert_parallel, local_experts
 from colofn.parallel.ep.routing import route_and_count
 from colofn.parallel.plan import Plan
@@ -33,10 +34,15 @@ def moe(
         params["router"], x, config, batch_axes=plan.batch_axes, seq_axis=seq_axis,
         seq_layout=plan.seq_layout, count_axis=plan.ep,
     )  # fmt: skip
-    tokens = rearrange(x, "b s d -> (b s) d")
+    with untracked(x):
+        tokens = rearrange(x, "b s d -> (b s) d")
+    tag(vma_of(x), tokens)
     if plan.ep is None:
         y = local_experts(params, tokens, r, config)
     else:
         y = expert_parallel(params, tokens, r, config, plan.ep, table)
     aux = r.aux_loss if plan.tp is None else pmean(r.aux_loss, plan.tp)
-    return rearrange(y, "(b s) d -> b s d", b=x.shape[0]), aux
+    with untracked(y):
+        out = rearrange(y, "(b s) d -> b s d", b=x.shape[0])
+    tag(vma_of(y), out)
+    return out, aux

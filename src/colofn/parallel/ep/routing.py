@@ -30,6 +30,7 @@ from einops import rearrange, reduce
 
 from colofn.collectives import all_gather, axis_index, axis_size, psum
 from colofn.models import gpt
+from colofn.parallel.ep._untracked import tag, untracked, vary_alike, vma_of
 from colofn.parallel.sp.chunks import Layout, chunk_ids
 
 __all__ = ["route", "route_and_count"]
@@ -79,16 +80,26 @@ def route_and_count(
     float dtype (``2**24`` assignments or more in float32): then the caller
     gathers the counts itself.
     """
-    b, s, _ = x.shape
-    n_experts, k = router.shape[1], config.top_k
     axes = batch_axes + ((seq_axis,) if seq_axis else ())
-    probs = torch.softmax(_wide(rearrange(x, "b s d -> (b s) d")) @ _wide(router), dim=-1)
-    gates, expert_index = probs.topk(k, dim=-1)
-    chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
-    stats = torch.stack([chosen.sum(dim=(0, 1)), probs.sum(dim=0)])
+    with untracked(x):
+        b, s, d = x.shape
+        n_experts, k = router.shape[1], config.top_k
+        wide_x, wide_router = _wide(x.reshape(b * s, d)), _wide(router)
+    tag(vma_of(x), wide_x)
+    tag(vma_of(router), wide_router)
+    union, (wide_x, wide_router) = vary_alike((wide_x, wide_router))  # the pvary the mode would put on their matmul
+    with untracked(wide_x):  # the local math in one go, tagged below
+        probs = torch.softmax(wide_x @ wide_router, dim=-1)
+        gates, expert_index = probs.topk(k, dim=-1)
+        chosen = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [tokens, k, experts]
+        stats = torch.stack([chosen.sum(dim=(0, 1)), probs.sum(dim=0)])
+        gates = gates.to(x.dtype)
+    tag(union, expert_index, gates, chosen, stats)
     n_tokens = b * s * (axis_size(axes) if axes else 1)
     if config.capacity_factor is None:
-        keep = torch.ones_like(expert_index, dtype=torch.bool)
+        with untracked(expert_index):
+            keep = torch.ones_like(expert_index, dtype=torch.bool)
+        tag(union, keep)
     else:
         capacity = math.ceil(config.capacity_factor * n_tokens * k / n_experts)
         per_token = rearrange(chosen.detach(), "(b s) k e -> b s k e", b=b)
@@ -96,20 +107,27 @@ def route_and_count(
     exact = n_tokens * k <= 2 / torch.finfo(stats.dtype).eps  # every partial sum of counts is an exact float
     counted = count_axis is not None and count_axis in axes and exact
     if counted:  # this rank's row of the [ranks, experts] table; the psum fills the others
-        mine = int(axis_index(axes))
-        counts = torch.bincount(expert_index[keep], minlength=n_experts).to(stats.dtype)
-        stats = torch.cat([stats, F.pad(counts[None], (0, 0, mine, axis_size(axes) - mine - 1))])
+        mine, ranks = int(axis_index(axes)), axis_size(axes)
+        with untracked(stats):
+            counts = torch.bincount(expert_index[keep], minlength=n_experts).to(stats.dtype)
+            stats = torch.cat([stats, F.pad(counts[None], (0, 0, mine, ranks - mine - 1))])
+        tag(union, stats)
     if axes:
         stats = psum(stats, axes)
-    aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
-    routing = gpt.Routing(expert_index, gates.to(x.dtype), keep, aux_loss)
+    summed = vma_of(stats)
+    with untracked(stats):
+        aux_loss = n_experts * (stats[0] / (n_tokens * k) * stats[1] / n_tokens).sum()
+    tag(summed, aux_loss)
+    routing = gpt.Routing(expert_index, gates, keep, aux_loss)
     if not counted:
         return routing, None
     sizes = [axis_size(a) for a in axes]
     # the rows of this rank's count_axis group: indexed by this rank's other coordinates, so it varies along them
-    at = [slice(None) if a == count_axis else axis_index(a) for a in axes]
-    table = stats[2:].detach().reshape(*sizes, n_experts)[tuple(at)]  # [axis_size(count_axis), n_experts]
-    return routing, table.to(torch.int64)
+    at = tuple(slice(None) if a == count_axis else int(axis_index(a)) for a in axes)
+    with untracked(stats):
+        table = stats[2:].detach().reshape(*sizes, n_experts)[at].to(torch.int64)  # [axis_size(count_axis), n_experts]
+    tag(None if summed is None else summed | {a for a in axes if a != count_axis}, table)
+    return routing, table
 
 
 def _rank_in_expert(
