@@ -93,3 +93,44 @@ def test_microbatch_counts_take_chunk_m_of_every_data_block():
     # 2 blocks (dp) of 4 rows, each cut into 2 microbatches of 2 rows: microbatch 0 = rows 0, 1, 4, 5
     assert microbatch_counts(t, 2, 2).tolist() == [int(kept[[0, 1, 4, 5]].sum()), int(kept[[2, 3, 6, 7]].sum())]
     assert microbatch_counts(t, 1, 4).tolist() == [int(kept[2 * m:2 * m + 2].sum()) for m in range(4)]
+
+
+def test_pp_dp_stages_run_untracked_and_equal_one_device():
+    """pp=2 x dp=2 with the pipeline's own once-per-step sums: the stages call no collective, so they run
+    without the tracking mode (no op goes through it), and two steps' losses equal one device's AdamW run."""
+    import threading
+
+    from colofn import _vma
+    from colofn import tree as jt
+
+    tracked, lock = [0], threading.Lock()
+    real_tf = _vma._VmaMode.__torch_function__
+
+    def counted(*a, **k):
+        with lock:
+            tracked[0] += 1
+        return real_tf(*a, **k)
+
+    t = colofn.random.randint(colofn.random.key(3), (8, MCFG.seq_len + 1), 0, MCFG.vocab_size)
+    batch = {"tokens": t[:, :-1], "targets": t[:, 1:]}
+    params = gpt.init(colofn.random.key(0), MCFG)
+    opt = optim.adamw(1e-2)
+
+    def program():
+        mesh = Mesh((2, 2), ("pp", "dp"))
+        trainer = PipelineTrainer(MCFG, Plan(dp="dp", pp="pp"), mesh, opt, params, opt.init(params), "1f1b", M)
+        return trainer._untracked_stages(), [trainer.step(batch) for _ in range(2)]
+
+    with mock.patch.object(_vma._VmaMode, "__torch_function__", counted):  # around the launch: ranks are threads
+        results = colofn.launch(program, world_size=4)
+    assert tracked[0] == 0
+    state, ref, want = opt.init(params), params, []
+    for _ in range(2):
+        q = jt.map(lambda x: x.detach().requires_grad_(), ref)
+        loss = gpt.loss(q, batch, MCFG)
+        want.append(float(loss.detach()))
+        updates, state = opt.update(jt.unflatten(jt.structure(q), torch.autograd.grad(loss, jt.leaves(q))), state, ref)
+        ref = optim.apply_updates(ref, updates)
+    for untracked, losses in results:
+        assert untracked
+        assert max(abs(a - b) for a, b in zip(losses, want, strict=True)) < 1e-5

@@ -214,18 +214,32 @@ class PipelineTrainer:
             return moe_stage(self, s, act, tok, last)
         x_spec = tok if s == 0 else act
         vary = self._vary
+        check = not self._untracked_stages()
         if last and self.shares:  # t: {"count": [1], the microbatch's token count over the token axes, "targets"}
             return per_device(
                 lambda p, x, t: stage_forward(vary(p), x, mcfg, plan, layers=layers, targets=t["targets"],
                                               count=t["count"].reshape(()))[0],
-                mesh=self.mesh, in_specs=(self.specs[s], x_spec, {"count": P(), "targets": tok}),
+                mesh=self.mesh, in_specs=(self.specs[s], x_spec, {"count": P(), "targets": tok}), check_vma=check,
             )
         if last:
             return per_device(
                 lambda p, x, t: stage_forward(vary(p), x, mcfg, plan, layers=layers, targets=t)[0],
-                mesh=self.mesh, in_specs=(self.specs[s], x_spec, tok),
+                mesh=self.mesh, in_specs=(self.specs[s], x_spec, tok), check_vma=check,
             )
-        return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh, in_specs=(self.specs[s], x_spec))
+        return per_device(lambda p, x: stage_forward(vary(p), x, mcfg, plan, layers=layers)[0], mesh=self.mesh,
+                          in_specs=(self.specs[s], x_spec), check_vma=check)
+
+    def _untracked_stages(self) -> bool:
+        """Whether the stages can run untracked (``check_vma=False``), as plain dp's body does.
+
+        When the pipeline sums the parameters' accumulated gradients itself (``grad_sum_axes``), the loss is
+        this rank's share (no ``psum``) and nothing but the batch is split (no tp, sp, ep, experts or grid),
+        a stage's body calls no collective and every value in it varies along the data axes alike: the
+        tracking mode would only confirm it, op by op.
+        """
+        plan = self.plan
+        return bool(self._sum_axes) and self.shares and not self.moe and (
+            plan.tp is None and plan.sp == "none" and plan.ep is None and plan.tp_mode == "1d" and not plan.tp_grid)
 
     def _vary(self, params: Tree) -> Tree:
         """Inside a stage: the params vary along the data axes, whose sum ZeRO (or the pipeline) does once per step."""
