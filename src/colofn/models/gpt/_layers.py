@@ -119,7 +119,9 @@ def qkv(
     whatever the weights hold (all heads, or a tensor-parallel rank's share).
     Rotary embeddings are applied here when ``config.pos == "rotary"``.
     """
-    q, k, v = (einsum(x, params[w], "b s d, d heads hd -> b heads s hd") for w in ("wq", "wk", "wv"))
+    # einsum "b s d, d heads hd -> b heads s hd" as a tensordot: the same matmul (and the same bits), less work
+    # per call; one op with the weight as an operand, so under tracking its implicit pvary is the weight's own
+    q, k, v = (torch.tensordot(x, params[w], dims=([2], [0])).transpose(1, 2) for w in ("wq", "wk", "wv"))
     if config.pos == "rotary":
         pos = _positions(positions, x.shape[1], x.device)
         q, k = rotary(q, pos, config.rope_base), rotary(k, pos, config.rope_base)
@@ -173,7 +175,7 @@ def attention_out(params: Params, o: torch.Tensor) -> torch.Tensor:
 
     On a tensor-parallel rank this is a partial sum over its heads.
     """
-    return einsum(o, params["wo"], "b heads s hd, heads hd d -> b s d")
+    return torch.tensordot(o, params["wo"], dims=([1, 3], [0, 1]))  # einsum "b heads s hd, heads hd d -> b s d"
 
 
 def attention(
