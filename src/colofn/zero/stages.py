@@ -388,6 +388,11 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
             y = to_device(x, plan.compute_device, compute[b])
             if plan.offload:
                 to_dev += y.numel() * y.element_size()
+            p = params[b]
+            if donate and y.shape == p.shape and y.dtype == p.dtype and y.device == p.device:
+                if not _same_view(y, p):
+                    p.copy_(y)  # the cast master, written into the donated params buffer
+                y = p
             new_compute.append(y)
     if plan.stage in (1, 2):  # donated: gathered into the state's own full buffers
         new_params = plan.gather_shards(new_compute, into=params if donate else None)
