@@ -13,6 +13,13 @@ without the copies:
 * :func:`start_gather`: the all-gather of the updated shards is one in-place
   broadcast per shard, from its owner, into the full buffer (as
   ``ZeroRedundancyOptimizer`` does per parameter), no scratch buffer.
+* :func:`start_all_reduce_coalesced`, :func:`start_gather_coalesced`: several
+  buckets in one operation. gloo runs each operation as its own algorithm with
+  its own rendezvous; with 4 ranks on 2 busy cores, 7 asynchronous all-reduces
+  of a GPT's buckets (2 MB) took 45 ms of wall time and 8 ms of CPU per rank,
+  one coalesced all-reduce of the same buckets 12 ms and 2.7 ms; 7 all-gathers
+  24 ms, 28 broadcasts 15 ms, one coalesced all-gather 8.5 ms
+  (``benchmarks/bench_zero_host_comm.py``).
 
 The same sums (the all-reduce gloo runs for a reduce-scatter) and the same
 values; ``comm_trace`` records the collectives they stand for, as before.
@@ -26,7 +33,7 @@ import torch.distributed as dist
 
 from colofn._comm import AxisGroup
 
-__all__ = ["in_place", "start_all_reduce", "start_gather"]
+__all__ = ["in_place", "start_all_reduce", "start_all_reduce_coalesced", "start_gather", "start_gather_coalesced"]
 
 IN_PLACE_BACKENDS = ("gloo", "colofn_sim")
 _cache: dict[int, bool] = {}
@@ -47,6 +54,27 @@ def start_all_reduce(full: torch.Tensor, g: AxisGroup) -> dist.Work:
     work = dist.all_reduce(full, group=g.group, async_op=True)
     assert work is not None
     return work
+
+
+def start_all_reduce_coalesced(fulls: list[torch.Tensor], g: AxisGroup) -> dist.Work:
+    """Start summing every tensor of ``fulls`` (one dtype) over ``g`` in place, as one operation.
+
+    gloo runs a separate algorithm, with its own rendezvous, per operation: on a busy
+    host a handful of small all-reduces cost several times one of their total size.
+    """
+    if len(fulls) == 1:
+        return start_all_reduce(fulls[0], g)
+    assert g.group is not None
+    return g.group.allreduce_coalesced(fulls, dist.AllreduceCoalescedOptions())
+
+
+def start_gather_coalesced(fulls: list[torch.Tensor], shards: list[torch.Tensor], g: AxisGroup) -> dist.Work:
+    """Start filling each 1-D ``fulls[i]`` with every rank's ``shards[i]`` (one dtype), as one operation.
+
+    For a group in process-group order (chunk ``k`` from process-group rank ``k``).
+    """
+    assert g.group is not None and g.identity_order
+    return g.group.allgather_into_tensor_coalesced(fulls, shards)
 
 
 def start_gather(full: torch.Tensor, shard: torch.Tensor, g: AxisGroup) -> list[dist.Work]:

@@ -75,7 +75,7 @@ class AsyncReduceScatter:
     def __init__(self, mesh: Any, axis: str | tuple[str, ...], *, in_place: bool = False) -> None:
         self.axis = axis
         self.group = _comm.axis_group(mesh, axis if isinstance(axis, tuple) else (axis,))
-        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pending: list[tuple[dist.Work, Any]] = []  # (work, what it reads or writes: kept alive)
         # ZeRO-1: the full gradient is the caller's and kept until the update, so on a host
         # backend it is summed in place (gloo's reduce-scatter is an all-reduce of a copy)
         self.in_place = in_place and _host_comm.in_place(self.group)
@@ -117,6 +117,35 @@ class BucketReduceScatters:
 
     def hook(self, b: int, g: torch.Tensor) -> torch.Tensor:
         return self.of[b].hook(g)
+
+    @property
+    def coalesces(self) -> bool:
+        """Whether :meth:`start` sums buckets together (in place, on a host backend)."""
+        return any(rs.in_place for rs in self.of)
+
+    def start(self, items: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """:meth:`hook` of every ``(bucket, gradient)``; on a host backend, each group's
+        in-place sums of one dtype as one coalesced all-reduce (in this order on every rank)."""
+        out: dict[int, torch.Tensor] = {}
+        together: dict[tuple[int, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+        for b, g in items:
+            rs = self.of[b]
+            if rs.in_place and g.ndim == 1 and g.is_contiguous():
+                together.setdefault((id(rs), g.dtype), []).append((b, g))
+            else:
+                out[b] = rs.hook(g)
+        for group in together.values():
+            rs = self.of[group[0][0]]
+            grp = rs.group
+            phase = _comm._phase()
+            for _, g in group:
+                _comm._rec("reduce_scatter", grp, g, phase)  # what each stands for, as hook records it
+            srcs = [g.detach() for _, g in group]
+            rs.pending.append((_host_comm.start_all_reduce_coalesced(srcs, grp), srcs))  # type: ignore[arg-type]
+            for (b, _), src in zip(group, srcs, strict=True):
+                size = src.shape[0] // grp.size
+                out[b] = src.narrow(0, grp.index * size, size)  # this rank's shard, summed once waited for
+        return out
 
     def wait(self) -> None:
         for rs in self.by_axes.values():

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from colofn import _comm, _vma, tracing
 from colofn import tree as jt
-from colofn._dist_comm import _plain_autograd
+from colofn._dist_comm import BUCKET_BYTES, FIRST_BUCKET_BYTES, _plain_autograd
 from colofn.collectives import pmean, psum
 from colofn.optim.base import GradientTransformation, apply_updates, update_in_place
 from colofn.partition_spec import P, PartitionSpec
@@ -293,17 +293,31 @@ class _InOrder:
         self.rs, self.next = rs, n - 1
         self.grads: dict[int, torch.Tensor] = {}
         self.summed: dict[int, torch.Tensor] = {}
+        # Completed buckets are started together once they reach DDP's bucket caps (1 MiB
+        # for the first, then 25 MiB) or the first bucket is done: a fixed cut of the fixed
+        # order, so every rank starts the same groups (one coalesced all-reduce each on a
+        # host backend, where a collective's fixed cost is what a small one costs).
+        self.open: list[tuple[int, torch.Tensor]] = []
+        self.caps = (FIRST_BUCKET_BYTES, BUCKET_BYTES) if rs.coalesces else (0, 0)  # (else: each at once)
+        self.open_bytes, self.cap = 0, self.caps[0]
 
     def ready(self, b: int, g: torch.Tensor) -> torch.Tensor:
         g = self.grads[b] = g.detach().contiguous()  # read by the reduce-scatter until rs.wait(); nothing writes it before
         while self.next in self.grads:
-            self.summed[self.next] = self.rs.hook(self.next, self.grads.pop(self.next))
+            self._add(self.next, self.grads.pop(self.next))
             self.next -= 1
         return g
 
+    def _add(self, b: int, g: torch.Tensor) -> None:
+        self.open.append((b, g))
+        self.open_bytes += g.numel() * g.element_size()
+        if self.open_bytes >= self.cap or b == 0:
+            self.summed.update(self.rs.start(self.open))
+            self.open, self.open_bytes, self.cap = [], 0, self.caps[1]
+
     def finish(self, local: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         for b in range(self.next, -1, -1):
-            self.summed[b] = self.rs.hook(b, local[b].detach().contiguous())
+            self._add(b, local[b].detach().contiguous())
         self.next = -1
         return self.summed
 

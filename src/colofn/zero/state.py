@@ -197,9 +197,10 @@ class ZeroPlan:
         if all(n == 1 for n in sizes):
             return list(shards)
         started: list[Any] = []
+        together: dict[tuple[int, torch.dtype], list[int]] = {}  # host groups in process-group order: one op each
         for k, (s, axes, n) in enumerate(zip(shards, groups, sizes, strict=True)):
             if n == 1:
-                started.append((s, None, None, None, True))
+                started.append([s, None, None, None, True])
                 continue
             g = _comm.axis_group(self.mesh, tuple(axes))
             s = s.detach().to(self.compute_device).contiguous()
@@ -208,10 +209,17 @@ class ZeroPlan:
                 target = into[k] if into is not None else None
                 if target is None or target.numel() != s.numel() * g.size or target.dtype != s.dtype or target.device != s.device:
                     target = torch.empty(s.numel() * g.size, dtype=s.dtype, device=s.device)
-                started.append((s, target, g, _host_comm.start_gather(target, s, g), True))  # by group index
+                if g.identity_order:
+                    together.setdefault((id(g.group), s.dtype), []).append(len(started))
+                    started.append([s, target, g, [], True])
+                else:
+                    started.append([s, target, g, _host_comm.start_gather(target, s, g), True])  # by group index
                 continue
             out = torch.empty(s.numel() * g.size, dtype=s.dtype, device=s.device)
-            started.append((s, out, g, [_comm._all_gather_into(out, s, group=g.group, async_op=True)], g.identity_order))
+            started.append([s, out, g, [_comm._all_gather_into(out, s, group=g.group, async_op=True)], g.identity_order])
+        for idx in together.values():
+            work = _host_comm.start_gather_coalesced([started[i][1] for i in idx], [started[i][0] for i in idx], started[idx[0]][2])
+            started[idx[0]][3].append(work)  # waited with the first; the others wait on nothing more
         fulls = []
         for s, out, g, works, ordered in started:
             if works is None:
