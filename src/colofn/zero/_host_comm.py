@@ -12,17 +12,20 @@ without the copies:
   full gradient until the update anyway); this rank's shard is then a view.
 * :func:`start_gather`: the all-gather of the updated shards is one in-place
   broadcast per shard, from its owner, into the full buffer (as
-  ``ZeroRedundancyOptimizer`` does per parameter), no scratch buffer.
+  ``ZeroRedundancyOptimizer`` does per parameter), no scratch buffer; for a
+  group not in process-group order (else the coalesced all-gather below).
 * :func:`start_all_reduce_coalesced`, :func:`start_gather_coalesced`: several
   buckets in one operation. gloo runs each operation as its own algorithm with
-  its own rendezvous; with 4 ranks on 2 busy cores, 7 asynchronous all-reduces
-  of a GPT's buckets (2 MB) took 45 ms of wall time and 8 ms of CPU per rank,
-  one coalesced all-reduce of the same buckets 12 ms and 2.7 ms; 7 all-gathers
-  24 ms, 28 broadcasts 15 ms, one coalesced all-gather 8.5 ms
+  its own rendezvous; with 4 ranks on 2 cores (load average 6), 7 asynchronous
+  all-reduces of a GPT's buckets (2 MB) took 30 ms of wall time and 11 ms of
+  CPU per rank, one coalesced all-reduce of the same buckets 9.5 ms and 3.5 ms;
+  7 all-gathers 19 ms and 7 ms, 28 in-place broadcasts 20 ms and 6 ms, one
+  coalesced all-gather 6 ms and 2.4 ms
   (``benchmarks/bench_zero_host_comm.py``).
 
-The same sums (the all-reduce gloo runs for a reduce-scatter) and the same
-values; ``comm_trace`` records the collectives they stand for, as before.
+The same sums (the all-reduce gloo runs for a reduce-scatter; a coalesced one
+reassociates floats inside gloo's flat buffer) and the same values;
+``comm_trace`` records the collectives they stand for, as before.
 Other backends (NCCL's native reduce-scatter and all-gather) keep those.
 """
 
