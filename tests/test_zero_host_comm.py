@@ -9,6 +9,7 @@ import colofn
 from _zero_models import batches, make_optimizer, max_error, mlp_loss, mlp_params
 from colofn import P, _comm, zero
 from colofn.errors import SpecError
+from colofn.zero import _host_comm
 
 SIZES = [5, 7, 6, 3]
 
@@ -29,18 +30,28 @@ def _stage1(data, donate):
     return zero.params(state), ops
 
 
+def _counted(monkeypatch, name):
+    calls = []
+    f = getattr(_host_comm, name)
+    monkeypatch.setattr(_host_comm, name, lambda *a: calls.append(len(a[0])) or f(*a))
+    return calls
+
+
 @pytest.mark.parametrize("donate", [False, True])
-def test_stage1_on_a_host_backend_sums_in_place_and_broadcasts_the_shards(monkeypatch, donate):
-    # gloo's reduce-scatter is an all-reduce of a copy and its all-gather goes through a scratch
-    # buffer: on a host backend ZeRO-1 runs the all-reduce on its own full gradient and one
-    # broadcast per shard into the full params, never torch's reduce-scatter or all-gather
+def test_stage1_on_a_host_backend_sums_and_gathers_every_bucket_in_one_coalesced_op(monkeypatch, donate):
+    # gloo's reduce-scatter is an all-reduce of a copy, and each operation pays its own
+    # rendezvous: on a host backend ZeRO-1 sums its 3 small buckets (under DDP's 1 MiB first
+    # cap) in place in one coalesced all-reduce, and gathers them in one coalesced all-gather,
+    # never torch's reduce-scatter or all-gather
     monkeypatch.setattr(_comm, "_reduce_scatter_from", _no_native)
     monkeypatch.setattr(_comm, "_all_gather_into", _no_native)
+    sums, gathers = _counted(monkeypatch, "start_all_reduce_coalesced"), _counted(monkeypatch, "start_gather_coalesced")
     data = batches(SIZES, 12, 2)
     want, _ = zero.reference_train(mlp_loss, make_optimizer("adamw"), mlp_params(SIZES), data)
     for params, ops in colofn.launch(_stage1, data, donate, world_size=3):
         assert max_error(params, want) < 1e-5
         assert ops == {("reduce_scatter", "backward"), ("all_gather", "forward")}  # recorded as what they stand for
+    assert sums == gathers == [len(SIZES) - 1] * (3 * len(data))  # 3 ranks x 2 steps, all 3 buckets in each
 
 
 def _tp_varying_loss():
