@@ -395,15 +395,14 @@ class Colofn:
             t.pipe = counted_pipe
         elif cfg.zero is not None:
             t = ZeroTrainer(mcfg, plan, mesh, opt, params, state, cfg.zero)
+            zstep = t.step
 
             def zero_step(batch: dict[str, torch.Tensor]) -> float:  # ZeroTrainer.step, keeping StepInfo.memory
-                from colofn import zero
+                loss = zstep(batch)
+                self.grad_bytes = t.info.memory.grads
+                return loss
 
-                t.state, info = zero.train_step(t.loss_fn, t.opt, t.state, batch)
-                self.grad_bytes = info.memory.grads
-                return float(info.loss)
-
-            t.step = zero_step
+            t.step = zero_step  # type: ignore[method-assign]
         else:
             t = DenseTrainer(mcfg, plan, mesh, opt, params, state)
             vg = t.value_and_grad

@@ -112,8 +112,9 @@ class ZeroTrainer:
         self.state = zero.init(placed, opt, mesh, axis=zero_axes(plan), stage=stage, opt_state=place_state)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        self.state, info = zero.train_step(self.loss_fn, self.opt, self.state, batch, batch_spec=self.batch_spec)
-        return float(info.loss)
+        # The trainer owns its state: the step updates its shards and moments in place.
+        self.state, self.info = zero.train_step(self.loss_fn, self.opt, self.state, batch, batch_spec=self.batch_spec, donate=True)
+        return float(self.info.loss)
 
     def export(self) -> tuple[Tree, AdamState]:
         out = zero.export_state(self.state)

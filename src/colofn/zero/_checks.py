@@ -155,6 +155,9 @@ def check_offload(offload: Any) -> bool:
 
 
 def check_batch(batch: Any, n: int, axis: str) -> None:
+    leaves = jt.leaves(batch)
+    if all(isinstance(x, torch.Tensor) and x.ndim and not x.shape[0] % n for x in leaves):
+        return  # the common case, checked without building any path
     pairs, _ = jt.flatten_with_path(batch)
     not_tensors = [f"batch{jt.keystr(p)}: {type(x).__name__}" for p, x in pairs if not isinstance(x, torch.Tensor)]
     if not_tensors:
@@ -220,6 +223,18 @@ def check_loss(loss: Any, name: str) -> None:
         raise ShapeError(
             f"zero.train_step: loss_fn {name!r} returned {got}; it must return a 0-d floating tensor "
             "(the mean loss over this rank's batch shard). Fix: reduce it with .mean()."
+        )
+
+
+def check_loss_axes(varying: Any, model_axes: tuple[str, ...], name: str, mesh: Mesh) -> None:
+    """The loss must be invariant along the model axes: ZeRO averages it over the data axes only."""
+    bad = [a for a in model_axes if a in varying]
+    if bad:
+        raise SpecError(
+            f"zero.train_step: loss_fn {name!r} returned a loss that varies along the model "
+            f"axis{'es' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} of {mesh}; ZeRO averages the "
+            f"loss over the data axes only, so it must already be the same on every rank of the others. "
+            f"Fix: psum/pmean the loss over {bad[0]!r} inside loss_fn"
         )
 
 

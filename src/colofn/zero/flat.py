@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from einops import rearrange
 from torch.distributed.tensor import DTensor
 
 from colofn import tree as jt
@@ -274,5 +273,6 @@ class FlatLayout:
         return total
 
     def shard(self, flat: torch.Tensor, index: int, b: int) -> torch.Tensor:
-        """Rank ``index``'s shard of bucket ``b`` (a view)."""
-        return rearrange(flat, "(rank shard) -> rank shard", rank=self.buckets[b].n)[index]
+        """Rank ``index``'s shard of bucket ``b`` (a view): elements ``[index * shard, (index + 1) * shard)``."""
+        size = flat.shape[0] // self.buckets[b].n
+        return flat.narrow(0, index * size, size)

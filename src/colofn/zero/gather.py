@@ -35,6 +35,7 @@ import torch.distributed as dist
 from colofn import _comm, _vma
 from colofn import tracing as ct
 from colofn.collectives import psum_scatter
+from colofn.zero import _host_comm
 from colofn.zero.memory import LiveBytes
 
 __all__ = ["AsyncReduceScatter", "Gatherer", "unit_grad"]
@@ -71,13 +72,22 @@ class AsyncReduceScatter:
     waiting moves to the end.
     """
 
-    def __init__(self, mesh: Any, axis: str | tuple[str, ...]) -> None:
+    def __init__(self, mesh: Any, axis: str | tuple[str, ...], *, in_place: bool = False) -> None:
         self.axis = axis
         self.group = _comm.axis_group(mesh, axis if isinstance(axis, tuple) else (axis,))
-        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pending: list[tuple[dist.Work, Any]] = []  # (work, what it reads or writes: kept alive)
+        # ZeRO-1: the full gradient is the caller's and kept until the update, so on a host
+        # backend it is summed in place (gloo's reduce-scatter is an all-reduce of a copy)
+        self.in_place = in_place and _host_comm.in_place(self.group)
 
     def hook(self, g: torch.Tensor) -> torch.Tensor:
         grp = self.group
+        if self.in_place and g.ndim == 1 and g.is_contiguous():
+            _comm._rec("reduce_scatter", grp, g, _comm._phase())
+            src = g.detach()
+            self.pending.append((_host_comm.start_all_reduce(src, grp), src))
+            size = src.shape[0] // grp.size
+            return src.narrow(0, grp.index * size, size)  # this rank's shard, summed once waited for
         if grp.size == 1 or not grp.identity_order or g.ndim != 1:
             return psum_scatter(g, self.axis, tiled=True)
         _comm._rec("reduce_scatter", grp, g, _comm._phase())
@@ -96,17 +106,46 @@ class AsyncReduceScatter:
 class BucketReduceScatters:
     """One :class:`AsyncReduceScatter` per group of data axes: bucket ``b``'s over its own axes."""
 
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Any, *, in_place: bool = False) -> None:
         self.by_axes: dict[tuple[str, ...], AsyncReduceScatter] = {}
         self.of: list[AsyncReduceScatter] = []
         for b in range(len(plan.layout.buckets)):
             axes = plan.bucket_axes(b)
             if axes not in self.by_axes:
-                self.by_axes[axes] = AsyncReduceScatter(plan.mesh, axes if len(axes) > 1 else axes[0])
+                self.by_axes[axes] = AsyncReduceScatter(plan.mesh, axes if len(axes) > 1 else axes[0], in_place=in_place)
             self.of.append(self.by_axes[axes])
 
     def hook(self, b: int, g: torch.Tensor) -> torch.Tensor:
         return self.of[b].hook(g)
+
+    @property
+    def coalesces(self) -> bool:
+        """Whether :meth:`start` sums buckets together (in place, on a host backend)."""
+        return any(rs.in_place for rs in self.of)
+
+    def start(self, items: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """:meth:`hook` of every ``(bucket, gradient)``; on a host backend, each group's
+        in-place sums of one dtype as one coalesced all-reduce (in this order on every rank)."""
+        out: dict[int, torch.Tensor] = {}
+        together: dict[tuple[int, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+        for b, g in items:
+            rs = self.of[b]
+            if rs.in_place and g.ndim == 1 and g.is_contiguous():
+                together.setdefault((id(rs), g.dtype), []).append((b, g))
+            else:
+                out[b] = rs.hook(g)
+        for group in together.values():
+            rs = self.of[group[0][0]]
+            grp = rs.group
+            phase = _comm._phase()
+            for _, g in group:
+                _comm._rec("reduce_scatter", grp, g, phase)  # what each stands for, as hook records it
+            srcs = [g.detach() for _, g in group]
+            rs.pending.append((_host_comm.start_all_reduce_coalesced(srcs, grp), srcs))  # type: ignore[arg-type]
+            for (b, _), src in zip(group, srcs, strict=True):
+                size = src.shape[0] // grp.size
+                out[b] = src.narrow(0, grp.index * size, size)  # this rank's shard, summed once waited for
+        return out
 
     def wait(self) -> None:
         for rs in self.by_axes.values():

@@ -28,19 +28,23 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from colofn import _vma
+from colofn import _comm, _vma, tracing
 from colofn import tree as jt
+from colofn._dist_comm import BUCKET_BYTES, FIRST_BUCKET_BYTES, _plain_autograd
 from colofn.collectives import pmean, psum
-from colofn.optim.base import GradientTransformation, apply_updates
+from colofn.optim.base import GradientTransformation, apply_updates, update_in_place
 from colofn.partition_spec import P, PartitionSpec
-from colofn.shard_map import shard_map
+from colofn.shard_map import per_device
+from colofn.sharding import NamedSharding, local_block
+from colofn.world import in_simulated_world
 from colofn.zero import _checks
 from colofn.zero.gather import BucketReduceScatters, Gatherer, unit_grad
 from colofn.zero.memory import LiveBytes, MemoryReport, measure
 from colofn.zero.offload import to_device
 from colofn.zero.precision import next_loss_scale
-from colofn.zero.state import ZeroPlan, ZeroState, local_tree, wrap_opt_state
+from colofn.zero.state import ZeroPlan, ZeroState, local_tree, rewrap, wrap_opt_state
 
 __all__ = ["StepInfo", "make_train_step", "train_step"]
 
@@ -74,6 +78,7 @@ def train_step(
     batch: Any,
     *,
     batch_spec: PartitionSpec | None = None,
+    donate: bool = False,
 ) -> tuple[ZeroState, StepInfo]:
     """One training step of ZeRO: returns the new state and a :class:`StepInfo`.
 
@@ -94,6 +99,13 @@ def train_step(
       batch_spec: how every batch leaf is split (default: dim 0 over the data
         axes), e.g. ``P("dp", "sp")`` to split a ``[batch, seq]`` leaf's
         sequence over a sequence-parallel data axis.
+      donate: give ``state``'s buffers to the step (JAX's ``donate_argnums``):
+        the master shards (or the params' own shards) and the optimizer state
+        are updated in place (:func:`~colofn.optim.update_in_place`: the same
+        bits, no new moments, updates or params allocated per step), and the
+        returned state holds them. ``state`` must not be used afterwards (its
+        buffers hold the new values). For a caller that owns its state, such as
+        ``colofn train``'s trainer; the default leaves ``state`` untouched.
 
     The step minimises the mean of ``loss_fn`` over the data axes, differentiated
     as ``shard_map`` differentiates :func:`~colofn.pmean`: along an axis where
@@ -125,13 +137,12 @@ def train_step(
     held: dict[str, Any] = {}
     body = functools.partial(_body, loss_fn, plan, scale, held, live, events)
     body.__name__ = getattr(loss_fn, "__name__", "loss_fn")  # type: ignore[attr-defined]
-    nb = len(plan.layout.buckets)
-    grad_spec = tuple(plan.bucket_full_spec(b) if plan.stage == 0 else plan.shard_spec for b in range(nb))
-    mapped = shard_map(body, mesh=plan.mesh, in_specs=(plan.param_specs, batch_spec), out_specs=(grad_spec, P()))
-    out: Any = mapped(state.params, batch)  # DTensors, laid out by out_specs
-    grads_dt, metrics = out
-    grads: list[torch.Tensor] = [g.to_local() for g in grads_dt]
-    m: torch.Tensor = metrics.to_local()
+    # The body of a shard_map over (params, batch), run on this rank's blocks: the params'
+    # blocks are the state's local buffers, and the results are wanted as local tensors, so
+    # no DTensor is built or unwrapped per step (the body checks its loss's vma itself).
+    run = per_device(body, mesh=plan.mesh, in_specs=(plan.param_specs, batch_spec))
+    grads_t, m = run(tuple(p.to_local() for p in state.params), _local_batch(batch, batch_spec, plan.mesh))
+    grads: list[torch.Tensor] = list(grads_t)
     loss, overflow = m[0], bool(m[1] > 0)
     new_scale, good = next_loss_scale(plan.precision, scale, int(state.good_steps), overflow)
     step = state.step + 1
@@ -141,21 +152,42 @@ def train_step(
         memory = measure(params=state.params, grads=[grads, held.get("full")], master=state.master, opt_state=state.opt_state, gathered_peak=live.peak)
         skipped = dataclasses.replace(state, step=step, skipped=state.skipped + 1, loss_scale=loss_scale, good_steps=good_steps)
         return skipped, StepInfo(loss, True, scale, memory, (0, 0), tuple(events))
-    new_state, memory, moved = _update(optimizer, state, grads, held, scale, live.peak)
+    new_state, memory, moved = _update(optimizer, state, grads, held, scale, live.peak, donate=bool(donate))
     new_state = dataclasses.replace(new_state, step=step, loss_scale=loss_scale, good_steps=good_steps)
     return new_state, StepInfo(loss, False, scale, memory, moved, tuple(events))
 
 
 def make_train_step(
-    loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: GradientTransformation, *, batch_spec: PartitionSpec | None = None
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    optimizer: GradientTransformation,
+    *,
+    batch_spec: PartitionSpec | None = None,
+    donate: bool = False,
 ) -> Callable[[ZeroState, Any], tuple[ZeroState, StepInfo]]:
-    """``step(state, batch) -> (state, info)``: :func:`train_step` with ``loss_fn``, ``optimizer`` and ``batch_spec`` bound."""
+    """``step(state, batch) -> (state, info)``: :func:`train_step` with ``loss_fn``, ``optimizer``, ``batch_spec`` and ``donate`` bound."""
     _checks.check_optimizer("zero.make_train_step", optimizer)
 
     def step(state: ZeroState, batch: Any) -> tuple[ZeroState, StepInfo]:
-        return train_step(loss_fn, optimizer, state, batch, batch_spec=batch_spec)
+        return train_step(loss_fn, optimizer, state, batch, batch_spec=batch_spec, donate=donate)
 
     return step
+
+
+def _local_batch(batch: Any, spec: PartitionSpec, mesh: Any) -> Any:
+    """This rank's block of every batch leaf under ``spec``: what ``shard_map`` hands its body."""
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, DTensor):
+            placements = NamedSharding(mesh, spec).to_placements(x.ndim)
+            if tuple(x.placements) != placements:
+                tracing.note_mesh(mesh.device_mesh)  # the redistribution is recorded with axis names
+                x = x.redistribute(mesh.device_mesh, placements)
+            return x.to_local()
+        block = local_block(x.to(mesh.device), spec, mesh)
+        # Simulated ranks are threads sharing the caller's tensor: each gets its own block, as a process has.
+        return block.clone() if in_simulated_world() else block
+
+    return jt.map(one, batch)
 
 
 # ----------------------------------------------------------------------------- inside shard_map
@@ -177,7 +209,11 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
     def loss_of(tree: Any) -> torch.Tensor:
         loss = loss_fn(tree, batch)
         _checks.check_loss(loss, name)
-        held["mean_over"] = tuple(a for a in plan.data_axes if a in ctx.vma(loss))  # the axes ZeRO averages over
+        varying = ctx.vma(loss)
+        if not plan.check_finite:  # (with check_finite, _metrics sums the loss over every axis)
+            _checks.check_loss_axes(varying, plan.model_axes, name, plan.mesh)
+        held["mean_over"] = tuple(a for a in plan.data_axes if a in varying)  # the axes ZeRO averages over
+        held["loss_sum"] = _start_loss_sum(plan, loss, held["mean_over"])  # over the backward, not after it
         return loss
 
     def backward(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -198,7 +234,7 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
         grads = [psum(g, plan.bucket_axes(b)) for b, g in enumerate(backward(loss, fulls))]
     elif plan.stage == 1:
         fulls = [p.detach().requires_grad_(True) for p in params]
-        launch = _InOrder(BucketReduceScatters(plan), len(fulls))  # overlaps the rest of the backward
+        launch = _InOrder(BucketReduceScatters(plan, in_place=True), len(fulls))  # overlaps the rest of the backward
         inputs = [unit_grad(f, f.detach(), functools.partial(launch.ready, b)) for b, f in enumerate(fulls)]
         tree = layout.rebuild([tag(k, v) for k, v in enumerate(layout.views(inputs))])
         loss = loss_of(tree)
@@ -211,8 +247,9 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
         grads = []
         for b, g in enumerate(local):
             own = layout.shard(g, mine[b], b)
-            with torch.no_grad():
-                own.copy_(summed[b])  # reduced in place: the full buffer is the grad storage
+            if not _same_view(own, summed[b]):  # (a host backend summed it in place already)
+                with torch.no_grad():
+                    own.copy_(summed[b])  # reduced in place: the full buffer is the grad storage
             grads.append(own)
         held["full"] = local
     elif plan.stage == 2:
@@ -238,7 +275,7 @@ def _body(loss_fn: Callable[..., Any], plan: ZeroPlan, scale: float, held: dict[
         got = iter(backward(loss, used))
         g3.end_backward()
         grads = [next(got) if x is not None else torch.zeros_like(params[b]) for b, x in enumerate(leaves)]
-    return tuple(grads), _metrics(plan, loss, grads, held["mean_over"])
+    return tuple(grads), _metrics(plan, loss, grads, held["mean_over"], held.pop("loss_sum"))
 
 
 class _InOrder:
@@ -256,27 +293,59 @@ class _InOrder:
         self.rs, self.next = rs, n - 1
         self.grads: dict[int, torch.Tensor] = {}
         self.summed: dict[int, torch.Tensor] = {}
+        # Completed buckets are started together once they reach DDP's bucket caps (1 MiB
+        # for the first, then 25 MiB) or the first bucket is done: a fixed cut of the fixed
+        # order, so every rank starts the same groups (one coalesced all-reduce each on a
+        # host backend, where a collective's fixed cost is what a small one costs).
+        self.open: list[tuple[int, torch.Tensor]] = []
+        self.caps = (FIRST_BUCKET_BYTES, BUCKET_BYTES) if rs.coalesces else (0, 0)  # (else: each at once)
+        self.open_bytes, self.cap = 0, self.caps[0]
 
     def ready(self, b: int, g: torch.Tensor) -> torch.Tensor:
         g = self.grads[b] = g.detach().contiguous()  # read by the reduce-scatter until rs.wait(); nothing writes it before
         while self.next in self.grads:
-            self.summed[self.next] = self.rs.hook(self.next, self.grads.pop(self.next))
+            self._add(self.next, self.grads.pop(self.next))
             self.next -= 1
         return g
 
+    def _add(self, b: int, g: torch.Tensor) -> None:
+        self.open.append((b, g))
+        self.open_bytes += g.numel() * g.element_size()
+        if self.open_bytes >= self.cap or b == 0:
+            self.summed.update(self.rs.start(self.open))
+            self.open, self.open_bytes, self.cap = [], 0, self.caps[1]
+
     def finish(self, local: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         for b in range(self.next, -1, -1):
-            self.summed[b] = self.rs.hook(b, local[b].detach().contiguous())
+            self._add(b, local[b].detach().contiguous())
         self.next = -1
         return self.summed
 
 
-def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor], mean_over: tuple[str, ...]) -> torch.Tensor:
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+
+
+def _loss_dtype(loss: torch.Tensor) -> torch.dtype:
+    return torch.float64 if loss.dtype == torch.float64 else torch.float32
+
+
+def _start_loss_sum(plan: ZeroPlan, loss: torch.Tensor, mean_over: tuple[str, ...]) -> _comm.AsyncAllReduce | None:
+    """The sum of the ranks' losses over ``mean_over``, started before the backward (as
+    ``pmean``'s all-reduce, the same op, bytes and phase), so no rank waits for it after."""
+    if plan.check_finite or not mean_over or not _plain_autograd():
+        return None  # (with check_finite the loss is summed with the gradients' count, after)
+    return _comm.AsyncAllReduce(loss.detach().to(_loss_dtype(loss)), _comm.axis_group(plan.mesh, mean_over))
+
+
+def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor], mean_over: tuple[str, ...], started: _comm.AsyncAllReduce | None = None) -> torch.Tensor:
     """``[mean loss, non-finite gradient shards]``: one small all-reduce (none for a loss already invariant)."""
-    dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+    dtype = _loss_dtype(loss)
     value = loss.detach().to(dtype)
     if not plan.check_finite:
-        if mean_over:
+        if started is not None:
+            value = started.wait() / math.prod(plan.mesh.shape[a] for a in mean_over)
+        elif mean_over:
             value = pmean(value, mean_over if len(mean_over) > 1 else mean_over[0])
         return torch.stack([value, torch.zeros((), dtype=dtype)])
     bad = torch.zeros((), dtype=dtype)
@@ -290,7 +359,7 @@ def _metrics(plan: ZeroPlan, loss: torch.Tensor, grads: list[torch.Tensor], mean
 # ----------------------------------------------------------------------------- the sharded update
 
 
-def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[torch.Tensor], held: dict[str, Any], scale: float, gathered_peak: int) -> tuple[ZeroState, MemoryReport, tuple[int, int]]:
+def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[torch.Tensor], held: dict[str, Any], scale: float, gathered_peak: int, *, donate: bool = False) -> tuple[ZeroState, MemoryReport, tuple[int, int]]:
     plan = state.plan
     layout = plan.layout
     divisor = math.prod(plan.mesh.shape[a] for a in held.pop("mean_over", (plan.axis,))) * scale
@@ -317,10 +386,15 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
             workspace=g_upd,
             gathered_peak=gathered_peak,
         )
-        updates, new_opt = optimizer.update(tuple(g_upd), opt_local, tuple(p_upd))
-        new_master = list(apply_updates(tuple(p_upd), updates))
+        if donate:  # the state's own shards and moments take the step (its buffers are given to it)
+            new_opt = update_in_place(optimizer, tuple(g_upd), opt_local, tuple(p_upd))
+            new_master = list(p_upd)
+        else:
+            updates, new_opt = optimizer.update(tuple(g_upd), opt_local, tuple(p_upd))
+            new_master = list(apply_updates(tuple(p_upd), updates))
+            del updates
         held.clear()
-        del g_upd, grads, updates
+        del g_upd, grads
         compute = plan.compute_dtypes
         to_dev = 0
         new_compute = []
@@ -328,15 +402,20 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
             y = to_device(x, plan.compute_device, compute[b])
             if plan.offload:
                 to_dev += y.numel() * y.element_size()
+            p = params[b]
+            if donate and y.shape == p.shape and y.dtype == p.dtype and y.device == p.device:
+                if not _same_view(y, p):
+                    p.copy_(y)  # the cast master, written into the donated params buffer
+                y = p
             new_compute.append(y)
-    if plan.stage in (1, 2):
-        new_params = plan.gather_shards(new_compute)
+    if plan.stage in (1, 2):  # donated: gathered into the state's own full buffers
+        new_params = plan.gather_shards(new_compute, into=params if donate else None)
     else:
         new_params = new_compute
     new_state = dataclasses.replace(
         state,
-        params=tuple(plan.wrap(p, spec) for p, spec in zip(new_params, plan.param_specs, strict=True)),
-        master=None if state.master is None else tuple(plan.wrap(m, spec) for m, spec in zip(new_master, plan.master_specs, strict=True)),
-        opt_state=wrap_opt_state(plan, new_opt),
+        params=rewrap(plan, new_params, plan.param_specs, state.params),
+        master=None if state.master is None else rewrap(plan, new_master, plan.master_specs, state.master),
+        opt_state=wrap_opt_state(plan, new_opt, like=state.opt_state),
     )
     return new_state, memory, (to_host, to_dev)

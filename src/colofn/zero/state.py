@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from colofn.mesh import Mesh
 from colofn.optim.base import GradientTransformation
 from colofn.partition_spec import P, PartitionSpec
 from colofn.sharding import NamedSharding, sharding_of
-from colofn.zero import _checks
+from colofn.zero import _checks, _host_comm
 from colofn.zero.flat import FlatLayout, split_units
 from colofn.zero.offload import HOST, storage_mesh, to_device
 from colofn.zero.precision import DynamicLossScale, MixedPrecision, as_precision
@@ -177,7 +178,7 @@ class ZeroPlan:
         """Like :meth:`wrap`, first moving ``local`` to the compute device."""
         return self.wrap(local.to(self.compute_device), spec)
 
-    def gather_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    def gather_shards(self, shards: list[torch.Tensor], into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """All-gather 1-D shards over their buckets' data axes (tiled): this rank's full buckets.
 
         ``shards`` holds one shard per bucket, or several such runs back to back
@@ -185,6 +186,10 @@ class ZeroPlan:
         Every bucket's all-gather is started before the first is waited for, so
         the buckets pay one round of waiting, not one each (the same ops, bytes
         and phase as one ``all_gather(..., tiled=True)`` per bucket over its group).
+        On a host backend (gloo, the simulated world) each is one broadcast per
+        shard into the full buffer (:mod:`colofn.zero._host_comm`); ``into``:
+        full buffers to gather into there (the caller's to overwrite), one per
+        entry, instead of new ones.
         """
         nb = len(self.layout.buckets)
         groups = [self.bucket_axes(k % nb) for k in range(len(shards))]
@@ -192,23 +197,38 @@ class ZeroPlan:
         if all(n == 1 for n in sizes):
             return list(shards)
         started: list[Any] = []
-        for s, axes, n in zip(shards, groups, sizes, strict=True):
+        together: dict[tuple[int, torch.dtype], list[int]] = {}  # host groups in process-group order: one op each
+        for k, (s, axes, n) in enumerate(zip(shards, groups, sizes, strict=True)):
             if n == 1:
-                started.append((s, None, None, None))
+                started.append([s, None, None, None, True])
                 continue
             g = _comm.axis_group(self.mesh, tuple(axes))
             s = s.detach().to(self.compute_device).contiguous()
             _comm._rec("all_gather", g, s, _comm._phase())
+            if _host_comm.in_place(g):
+                target = into[k] if into is not None else None
+                if target is None or target.numel() != s.numel() * g.size or target.dtype != s.dtype or target.device != s.device:
+                    target = torch.empty(s.numel() * g.size, dtype=s.dtype, device=s.device)
+                if g.identity_order:
+                    together.setdefault((id(g.group), s.dtype), []).append(len(started))
+                    started.append([s, target, g, [], True])
+                else:
+                    started.append([s, target, g, _host_comm.start_gather(target, s, g), True])  # by group index
+                continue
             out = torch.empty(s.numel() * g.size, dtype=s.dtype, device=s.device)
-            started.append((s, out, g, _comm._all_gather_into(out, s, group=g.group, async_op=True)))
+            started.append([s, out, g, [_comm._all_gather_into(out, s, group=g.group, async_op=True)], g.identity_order])
+        for idx in together.values():
+            work = _host_comm.start_gather_coalesced([started[i][1] for i in idx], [started[i][0] for i in idx], started[idx[0]][2])
+            started[idx[0]][3].append(work)  # waited with the first; the others wait on nothing more
         fulls = []
-        for s, out, g, work in started:
-            if work is None:
+        for s, out, g, works, ordered in started:
+            if works is None:
                 fulls.append(s)
                 continue
             with _comm._Watch("all_gather", g, s):
-                work.wait()
-            fulls.append(out if g.identity_order else torch.cat(g.from_group_order(list(out.chunk(g.size)))))
+                for work in works:
+                    work.wait()
+            fulls.append(out if ordered else torch.cat(g.from_group_order(list(out.chunk(g.size)))))
         return fulls
 
 
@@ -398,8 +418,38 @@ def _shard_lengths(plan: ZeroPlan) -> set[int]:
     return {x.shard for x in b} if plan.stage >= 1 else {x.padded for x in b}
 
 
-def wrap_opt_state(plan: ZeroPlan, opt_state: Any) -> Any:
-    """Per-parameter optimizer buffers as DTensors laid out like the master; 0-d scalars as they are."""
+def rewrap(plan: ZeroPlan, locals_: Sequence[torch.Tensor], specs: Sequence[PartitionSpec], old: Sequence[Any]) -> tuple[DTensor, ...]:
+    """``plan.wrap`` of each local buffer, reusing ``old``'s DTensor where it already wraps that very buffer."""
+    with torch.no_grad():  # to_local() is the DTensor's own local tensor (no autograd view)
+        return tuple(
+            o if isinstance(o, DTensor) and o.to_local() is x else plan.wrap(x, spec)
+            for x, spec, o in zip(locals_, specs, old, strict=True)
+        )
+
+
+def wrap_opt_state(plan: ZeroPlan, opt_state: Any, like: Any = None) -> Any:
+    """Per-parameter optimizer buffers as DTensors laid out like the master; 0-d scalars as they are.
+
+    What each leaf becomes depends only on the state's structure and its leaves' kinds and
+    sizes, so a step repeats a known answer (cached on the plan) without walking paths.
+    ``like``: the previous state, whose DTensors are reused where they wrap the same buffer
+    (an in-place update).
+    """
+    leaves, treedef = jt.flatten(opt_state)
+    kinds = tuple(
+        (type(x), x.ndim, x.numel()) if isinstance(x, torch.Tensor) else (type(x), -1, -1) for x in leaves
+    )
+    cache = plan.__dict__.setdefault("_opt_specs", {})
+    key = (treedef, kinds)
+    specs = cache.get(key)
+    if specs is None:
+        specs = cache[key] = _opt_specs(plan, opt_state)
+    old = treedef.flatten_up_to(like) if like is not None and jt.structure(like) == treedef else [None] * len(leaves)
+    return jt.unflatten(treedef, [x if spec is None else rewrap(plan, (x,), (spec,), (o,))[0] for x, spec, o in zip(leaves, specs, old, strict=True)])
+
+
+def _opt_specs(plan: ZeroPlan, opt_state: Any) -> list[PartitionSpec | None]:
+    """The spec each leaf of ``opt_state`` is wrapped with (``None``: kept as it is), or the error naming the bad ones."""
     lengths = _shard_lengths(plan)
     specs = plan.master_specs
     bad = []
@@ -410,17 +460,15 @@ def wrap_opt_state(plan: ZeroPlan, opt_state: Any) -> Any:
         # Buckets differ (expert and dense ones): a per-parameter buffer is a tuple, one entry per bucket.
         return specs[path[-1].entry]
 
-    def one(path: Any, x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            return x
-        if isinstance(x, DTensor):
-            return x
+    def one(path: Any, x: Any) -> PartitionSpec | None:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or isinstance(x, DTensor):
+            return None
         if x.ndim == 1 and x.numel() in lengths:
-            return plan.wrap(x, spec_of(path))
+            return spec_of(path)
         bad.append(f"opt_state{jt.keystr(path)}: shape {tuple(x.shape)}")
-        return x
+        return None
 
-    out = jt.map_with_path(one, opt_state)
+    out = [one(path, x) for path, x in jt.flatten_with_path(opt_state)[0]]
     if bad:
         raise ConfigError(
             "zero.init: ZeRO shards per-parameter optimizer buffers (shaped like the params) and keeps 0-d "
