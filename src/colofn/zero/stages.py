@@ -34,7 +34,7 @@ from colofn import _comm, _vma, tracing
 from colofn import tree as jt
 from colofn._dist_comm import BUCKET_BYTES, FIRST_BUCKET_BYTES, _plain_autograd
 from colofn.collectives import pmean, psum
-from colofn.optim.base import GradientTransformation, apply_updates, update_in_place
+from colofn.optim.base import GradientTransformation, update_in_place
 from colofn.partition_spec import P, PartitionSpec
 from colofn.shard_map import per_device
 from colofn.sharding import NamedSharding, local_block
@@ -386,13 +386,11 @@ def _update(optimizer: GradientTransformation, state: ZeroState, grads: list[tor
             workspace=g_upd,
             gathered_peak=gathered_peak,
         )
-        if donate:  # the state's own shards and moments take the step (its buffers are given to it)
-            new_opt = update_in_place(optimizer, tuple(g_upd), opt_local, tuple(p_upd))
-            new_master = list(p_upd)
-        else:
-            updates, new_opt = optimizer.update(tuple(g_upd), opt_local, tuple(p_upd))
-            new_master = list(apply_updates(tuple(p_upd), updates))
-            del updates
+        if not donate:  # the step takes copies, so the state passed in stays valid (JAX without donation)
+            p_upd, opt_local = [p.clone() for p in p_upd], jt.map(torch.clone, opt_local)
+        # one optimizer path whether donated or not, so both give the same bits (torch.optim's, for AdamW)
+        new_opt = update_in_place(optimizer, tuple(g_upd), opt_local, tuple(p_upd))
+        new_master = list(p_upd)
         held.clear()
         del g_upd, grads
         compute = plan.compute_dtypes
