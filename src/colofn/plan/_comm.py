@@ -334,7 +334,11 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
     b = microbatch_rows(c, global_batch)
     out = []
     axis, n = tokens_axis(c)
-    if n > 1 and stage == c.size("pp") - 1:
+    if n > 1 and c.size("pp") > 1 and not m.n_experts:
+        # every stage's ranks sum the step's loss shares ([microbatches] fp32) once, after the schedule
+        # (train/pipe_loss.py): no psum in the last stage's forward
+        out.append(Collective("loss", "all_reduce", axis, n, "forward", 1, 4 * c.microbatches))
+    elif n > 1 and stage == c.size("pp") - 1:
         calls = c.microbatches if c.size("pp") > 1 else 1
         if c.zero is not None and c.size("pp") == 1 and not m.n_experts:
             # ZeRO averages each dp rank's own mean (one scalar); the loss psums its (sum, count) over sp itself.
