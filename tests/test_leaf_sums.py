@@ -139,7 +139,7 @@ def test_a_dp_only_step_takes_the_untracked_path_and_other_plans_do_not():
 
     counts = {"sums": 0, "tracked": 0}
     lock = threading.Lock()
-    real_grad, real_tf = LeafSums.grad, _vma._VmaMode.__torch_function__
+    real_grad, real_tf = LeafSums.grad_and_sum, _vma._VmaMode.__torch_function__
 
     def counted(key: str, fn: Any) -> Any:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -156,7 +156,7 @@ def test_a_dp_only_step_takes_the_untracked_path_and_other_plans_do_not():
         make_local_value_and_grad(CFG, plan, mesh)(blocks, _batch(CFG, 4, 1))
 
     # patched around the launch, never inside the ranks: threads restoring a shared attribute race
-    with mock.patch.object(LeafSums, "grad", counted("sums", real_grad)), \
+    with mock.patch.object(LeafSums, "grad_and_sum", counted("sums", real_grad)), \
          mock.patch.object(_vma._VmaMode, "__torch_function__", counted("tracked", real_tf)):
         for plan, shape in [(Plan(dp="dp"), {"dp": 2}), (Plan(dp=("a", "b")), {"a": 2, "b": 2})]:
             counts.update(sums=0, tracked=0)
@@ -206,3 +206,23 @@ def test_the_dense_dp_trainer_equals_one_device_loss_gradients_and_adamw_steps(l
         assert max(abs(a - b) for a, b in zip(losses, want_losses, strict=True)) < 1e-10
         for a, b in zip(jt.leaves(final), jt.leaves(ref), strict=True):
             torch.testing.assert_close(a.to_local() if hasattr(a, "to_local") else a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_the_loss_statistics_ride_in_the_last_bucket():
+    """A dp step's only collectives are its gradient buckets, started during the backward: the loss's
+    (sum, count) all-reduce is two more elements of the last bucket, not a rendezvous of its own."""
+
+    def program():
+        mesh = colofn.Mesh((2,), ("dp",))
+        params = gpt.init(random.key(0), CFG)
+        blocks = jt.map(lambda d: d.to_local(), shard_params(params, CFG, Plan(dp="dp"), mesh))
+        with colofn.comm_trace() as rec:
+            loss, grads = make_local_value_and_grad(CFG, Plan(dp="dp"), mesh)(blocks, _batch(CFG, 4, 1))
+        return float(loss), [(r.op, r.phase, r.shape) for r in rec], sum(g.numel() for g in jt.leaves(grads))
+
+    params = gpt.init(random.key(0), CFG)
+    want = float(gpt.loss(params, _batch(CFG, 4, 1), CFG).detach())
+    for loss, records, numel in colofn.launch(program, world_size=2):
+        assert abs(loss - want) < 1e-5
+        assert {(op, phase) for op, phase, _ in records} == {("all_reduce", "backward")}
+        assert sum(shape[0] for _, _, shape in records) == numel + 2  # the gradients and (sum, count)

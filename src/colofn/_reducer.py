@@ -96,14 +96,15 @@ class LeafSums:
             else:
                 call.works.append(None)
 
-    def _layout_for(self, leaves: list[torch.Tensor]) -> _Layout:
+    def _layout_for(self, leaves: list[torch.Tensor], extra: torch.Tensor | None) -> _Layout:
         old = self._layout
-        if old is not None and len(old.leaves) == len(leaves) and all(r() is t for r, t in zip(old.leaves, leaves, strict=True)):
+        if (old is not None and len(old.leaves) == len(leaves) and old.fits(extra)
+                and all(r() is t for r, t in zip(old.leaves, leaves, strict=True))):
             return old
         if old is not None:
             for h in old.handles:
                 h.remove()
-        layout = _Layout(self.buckets(leaves), leaves)
+        layout = _Layout(self.buckets(leaves), leaves, extra)
         if self.reuse:
             layout.handles = [t.register_hook(functools.partial(self._hook, None, i)) for i, t in enumerate(leaves)]
             self._layout = layout
@@ -111,8 +112,25 @@ class LeafSums:
 
     def grad(self, output: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         """``torch.autograd.grad(output, leaves)``, each gradient summed over the group (started during the backward)."""
-        layout = self._layout_for(leaves)
+        return self.grad_and_sum(output, leaves, None)[0]
+
+    def grad_and_sum(self, output: torch.Tensor, leaves: list[torch.Tensor], extra: torch.Tensor | None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`grad`, and the sum over the group of ``extra`` (a small tensor known before the backward).
+
+        ``extra`` rides at the end of the last bucket when it has that bucket's
+        dtype and device (a step's loss statistics: one rendezvous fewer per
+        step, which on a host with fewer cores than ranks is not free); else it
+        is summed on its own, started before the backward.
+        """
+        layout = self._layout_for(leaves, extra)
         call = _Call(layout)
+        alone = None
+        if extra is not None:
+            if layout.tail is not None:
+                layout.tail.copy_(extra.detach().reshape(-1))
+            else:
+                alone = _comm.AsyncAllReduce(extra, self.group)
         if self.reuse:
             self._local.call, handles = call, []
         else:
@@ -132,24 +150,39 @@ class LeafSums:
         for work in call.works:
             if work is not None:
                 work.wait()
-        return layout.grads
+        summed = alone.wait() if alone is not None else layout.tail.view(extra.shape) if extra is not None and layout.tail is not None else None
+        return layout.grads, summed
 
 
 class _Layout:
-    """Buckets of a list of leaves: each bucket's flat buffer and each leaf's slot (a view of it)."""
+    """Buckets of a list of leaves: each bucket's flat buffer and each leaf's slot (a view of it).
 
-    def __init__(self, buckets: list[list[int]], leaves: list[torch.Tensor]) -> None:
+    With ``extra`` of the last bucket's dtype and device, that bucket's buffer
+    ends with ``extra.numel()`` more elements (:attr:`tail`) for it to ride in.
+    """
+
+    def __init__(self, buckets: list[list[int]], leaves: list[torch.Tensor], extra: torch.Tensor | None = None) -> None:
         self.buckets = buckets
         self.leaves = [weakref.ref(t) for t in leaves]
         self.handles: list[Any] = []
         self.flats: list[torch.Tensor] = []
         self.where: dict[int, tuple[int, torch.Tensor]] = {}  # leaf -> (bucket, its slot)
+        self.tail: torch.Tensor | None = None
+        self.extra_key = None if extra is None else (extra.numel(), extra.dtype, extra.device)
         for b, idx in enumerate(buckets):
-            flat = torch.empty(sum(leaves[i].numel() for i in idx), dtype=leaves[idx[0]].dtype, device=leaves[idx[0]].device)
+            dtype, device = leaves[idx[0]].dtype, leaves[idx[0]].device
+            rides = b == len(buckets) - 1 and extra is not None and (extra.dtype, extra.device) == (dtype, device)
+            n = sum(leaves[i].numel() for i in idx)
+            flat = torch.empty(n + (extra.numel() if rides and extra is not None else 0), dtype=dtype, device=device)
             self.flats.append(flat)
-            for i, piece in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
+            for i, piece in zip(idx, flat[:n].split([leaves[i].numel() for i in idx]), strict=True):
                 self.where[i] = (b, piece.view(leaves[i].shape))
+            if rides:
+                self.tail = flat[n:]
         self.grads = [self.where[i][1] for i in range(len(leaves))]
+
+    def fits(self, extra: torch.Tensor | None) -> bool:
+        return self.extra_key == (None if extra is None else (extra.numel(), extra.dtype, extra.device))
 
 
 class _Call:

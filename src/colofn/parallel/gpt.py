@@ -458,10 +458,15 @@ def make_local_value_and_grad(
             return loss.detach(), jt.unflatten(treedef, torch.autograd.grad(loss, leaves))
         mine["count"] = (batch["targets"] != vocab.IGNORE).sum()
         share, aux, stats = body(jt.unflatten(treedef, leaves), mine)
-        loss_sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
-        # replicated params, per-rank data, no collective: DDP's bucketed sums, no tracking
-        grads = sums.grad(share.sum() + aux, leaves) if sums is not None else list(torch.autograd.grad(share.sum() + aux, leaves))
-        nll, total = loss_sums.wait().unbind(0)
+        if sums is not None:  # replicated params, per-rank data, no collective: DDP's bucketed sums, no tracking;
+            # the loss statistics ride in the last bucket (one rendezvous fewer per step)
+            grads, summed = sums.grad_and_sum(share.sum() + aux, leaves, stats.reshape(2))
+            assert summed is not None
+        else:
+            loss_sums = _comm.AsyncAllReduce(stats.reshape(2), _comm.axis_group(m, axes))  # as make_value_and_grad
+            grads = list(torch.autograd.grad(share.sum() + aux, leaves))
+            summed = loss_sums.wait()
+        nll, total = summed.unbind(0)
         return nll / total + aux.detach(), jt.unflatten(treedef, grads)
 
     return value_and_grad

@@ -17,7 +17,9 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
   a reduce-scatter (Rajbhandari et al. 2020, section 7). Phases are
   :func:`colofn.comm_trace`'s: ``"backward"`` inside autograd's backward,
   ``"forward"`` anything else (the optimizer step included).
-  The loss mean adds one all-reduce of two fp32 scalars (one under ZeRO).
+  The loss mean adds one all-reduce of two fp32 scalars (one under ZeRO); in
+  plain dp (``colofn train``'s untracked path) those two ride at the end of
+  the last gradient bucket instead.
 * tp (Megatron, Shoeybi et al. 2019): ``2L + 1`` all-reduces of ``b*s*h``
   activations in the forward (attention, MLP, vocabulary-parallel
   embedding) and as many in the backward, plus the vocabulary-parallel
@@ -42,13 +44,16 @@ What each strategy sends (``b`` microbatch rows per dp rank, ``s`` sequence,
 * pp: each microbatch's ``b*s*h`` activation is sent to the next stage and its
   gradient to the previous one (``/t`` with Megatron-SP), with experts also the
   running balancing loss (a 4-byte scalar each way); the schedule's small
-  metadata messages are not counted. With pp, dp all-reduces the gradients
-  of every microbatch (and the loss of each), and the tp collectives of the
+  metadata messages are not counted. With pp, dp all-reduces each stage's
+  gradients once per step (summed locally over the microbatches first) and
+  every rank the step's loss shares once, and the tp collectives of the
   embedding (forward) and head (backward) run on the first and last stage.
 
 >>> from colofn.plan import Candidate, model
 >>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),)), global_batch=8)]
-['loss all_reduce dp forward: 1 x 8 B', 'grads all_reduce dp backward: 1 x 68224 B']
+['grads all_reduce dp backward: 1 x 68232 B']
+>>> [str(c) for c in step_collectives(model("tiny"), Candidate((("dp", 2),), zero=1), global_batch=8)][0]
+'loss all_reduce dp forward: 1 x 4 B'
 """
 
 from __future__ import annotations
@@ -135,6 +140,15 @@ def _replicated(m: ModelShape, c: Candidate, stage: int) -> tuple[int, int]:
     return norms, m.pos_params if stage == 0 else 0
 
 
+def plain_dp(m: ModelShape, c: Candidate) -> bool:
+    """Whether ``colofn train`` runs ``c`` as plain data parallelism: untracked, DDP's buckets, the loss in the last.
+
+    (``colofn.parallel.gpt``'s dense trainer on a plan that splits only the batch, over ``dp``.)
+    """
+    return (c.size("dp") > 1 and c.zero is None and c.sp == "none" and c.tp_mode == "1d" and not m.n_experts
+            and all(c.size(a) == 1 for a in ("tp", "sp", "ep", "pp")))
+
+
 def tokens_axis(c: Candidate) -> tuple[str, int]:
     """The axes the tokens are split over (``"dp"``, ``"sp"``, ``"ep"`` or several, ``"dp+ep"``) and their size."""
     axes = [a for a in ("dp", "sp", "ep") if c.size(a) > 1] or ["dp"]
@@ -165,6 +179,8 @@ def _dp(m: ModelShape, c: Candidate, pr: Precision, stage: int) -> list[Collecti
                                   experts * pr.comm_grad, messages=buckets(experts * pr.comm_grad)))
         return out
     if c.zero is None:  # plain dp: all-reduced inside the backward (with Ulysses, over dp and sp at once)
+        if plain_dp(m, c):  # the loss's (sum, count) rides at the end of the last bucket (colofn._reducer)
+            grads += 8
         return [Collective("grads", "all_reduce", axis, n, "backward", calls, grads, messages=buckets(grads))]
     return _zero(m, c, pr, stage)
 
@@ -338,7 +354,7 @@ def step_collectives(m: ModelShape, c: Candidate, *, global_batch: int, precisio
         # every stage's ranks sum the step's loss shares ([microbatches] fp32) once, after the schedule
         # (train/pipe_loss.py): no psum in the last stage's forward
         out.append(Collective("loss", "all_reduce", axis, n, "forward", 1, 4 * c.microbatches))
-    elif n > 1 and stage == c.size("pp") - 1:
+    elif n > 1 and stage == c.size("pp") - 1 and not plain_dp(m, c):
         calls = c.microbatches if c.size("pp") > 1 else 1
         if c.zero is not None and c.size("pp") == 1 and not m.n_experts:
             # ZeRO averages each dp rank's own mean (one scalar); the loss psums its (sum, count) over sp itself.

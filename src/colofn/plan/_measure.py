@@ -56,7 +56,11 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor
 
 def step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], batch_size: int,
                sp: str = "none") -> tuple[Counter[tuple[str, str, str]], tuple[int, ...]]:
-    """What one rank sends in a ``make_value_and_grad`` step of ``config`` on ``mesh_pairs``, by (op, axes, phase).
+    """What one rank sends in a step of ``colofn train``'s dense trainer on ``mesh_pairs``, by (op, axes, phase).
+
+    (:func:`colofn.parallel.make_local_value_and_grad`, which it runs: the same
+    collectives as ``make_value_and_grad``'s but for plain dp, whose loss
+    statistics ride in the last gradient bucket.)
 
     Run it on every rank of a world (``colofn.launch``); the plan takes ``dp``,
     ``tp``, ``ep`` (and ``sp`` over an ``sp`` axis) from the mesh's axis names.
@@ -64,18 +68,19 @@ def step_bytes(config: Any, mesh_pairs: tuple[tuple[str, int], ...], batch_size:
     depends on the routing: pass it to ``step_collectives(ep_rooms=...)``.
     """
     from colofn import comm_trace, random
+    from colofn import tree as jt
     from colofn.mesh import Mesh
     from colofn.models import gpt
-    from colofn.parallel import Plan, make_value_and_grad, shard_params
+    from colofn.parallel import Plan, make_local_value_and_grad, shard_params
 
     shape = dict(mesh_pairs)
     mesh = Mesh(tuple(shape.values()), tuple(shape))
     plan = Plan(**{a: a if a in shape else None for a in ("dp", "tp", "ep")},  # type: ignore[arg-type]
                 sp=sp, sp_axis="sp" if "sp" in shape else None)  # type: ignore[arg-type]
-    params = shard_params(gpt.init(random.key(0), config), config, plan, mesh)
+    params = jt.map(lambda d: d.to_local(), shard_params(gpt.init(random.key(0), config), config, plan, mesh))
     t = random.randint(random.key(1), (batch_size, config.seq_len + 1), 0, config.vocab_size)
     with comm_trace() as records:
-        make_value_and_grad(config, plan, mesh)(params, {"tokens": t[:, :-1], "targets": t[:, 1:]})
+        make_local_value_and_grad(config, plan, mesh)(params, {"tokens": t[:, :-1], "targets": t[:, 1:]})
     out: Counter[tuple[str, str, str]] = Counter()
     for r in records:
         out[(r.op, "+".join(r.axes), r.phase)] += r.bytes_sent
