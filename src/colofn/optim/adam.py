@@ -184,7 +184,7 @@ def _make(
         """``torch.optim``'s step on ``params`` and the moments, its kernels in its order; None where it cannot run."""
         if not isinstance(state, AdamState):
             return None  # the functional path raises the detailed error
-        _, math, lists = prepare(grads, state, params, _adam_step_in_place, in_place=True)
+        _, math, lists = prepare(grads, state, params, functools.partial(_adam_math, in_place=True), in_place=True)
         if not _in_place_ok(lists[3], lists[1], lists[2]) or any(a is not b for a, b in zip(lists[3], ctree.leaves(params), strict=True)):
             return None  # not plain tensors alike, shared storage, or a param cast to the state's dtype (a copy)
         for _, group in groups(lists):
@@ -208,16 +208,27 @@ def _adam_math(
     weight_decay: float,
     decoupled: bool,
     step: int,
+    in_place: bool = False,
 ) -> tuple[Tensors, Tensors, Tensors]:
     """``_multi_tensor_adam``'s formulas (capturable=False) for one device/dtype group.
 
     ``step`` counts this update (1 at the first). Returns ``(updates, mu, nu)``;
-    no input is modified. ``p`` is used only for the weight decay.
+    no input is modified (``p`` is used only for the weight decay). With
+    ``in_place``: ``torch.optim``'s kernels in its order, writing ``p``, ``mu``
+    and ``nu`` (bit-equal to ``torch.optim.Adam``/``AdamW.step()``), and
+    ``updates`` is ``p`` itself; the functional form (an update tree, rounded
+    once more before it is added) agrees with it to float rounding.
     """
-    if weight_decay and not decoupled:
+    if weight_decay and decoupled and in_place:
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+    elif weight_decay and not decoupled:
         g = torch._foreach_add(g, p, alpha=weight_decay)
-    mu = torch._foreach_lerp(mu, g, 1 - b1)
-    nu = torch._foreach_mul(nu, b2)
+    if in_place:
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+    else:
+        mu = torch._foreach_lerp(mu, g, 1 - b1)
+        nu = torch._foreach_mul(nu, b2)
     torch._foreach_addcmul_(nu, g, g, 1 - b2)
     bias_correction1 = 1 - b1**step
     bias_correction2 = 1 - b2**step
@@ -225,47 +236,14 @@ def _adam_math(
     denom = torch._foreach_sqrt(nu)
     torch._foreach_div_(denom, bias_correction2**0.5)
     torch._foreach_add_(denom, eps)
-    # torch: p.addcdiv_(mu, denom, value=step_size), i.e. p + step_size * mu / denom.
-    updates = torch._foreach_mul(mu, step_size)
+    if in_place:  # torch: p.addcdiv_(mu, denom, value=step_size)
+        torch._foreach_addcdiv_(p, mu, denom, step_size)
+        return p, mu, nu
+    updates = torch._foreach_mul(mu, step_size)  # p + step_size * mu / denom, as an update
     torch._foreach_div_(updates, denom)
     if weight_decay and decoupled:
         torch._foreach_add_(updates, p, alpha=-lr * weight_decay)
     return updates, mu, nu
-
-
-def _adam_step_in_place(
-    g: Tensors,
-    mu: Tensors,
-    nu: Tensors,
-    p: Tensors,
-    *,
-    lr: float,
-    b1: float,
-    b2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    step: int,
-) -> None:
-    """``_multi_tensor_adam`` (capturable=False) for one group, in place: ``torch.optim``'s kernels in its order.
-
-    So ``p``, ``mu`` and ``nu`` end bit-equal to ``torch.optim.Adam``/``AdamW``'s
-    ``step()``; :func:`_adam_math` + ``apply_updates`` (which must return an
-    update tree) agree with it to float rounding.
-    """
-    if weight_decay and decoupled:
-        torch._foreach_mul_(p, 1 - lr * weight_decay)
-    elif weight_decay:
-        g = torch._foreach_add(g, p, alpha=weight_decay)
-    torch._foreach_lerp_(mu, g, 1 - b1)
-    torch._foreach_mul_(nu, b2)
-    torch._foreach_addcmul_(nu, g, g, 1 - b2)
-    bias_correction1 = 1 - b1**step
-    bias_correction2 = 1 - b2**step
-    denom = torch._foreach_sqrt(nu)
-    torch._foreach_div_(denom, bias_correction2**0.5)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p, mu, denom, (lr / bias_correction1) * -1)
 
 
 def _in_place_ok(ps: list[torch.Tensor], mus: list[torch.Tensor], nus: list[torch.Tensor]) -> bool:
