@@ -60,11 +60,12 @@ def test_every_op_count_is_what_colofn_train_runs():
 
 @pytest.mark.parametrize(("mesh", "kw"), [
     ("tp=4", {}), ("pp=2,dp=2", {"microbatches": 2}),
-    # Plain dp runs untracked (its key counts every op of its body) while ZeRO's body and a tp strategy's run
-    # tracked (an outer counter sees only part of a tracked body's ops), so "ZeRO's machinery + the strategy's
-    # layers less plain dp's" now double-counts the tp layers' per-step part: 15% high. A limit of the counts.
+    # A known limit, documented in docs/plan.md (Limits): step_ops composes ZeRO's per-step machinery with the
+    # strategy's layers as "strategy key less plain dp's", and plain dp's key is now counted untracked while
+    # ZeRO's and tp's bodies are tracked, so this composition counts 15% high (885 counted, 1016 composed).
+    # A count taken by the same counter for both would fix it; count_step_ops gives the exact figure meanwhile.
     pytest.param("dp=2,tp=2", {"sp": "megatron", "zero": 1}, marks=pytest.mark.xfail(
-        strict=True, reason="plain dp untracked: the composition of ZeRO with tp counts 15% high")),
+        strict=True, reason="known limit (docs/plan.md): ZeRO + tp composed against untracked plain dp, 15% high")),
 ])
 def test_step_ops_composes_the_counts_within_five_percent_of_a_direct_count(mesh, kw):
     """Compositions not in the table: the strategy's layers plus the data axes' machinery."""

@@ -150,8 +150,9 @@ class LeafSums:
         for work in call.works:
             if work is not None:
                 work.wait()
-        summed = alone.wait() if alone is not None else layout.tail.view(extra.shape) if extra is not None and layout.tail is not None else None
-        return layout.grads, summed
+        if alone is not None:
+            return layout.grads, alone.wait()
+        return layout.grads, None if extra is None or layout.tail is None else layout.tail.view(extra.shape)
 
 
 class _Layout:

@@ -377,19 +377,25 @@ def _parts(
     return share.reshape(1), config.aux_loss_coef * aux, torch.stack([nll, count]).detach().reshape(1, 2)
 
 
-def _untracked_dp(config: gpt.GPTConfig, plan: Plan, pspecs: Params) -> bool:
-    """Whether the step is plain data parallelism that needs no varying/invariant tracking.
+def splits_only_the_batch(config: gpt.GPTConfig, plan: Plan) -> bool:
+    """Whether ``plan`` splits nothing of ``config`` but the tokens over data axes (no tp, sp, ep, experts or grid).
 
-    Every parameter replicated, the batch split over the data axes and nothing
-    else split (no tp, sp, ep, pp, experts or grid): the body then calls no
-    collective, every value in it varies along the data axes alike, and the only
-    sums are the parameters' gradients over those axes, which is what
-    ``check_vma=False`` does at the inputs (JAX's rule) and
-    :class:`~colofn._reducer.LeafSums` does in DDP's buckets.
+    Then a per-device body of the model (a whole step, or a pipeline stage's)
+    calls no collective and every value in it varies along the data axes alike:
+    varying/invariant tracking could only confirm it, op by op, so the body can
+    run untracked (``check_vma=False``) with the gradients' sums over the data
+    axes done at the parameters, as JAX's rule for ``check_vma=False`` puts them
+    (:class:`~colofn._reducer.LeafSums` in the dense step, the pipeline's
+    ``grad_sum_axes`` in a stage).
     """
-    plain = (plan.tp is None and plan.sp == "none" and plan.ep is None and plan.pp is None
-             and plan.tp_mode == "1d" and not plan.tp_grid and not config.n_experts)
-    return bool(plain and plan.token_axes and all(len(s.axes) == 0 for s in jt.leaves(pspecs, is_leaf=lambda x: isinstance(x, PartitionSpec))))
+    return bool(plan.token_axes) and (plan.tp is None and plan.sp == "none" and plan.ep is None
+                                      and plan.tp_mode == "1d" and not plan.tp_grid and not config.n_experts)
+
+
+def _untracked_dp(config: gpt.GPTConfig, plan: Plan, pspecs: Params) -> bool:
+    """Plain data parallelism in one step: :func:`splits_only_the_batch`, no pipeline, every parameter replicated."""
+    replicated = all(len(s.axes) == 0 for s in jt.leaves(pspecs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
+    return splits_only_the_batch(config, plan) and plan.pp is None and replicated
 
 
 def make_local_value_and_grad(

@@ -50,7 +50,7 @@ from colofn.parallel import (
     shard_params,
     stage_slice,
 )
-from colofn.parallel.gpt import local_loss, stage_forward
+from colofn.parallel.gpt import local_loss, splits_only_the_batch, stage_forward
 from colofn.partition_spec import P, PartitionSpec, dim_axes
 from colofn.sharding import from_local_block, gather, local_block
 from colofn.train import pipe_loss
@@ -238,9 +238,7 @@ class PipelineTrainer:
         a stage's body calls no collective and every value in it varies along the data axes alike: the
         tracking mode would only confirm it, op by op.
         """
-        plan = self.plan
-        return bool(self._sum_axes) and self.shares and not self.moe and (
-            plan.tp is None and plan.sp == "none" and plan.ep is None and plan.tp_mode == "1d" and not plan.tp_grid)
+        return bool(self._sum_axes) and self.shares and splits_only_the_batch(self.mcfg, self.plan)
 
     def _vary(self, params: Tree) -> Tree:
         """Inside a stage: the params vary along the data axes, whose sum ZeRO (or the pipeline) does once per step."""
